@@ -1,0 +1,1 @@
+"""semipd process roles: controller, prefill, decode, scm."""

@@ -1,0 +1,1 @@
+"""semipd: the project's common library (model, kernels, KV pool, sampling, protocol, client SDK)."""

@@ -1,0 +1,90 @@
+"""The `semipd` command. Each subcommand lives with the code it drives; this file parses."""
+
+import argparse
+import json
+import sys
+
+from shared.errors import UserError
+
+
+def prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], type=prompt_ids,
+                   help="prompt as comma-separated token ids (repeatable)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 or -1: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt, one per line")
+
+
+def sampling_params(args):
+    from shared.sampling import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
+                          stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def print_completions(completions, args, extra=None) -> None:
+    for i, c in enumerate(completions):
+        if args.json:
+            obj = {"token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+            print(json.dumps(obj | (extra[i] if extra else {})))
+        else:
+            print(f"[{i}] ({c.finish_reason}, {len(c.token_ids)} tokens) {c.text!r}")
+
+
+def cmd_generate(args) -> None:
+    from shared.engine import Engine, EngineConfig
+    if not args.prompt and not args.prompt_ids:
+        raise UserError("give at least one --prompt or --prompt-ids")
+    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                 progress=not args.json))
+    try:
+        prompts = [engine.tokenizer.encode(t) for t in args.prompt] + args.prompt_ids
+        print_completions(engine.generate(prompts, sampling_params(args)), args)
+    finally:
+        engine.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semipd", description="semi-PD LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="run prompts in this process and print the outputs")
+    gen.add_argument("--model", required=True, help="Hugging Face directory or preset name")
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_prompt_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"semipd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The single-process engine: model, KV pool, both schedulers and the runner in one loop.
+
+`semipd generate` runs on it; the serving processes reuse its parts (the schedulers, the runner)
+each on its own side of the prefill/decode split.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from shared.config import ModelConfig, load_hf_config
+from shared.errors import UserError
+from shared.kv_cache import allocate_kv_pool, auto_num_pages, pages_for
+from shared.loader import load_model
+from shared.model_runner import ModelRunner
+from shared.page_allocator import PageAllocator
+from shared.sampling import SamplingParams
+from shared.scheduler import DecodeScheduler, PrefillScheduler
+from shared.sequence import Sequence
+from shared.tokenizer import Detokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    device: str = "auto"                # auto | cpu | cuda
+    dtype: str = "auto"                 # auto (bfloat16 on CUDA, float32 on CPU) or a DTYPES key
+    page_size: int = 16
+    num_pages: int | None = None        # None: as many as fit (kv_cache.auto_num_pages)
+    max_num_seqs: int = 128
+    max_batched_tokens: int = 8192
+    max_model_len: int | None = None    # None: the model's max_position_embeddings
+    cuda_graphs: bool = True
+    seed: int = 0                       # for preset weights
+    progress: bool = True
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        if config.page_size < 1:
+            raise UserError(f"page size must be positive, got {config.page_size}")
+        self.config = config
+        device = config.torch_device()
+        dtype = config.torch_dtype(device)
+        self.model_config = ModelConfig.from_hf(load_hf_config(config.model))
+        self.model = load_model(config.model, device, dtype, config.seed, config.progress)
+        self.tokenizer = load_tokenizer(config.model)
+        cfg = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        num_pages = config.num_pages or auto_num_pages(
+            cfg, config.page_size, dtype, device, config.max_batched_tokens, config.max_num_seqs,
+            self.max_model_len)
+        self.allocator = PageAllocator.create(num_pages)
+        self.model.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, config.page_size, dtype, device))
+        self.runner = ModelRunner(self.model, config.page_size, self.max_model_len,
+                                  config.max_num_seqs, config.cuda_graphs)
+        self.prefill = PrefillScheduler(self.allocator, config.page_size, config.max_batched_tokens,
+                                        config.max_num_seqs)
+        self.decode = DecodeScheduler(self.allocator, config.page_size, config.max_num_seqs)
+        self._ids = itertools.count()
+
+    def close(self) -> None:
+        self.allocator.close()
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise UserError if the request can never be served."""
+        params.validate(self.model_config.vocab_size)
+        if not prompt_ids:
+            raise UserError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise UserError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                            f"exceeds the context length {self.max_model_len}")
+        if pages_for(total, self.config.page_size) > self.allocator.num_pages:
+            raise UserError(f"request needs {pages_for(total, self.config.page_size)} KV pages; "
+                            f"the pool has {self.allocator.num_pages}")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 progress: bool = False) -> list[Completion]:
+        """Run all prompts together to completion; outputs in prompt order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        for ids, p in zip(prompts, params):
+            self.check_request(ids, p)
+        seqs = [Sequence(next(self._ids), ids, p, self.model_config.eos_token_ids)
+                for ids, p in zip(prompts, params)]
+        detoks = {s.seq_id: Detokenizer(self.tokenizer, s.params.stop) for s in seqs}
+        for seq in seqs:
+            self.prefill.add(seq)
+        bar = tqdm(total=len(seqs), desc="generating", disable=not progress)
+        unfinished = len(seqs)
+        while unfinished:
+            for seq in self.step():
+                detok = detoks[seq.seq_id]
+                if detok.add(seq.output_ids[len(detok.ids):])[1]:
+                    if seq.finish_reason is None:
+                        self.abort(seq)
+                    seq.finish_reason = "stop"
+                if seq.finish_reason is not None:
+                    unfinished -= 1
+                    bar.update(1)
+        bar.close()
+        for detok in detoks.values():
+            detok.flush()
+        return [Completion(s.output_ids, detoks[s.seq_id].text, s.finish_reason) for s in seqs]
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished sequence from whichever scheduler holds it and free its pages."""
+        if seq in self.decode.running:
+            self.decode.running.remove(seq)
+        elif seq in self.prefill.waiting:
+            self.prefill.waiting.remove(seq)
+        self.allocator.free(seq.reset_cache())
+
+    def step(self) -> list[Sequence]:
+        """One forward pass: prefill if any prompt can be scheduled, else decode. Returns the
+        sequences that received a token (finished ones already released)."""
+        chunks = self.prefill.schedule()
+        if chunks:
+            logits = self.runner.prefill_logits(chunks)
+            done = {s.seq_id for s in self.prefill.finish_chunks(chunks)}
+            ready = [(i, s) for i, (s, _) in enumerate(chunks) if s.seq_id in done]
+            tokens = self.runner.sample([s for _, s in ready], logits[[i for i, _ in ready]])
+            for (_, seq), token in zip(ready, tokens):
+                seq.append(token)
+                if seq.finish_reason is None:
+                    self.decode.add(seq)
+                else:
+                    self.allocator.free(seq.reset_cache())
+            return [s for _, s in ready]
+        batch, preempted = self.decode.schedule()
+        for seq in preempted:
+            self.prefill.add(seq, front=True)
+        if not batch:
+            return []
+        for seq, token in zip(batch, self.runner.sample(batch, self.runner.decode_logits(batch))):
+            seq.append(token)
+        self.decode.finish_step(batch)
+        return batch

@@ -1,0 +1,115 @@
+"""Turns scheduled sequences into tensors, runs the model, samples.
+
+Decode steps on CUDA replay CUDA graphs captured for a ladder of batch sizes; a batch is padded
+up to the next captured size with rows that write nowhere (slot -1) and attend to nothing
+(kv_len 0).
+"""
+
+import torch
+
+from shared.model import Batch, Transformer
+from shared.sampling import sample
+from shared.sequence import Sequence
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
+    return sorted({min(s, max_num_seqs) for s in sizes})
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, page_size: int, max_model_len: int, max_num_seqs: int,
+                 cuda_graphs: bool = True):
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.page_size = page_size
+        self.max_pages_per_seq = (max_model_len + page_size - 1) // page_size
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture(graph_batch_sizes(max_num_seqs))
+
+    def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
+        pinned = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return pinned.to(self.device, non_blocking=True)
+
+    def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
+        width = width or max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    @torch.inference_mode()
+    def prefill_logits(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Compute the chunks' K/V; logits [B, V] at each chunk's last token."""
+        ids, positions, slots, cu_seqlens, kv_lens = [], [], [], [0], []
+        for seq, n in chunks:
+            span = range(seq.num_cached, seq.num_cached + n)
+            ids += seq.token_ids[span.start:span.stop]
+            positions += span
+            slots += [self._slot(seq, p) for p in span]
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            kv_lens.append(span.stop)
+        batch = Batch(is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
+                      kv_lens=self._tensor(kv_lens), block_tables=self._block_tables([s for s, _ in chunks]),
+                      cu_seqlens_q=self._tensor(cu_seqlens), max_q_len=max(n for _, n in chunks))
+        hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
+        last = self._tensor([c - 1 for c in cu_seqlens[1:]], torch.int64)
+        return self.model.compute_logits(hidden[last])
+
+    @torch.inference_mode()
+    def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One step for each sequence's newest token; logits [B, V]."""
+        bs = len(seqs)
+        ids = [s.token_ids[-1] for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
+        kv_lens = [s.num_tokens for s in seqs]
+        graph_bs = next((g for g in sorted(self.graphs) if g >= bs), None)
+        if graph_bs is None:
+            batch = Batch(False, self._tensor(slots, torch.int64), self._tensor(kv_lens), self._block_tables(seqs))
+            hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
+            return self.model.compute_logits(hidden)
+        pad = graph_bs - bs
+        g = self.graph_inputs
+        g["ids"][:graph_bs].copy_(self._tensor(ids + [0] * pad, torch.int64))
+        g["positions"][:graph_bs].copy_(self._tensor(positions + [0] * pad, torch.int64))
+        g["slots"][:graph_bs].copy_(self._tensor(slots + [-1] * pad, torch.int64))
+        g["kv_lens"][:graph_bs].copy_(self._tensor(kv_lens + [0] * pad))
+        g["block_tables"][:bs, :].copy_(self._block_tables(seqs, self.max_pages_per_seq))
+        self.graphs[graph_bs].replay()
+        return self.graph_logits[:bs]
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        p = [s.params for s in seqs]
+        f32 = torch.float32
+        tokens = sample(logits, self._tensor([x.temperature for x in p], f32),
+                        self._tensor([x.top_k for x in p]), self._tensor([x.top_p for x in p], f32),
+                        self._tensor([x.min_p for x in p], f32), self._tensor([s.seed for s in seqs], torch.int64),
+                        self._tensor([s.num_output for s in seqs], torch.int64))
+        return tokens.tolist()
+
+    @torch.inference_mode()
+    def _capture(self, sizes: list[int]) -> None:
+        """Capture one graph per batch size, largest first, all sharing one memory pool."""
+        max_bs, dev = max(sizes), self.device
+        g = self.graph_inputs = {
+            "ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "slots": torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
+            "kv_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(max_bs, self.max_pages_per_seq, dtype=torch.int32, device=dev),
+        }
+        self.graph_logits = torch.zeros(max_bs, self.model.cfg.vocab_size, device=dev)
+        pool = None
+        for bs in sorted(sizes, reverse=True):
+            batch = Batch(False, g["slots"][:bs], g["kv_lens"][:bs], g["block_tables"][:bs])
+            run = lambda: self.graph_logits[:bs].copy_(  # noqa: E731
+                self.model.compute_logits(self.model(g["ids"][:bs], g["positions"][:bs], batch)))
+            run()  # warm-up outside capture: Triton compiles, cuBLAS picks its kernels
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                run()
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(dev)

@@ -1,0 +1,100 @@
+"""The two schedulers: prefill (a waiting queue, batches under a token budget) and decode
+(continuous batching). They share only the page allocator, so each can live in its own process.
+"""
+
+from collections import deque
+
+from shared.kv_cache import pages_for
+from shared.sequence import Sequence
+
+
+def grow(seq: Sequence, num_tokens: int, allocator, page_size: int) -> bool:
+    """Give seq enough pages for num_tokens tokens; False (and nothing taken) if the pool is short."""
+    need = pages_for(num_tokens, page_size) - len(seq.block_table)
+    if need <= 0:
+        return True
+    pages = allocator.alloc(need, seq.seq_id)
+    if pages is None:
+        return False
+    seq.block_table += pages
+    return True
+
+
+class PrefillScheduler:
+    def __init__(self, allocator, page_size: int, max_batched_tokens: int, max_num_seqs: int):
+        self.allocator, self.page_size = allocator, page_size
+        self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        self.waiting.appendleft(seq) if front else self.waiting.append(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to compute) pairs in queue order, with pages allocated.
+
+        A prompt longer than the budget is split into chunks over several steps. If the pool is
+        short, partly computed sequences behind the one at hand give their pages back first, so
+        that at least the oldest request always progresses."""
+        batch, budget = [], self.max_batched_tokens
+        for i, seq in enumerate(self.waiting):
+            if budget == 0 or len(batch) == self.max_num_seqs:
+                break
+            chunk = min(seq.num_tokens - seq.num_cached, budget)
+            while not grow(seq, seq.num_cached + chunk, self.allocator, self.page_size):
+                if not self._release_one_after(i):
+                    return batch
+            batch.append((seq, chunk))
+            budget -= chunk
+        return batch
+
+    def _release_one_after(self, index: int) -> bool:
+        for seq in reversed(list(self.waiting)[index + 1:]):
+            if seq.block_table:
+                self.allocator.free(seq.reset_cache())
+                return True
+        return False
+
+    def finish_chunks(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Record computed chunks; return (and dequeue) the sequences whose prompt is complete."""
+        done = []
+        for seq, chunk in batch:
+            seq.num_cached += chunk
+            if seq.num_cached == seq.num_tokens:
+                done.append(seq)
+        for seq in done:
+            self.waiting.remove(seq)
+        return done
+
+
+class DecodeScheduler:
+    def __init__(self, allocator, page_size: int, max_num_seqs: int):
+        self.allocator, self.page_size, self.max_num_seqs = allocator, page_size, max_num_seqs
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.running.append(seq)
+
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(batch for this step, preempted sequences). Each sequence in the batch gets a page for
+        its newest token; when the pool is short the youngest sequences are preempted: their
+        pages are freed and they go back to prefill to be recomputed."""
+        batch, preempted = [], []
+        while len(batch) < min(len(self.running), self.max_num_seqs):
+            seq = self.running[len(batch)]
+            if grow(seq, seq.num_tokens, self.allocator, self.page_size):
+                batch.append(seq)
+            else:
+                victim = self.running.pop()
+                self.allocator.free(victim.reset_cache())
+                preempted.append(victim)
+        return batch, preempted
+
+    def finish_step(self, batch: list[Sequence]) -> list[Sequence]:
+        """Record one decoded token each (already appended); drop and return finished ones."""
+        for seq in batch:
+            seq.num_cached += 1
+        finished = [s for s in batch if s.finish_reason is not None]
+        for seq in finished:
+            self.running.remove(seq)
+            self.allocator.free(seq.reset_cache())
+        return finished

@@ -1,0 +1,46 @@
+"""One request's token state as the schedulers and the model runner see it."""
+
+from shared.sampling import SamplingParams
+
+
+class Sequence:
+    """Invariant between steps: every token but the newest has its K/V in the cache
+    (num_cached == num_tokens - 1) once prefill is done; before that num_cached counts the
+    prompt tokens computed so far (chunked prefill, or recomputation after preemption)."""
+
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
+                 eos_token_ids: list[int] = ()):
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_ids)
+        self.num_prompt = len(prompt_ids)
+        self.params = params
+        self.seed = params.resolved_seed()
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.block_table: list[int] = []
+        self.num_cached = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    def append(self, token: int) -> None:
+        """Add a sampled token and decide whether the sequence is finished."""
+        self.token_ids.append(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.num_output >= self.params.max_tokens:
+            self.finish_reason = "length"
+
+    def reset_cache(self) -> list[int]:
+        """Forget the cached K/V (preemption); the caller frees the returned pages."""
+        pages, self.block_table, self.num_cached = self.block_table, [], 0
+        return pages

@@ -1,0 +1,88 @@
+"""The batched sampler: each method's effect, seeding, and parameter validation."""
+
+import math
+
+import pytest
+import torch
+
+from shared.errors import UserError
+from shared.sampling import SamplingParams, sample, uniform_noise
+
+
+def run(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, steps=None):
+    b = logits.shape[0]
+    full = lambda v, dt: torch.full((b,), v, dtype=dt)  # noqa: E731
+    seeds = torch.arange(b, dtype=torch.int64) if seeds is None else seeds
+    steps = torch.zeros(b, dtype=torch.int64) if steps is None else steps
+    return sample(logits, full(temperature, torch.float32), full(top_k, torch.int32),
+                  full(top_p, torch.float32), full(min_p, torch.float32), seeds, steps)
+
+
+def random_logits(b=64, v=1000, seed=0):
+    return torch.randn(b, v, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    logits = random_logits()
+    assert torch.equal(run(logits, temperature=0.0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_extreme_filters_reduce_to_greedy(kw):
+    logits = random_logits()
+    assert torch.equal(run(logits, **kw), logits.argmax(-1))
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    logits = random_logits(b=8)
+    seeds = torch.tensor([7, 7, 8, 9, 10, 11, 12, 13])
+    together = run(logits, seeds=seeds)
+    alone = torch.cat([run(logits[i:i + 1], seeds=seeds[i:i + 1]) for i in range(8)])
+    assert torch.equal(together, alone)
+    assert not torch.equal(run(logits, seeds=seeds), run(logits, seeds=seeds + 100))
+
+
+def test_noise_is_uniform_and_differs_per_step():
+    u = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 200_000)
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.01
+    assert (u[0] != u[1]).float().mean() > 0.99
+    again = uniform_noise(torch.tensor([1]), torch.tensor([1]), 200_000)
+    assert (again[0] != u[0]).float().mean() > 0.99
+
+
+def frequencies(logits_row, n=20000, **kw):
+    logits = logits_row.expand(n, -1).contiguous()
+    tokens = run(logits, seeds=torch.arange(n, dtype=torch.int64), **kw)
+    return torch.bincount(tokens, minlength=logits.shape[1]).float() / n
+
+
+def test_temperature_sampling_follows_softmax():
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    for t in (0.5, 1.0, 2.0):
+        freq = frequencies(row, temperature=t)
+        assert torch.allclose(freq, torch.softmax(row / t, -1), atol=0.015), t
+
+
+def test_top_k_top_p_min_p_keep_only_their_sets():
+    row = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0, -1.0])
+    probs = torch.softmax(row, -1)
+    f = frequencies(row, top_k=3)
+    assert f[3:].sum() == 0 and torch.allclose(f[:3], probs[:3] / probs[:3].sum(), atol=0.015)
+    # Nucleus 0.7: the smallest prefix whose mass reaches 0.7.
+    keep = int((probs.cumsum(0) < 0.7).sum()) + 1
+    f = frequencies(row, top_p=0.7)
+    assert f[keep:].sum() == 0 and (f[:keep] > 0).all()
+    f = frequencies(row, min_p=0.2)
+    kept = probs >= 0.2 * probs.max()
+    assert f[~kept].sum() == 0 and (f[kept] > 0).all()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", math.nan), ("temperature", "hot"), ("top_p", 0.0),
+    ("top_p", 1.5), ("top_k", -2), ("top_k", 1.5), ("min_p", 2.0), ("max_tokens", 0),
+    ("max_tokens", True), ("seed", -1), ("stop", "x"), ("stop_token_ids", [400]),
+    ("ignore_eos", "yes")])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(UserError, match=field):
+        SamplingParams(**{field: value}).validate(vocab_size=300)
