@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+    from services.controller.serve import add_serve_args, cmd_serve
+    serve = sub.add_parser("serve", help="run the controller with its prefill and decode workers")
+    add_serve_args(serve)
+    serve.add_argument("--address", default=None,
+                       help="client socket (default: an ipc:// path in the runtime folder; tcp://127.0.0.1:PORT)")
+    serve.set_defaults(func=cmd_serve)
+    from shared import bench, client_cli  # here: they import this module's helpers
+    client_cli.add_parsers(sub)
+    bench.add_parser(sub)
     return parser
 
 

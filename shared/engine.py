@@ -90,22 +90,8 @@ class Engine:
         self.allocator.close()
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise UserError if the request can never be served."""
-        params.validate(self.model_config.vocab_size)
-        if not prompt_ids:
-            raise UserError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
-                    or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise UserError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                            f"exceeds the context length {self.max_model_len}")
-        if pages_for(total, self.config.page_size) > self.allocator.num_pages:
-            raise UserError(f"request needs {pages_for(total, self.config.page_size)} KV pages; "
-                            f"the pool has {self.allocator.num_pages}")
+        check_request(prompt_ids, params, self.model_config.vocab_size, self.max_model_len,
+                      self.config.page_size, self.allocator.num_pages)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  progress: bool = False) -> list[Completion]:
@@ -137,34 +123,62 @@ class Engine:
 
     def abort(self, seq: Sequence) -> None:
         """Drop an unfinished sequence from whichever scheduler holds it and free its pages."""
-        if seq in self.decode.running:
-            self.decode.running.remove(seq)
-        elif seq in self.prefill.waiting:
-            self.prefill.waiting.remove(seq)
-        self.allocator.free(seq.reset_cache())
+        self.decode.drop({seq.seq_id})
+        self.prefill.drop({seq.seq_id})
 
     def step(self) -> list[Sequence]:
         """One forward pass: prefill if any prompt can be scheduled, else decode. Returns the
         sequences that received a token (finished ones already released)."""
         chunks = self.prefill.schedule()
         if chunks:
-            logits = self.runner.prefill_logits(chunks)
-            done = {s.seq_id for s in self.prefill.finish_chunks(chunks)}
-            ready = [(i, s) for i, (s, _) in enumerate(chunks) if s.seq_id in done]
-            tokens = self.runner.sample([s for _, s in ready], logits[[i for i, _ in ready]])
-            for (_, seq), token in zip(ready, tokens):
-                seq.append(token)
+            ready = prefill_step(self.runner, self.prefill, self.allocator, chunks)
+            for seq in ready:
                 if seq.finish_reason is None:
                     self.decode.add(seq)
-                else:
-                    self.allocator.free(seq.reset_cache())
-            return [s for _, s in ready]
+            return ready
         batch, preempted = self.decode.schedule()
         for seq in preempted:
             self.prefill.add(seq, front=True)
-        if not batch:
-            return []
-        for seq, token in zip(batch, self.runner.sample(batch, self.runner.decode_logits(batch))):
-            seq.append(token)
-        self.decode.finish_step(batch)
+        if batch:
+            decode_step(self.runner, self.decode, batch)
         return batch
+
+
+def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                  page_size: int, num_pages: int) -> None:
+    """Raise UserError if the request can never be served."""
+    params.validate(vocab_size)
+    if not prompt_ids:
+        raise UserError("prompt is empty")
+    bad = next((t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
+                or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise UserError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab_size})")
+    total = len(prompt_ids) + params.max_tokens
+    if total > max_model_len:
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                        f"exceeds the context length {max_model_len}")
+    if pages_for(total, page_size) > num_pages:
+        raise UserError(f"request needs {pages_for(total, page_size)} KV pages; the pool has {num_pages}")
+
+
+def prefill_step(runner: ModelRunner, sched: PrefillScheduler, allocator, chunks) -> list[Sequence]:
+    """Run scheduled prompt chunks; sample a first token for each completed prompt and return
+    those sequences (a sequence that is already finished has its pages freed)."""
+    logits = runner.prefill_logits(chunks)
+    done = {s.seq_id for s in sched.finish_chunks(chunks)}
+    rows = [i for i, (s, _) in enumerate(chunks) if s.seq_id in done]
+    ready = [chunks[i][0] for i in rows]
+    if ready:
+        for seq, token in zip(ready, runner.sample(ready, logits[rows])):
+            seq.append(token)
+            if seq.finish_reason is not None:
+                allocator.free(seq.reset_cache())
+    return ready
+
+
+def decode_step(runner: ModelRunner, sched: DecodeScheduler, batch: list[Sequence]) -> None:
+    """One token for every sequence of the batch; finished ones leave the scheduler."""
+    for seq, token in zip(batch, runner.sample(batch, runner.decode_logits(batch))):
+        seq.append(token)
+    sched.finish_step(batch)

@@ -1,6 +1,7 @@
 """Build a Transformer and fill it: from a Hugging Face checkpoint, or with random weights."""
 
 import json
+import math
 import os
 
 import torch
@@ -9,6 +10,7 @@ from tqdm import tqdm
 from shared.config import ModelConfig, load_hf_config
 from shared.errors import UserError, first_line
 from shared.model import Transformer
+from shared.rope import RotaryEmbedding
 
 # HF tensor name fragment -> (our fused parameter, shard index within it)
 FUSED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
@@ -16,21 +18,55 @@ FUSED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               progress: bool = True) -> Transformer:
+               progress: bool = True, arena=None) -> Transformer:
+    """Build the model and fill its weights from the checkpoint or randomly (presets). With an
+    arena (shared_memory.SharedArena of weights_nbytes bytes) the weights live there."""
     cfg = ModelConfig.from_hf(load_hf_config(model))
     files = _checkpoint_files(model) if os.path.isdir(model) else []
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            net = Transformer(cfg).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(previous)
+    net = build_model(cfg, device, dtype, None if arena is None else arena.tensor)
     if files:
         _load_checkpoint(net, files, progress)
     else:
         _init_random(net, seed)
     return net
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                flat: torch.Tensor | None = None) -> Transformer:
+    """A Transformer whose parameters are views into one flat uint8 buffer (fresh if None):
+    one plain allocation that another process can map. Contents are left as they are."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            net = Transformer(cfg).eval().requires_grad_(False)
+        with torch.device(device):  # the rotary tables are computed, not shared
+            rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+    finally:
+        torch.set_default_dtype(previous)
+    for layer in net.layers:
+        layer.self_attn.rope = rope
+    layout, nbytes = weight_layout(net)
+    if flat is None:
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if flat.numel() < nbytes:
+        raise ValueError(f"weight buffer holds {flat.numel()} bytes, the model needs {nbytes}")
+    for name, (offset, shape) in layout.items():
+        module_name, _, attr = name.rpartition(".")
+        view = flat[offset:offset + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
+        setattr(net.get_submodule(module_name), attr, torch.nn.Parameter(view, requires_grad=False))
+    if cfg.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    return net
+
+
+def weight_layout(net: Transformer) -> tuple[dict[str, tuple[int, list[int]]], int]:
+    """name -> (byte offset, shape) of every distinct parameter, 256-byte aligned; total bytes."""
+    layout, offset = {}, 0
+    for name, p in net.named_parameters():
+        layout[name] = (offset, list(p.shape))
+        offset += (p.numel() * p.element_size() + 255) // 256 * 256
+    return layout, offset
 
 
 def _checkpoint_files(path: str) -> list[str]:

@@ -19,9 +19,11 @@ import secrets
 import tempfile
 import threading
 from contextlib import contextmanager
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
+
+from shared.shared_memory import attach_segment, unlink_segment
 
 FREE = -1
 
@@ -71,11 +73,7 @@ class PageAllocator:
     @classmethod
     def attach(cls, name: str) -> "PageAllocator":
         """Open the pool that create() made (in any process) under this name."""
-        shm = shared_memory.SharedMemory(name)
-        # Python 3.11 registers attached segments with the resource tracker, which unlinks them
-        # when this process's tracker exits: an attaching worker would destroy the pool. Only the
-        # creator may unlink, so take the registration back (close() re-registers for the creator).
-        resource_tracker.unregister(shm._name, "shared_memory")
+        shm = attach_segment(name)
         try:
             lock_fd = os.open(_lock_path(name), os.O_RDWR)
         except FileNotFoundError:
@@ -147,11 +145,8 @@ class PageAllocator:
         shm.close()
         os.close(self._lock_fd)
         if self._is_creator:
-            # An attacher spawned by multiprocessing shares our tracker, so its unregister may have
-            # removed our entry; re-add it so that unlink()'s own unregister finds one.
-            resource_tracker.register(shm._name, "shared_memory")
             os.unlink(_lock_path(shm.name))
-            shm.unlink()
+            unlink_segment(shm)
 
     def __enter__(self) -> "PageAllocator":
         return self

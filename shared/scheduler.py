@@ -42,6 +42,9 @@ class PrefillScheduler:
             chunk = min(seq.num_tokens - seq.num_cached, budget)
             while not grow(seq, seq.num_cached + chunk, self.allocator, self.page_size):
                 if not self._release_one_after(i):
+                    if not batch and seq.block_table:
+                        # Hold nothing while waiting: decode may need these pages to progress.
+                        self.allocator.free(seq.reset_cache())
                     return batch
             batch.append((seq, chunk))
             budget -= chunk
@@ -53,6 +56,12 @@ class PrefillScheduler:
                 self.allocator.free(seq.reset_cache())
                 return True
         return False
+
+    def drop(self, seq_ids: set[int]) -> None:
+        """Abort these sequences if queued here, freeing their pages."""
+        for seq in [s for s in self.waiting if s.seq_id in seq_ids]:
+            self.waiting.remove(seq)
+            self.allocator.free(seq.reset_cache())
 
     def finish_chunks(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
         """Record computed chunks; return (and dequeue) the sequences whose prompt is complete."""
@@ -88,6 +97,12 @@ class DecodeScheduler:
                 self.allocator.free(victim.reset_cache())
                 preempted.append(victim)
         return batch, preempted
+
+    def drop(self, seq_ids: set[int]) -> None:
+        """Abort these sequences if running here, freeing their pages."""
+        for seq in [s for s in self.running if s.seq_id in seq_ids]:
+            self.running.remove(seq)
+            self.allocator.free(seq.reset_cache())
 
     def finish_step(self, batch: list[Sequence]) -> list[Sequence]:
         """Record one decoded token each (already appended); drop and return finished ones."""

@@ -9,12 +9,12 @@ class Sequence:
     prompt tokens computed so far (chunked prefill, or recomputation after preemption)."""
 
     def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
-                 eos_token_ids: list[int] = ()):
+                 eos_token_ids: list[int] = (), seed: int | None = None):
         self.seq_id = seq_id
         self.token_ids = list(prompt_ids)
         self.num_prompt = len(prompt_ids)
         self.params = params
-        self.seed = params.resolved_seed()
+        self.seed = params.resolved_seed() if seed is None else seed
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.block_table: list[int] = []
         self.num_cached = 0

@@ -1,0 +1,1 @@
+"""The controller process: front door, resident memory, allocator, supervisor."""

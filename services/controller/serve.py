@@ -1,0 +1,40 @@
+"""`semipd serve`: start the controller, which starts the workers, and serve until a signal."""
+
+import os
+import signal
+import sys
+
+from services.controller.server import Controller
+from shared.engine import EngineConfig
+
+
+def add_serve_args(p) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face directory or preset name")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: what fits)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def cmd_serve(args) -> None:
+    from shared.client import default_address
+    address = args.address or default_address()
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
+                          num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len)
+    # Workers connect over a private socket beside the default one, never over the network.
+    runtime_dir = os.path.dirname(default_address().removeprefix("ipc://"))
+    worker_address = f"ipc://{runtime_dir}/workers-{os.getpid()}.sock"
+    controller = Controller(config, address, worker_address)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        controller.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        controller.close()
+        for addr in (address, worker_address):
+            if addr.startswith("ipc://") and os.path.exists(addr[len("ipc://"):]):
+                os.unlink(addr[len("ipc://"):])

@@ -1,0 +1,249 @@
+"""The controller: front door for clients and hub for the workers.
+
+Clients talk to a ROUTER at the public address; workers to a second ROUTER at a private ipc://
+address. Every hand-off passes through here (prefill -> controller -> decode), so the controller
+always knows which worker holds each sequence: that is what lets it abort, reclaim pages and
+resume requests when a worker dies. Each request ends with exactly one Final.
+"""
+
+import itertools
+import os
+import sys
+import time
+
+import zmq
+
+from services.controller.requests import Request
+from services.controller.resident import ResidentMemory
+from services.controller.supervisor import Supervisor
+from shared import protocol
+from shared.engine import EngineConfig, check_request
+from shared.errors import UserError
+from shared.sampling import SamplingParams
+from shared.tokenizer import Detokenizer
+
+POLL_MS = 50
+MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
+
+
+def bind(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises: a disconnect
+    sock.setsockopt(zmq.LINGER, 0)
+    if address.startswith("ipc://"):
+        os.makedirs(os.path.dirname(address[len("ipc://"):]), mode=0o700, exist_ok=True)
+    sock.bind(address)
+    return sock
+
+
+class Controller:
+    def __init__(self, config: EngineConfig, address: str, worker_address: str):
+        self.memory = ResidentMemory(config)
+        self.init_msg = self.memory.worker_init()
+        self.address = address
+        self.ctx = zmq.Context()
+        try:
+            self.front = bind(self.ctx, address)
+            self.back = bind(self.ctx, worker_address)
+        except zmq.ZMQError as e:
+            self.ctx.destroy()
+            self.memory.close()
+            raise UserError(f"cannot bind {address}: {e}") from None
+        self.supervisor = Supervisor(worker_address, self._send_worker)
+        self.requests: dict[tuple[bytes, str], Request] = {}
+        self.by_seq: dict[int, Request] = {}
+        self._seq_ids = itertools.count()
+        self.started = time.monotonic()
+
+    # ---- sending ------------------------------------------------------------------------
+
+    def _send_worker(self, identity: bytes, msg) -> None:
+        try:
+            self.back.send_multipart([identity, protocol.encode(msg)])
+        except zmq.ZMQError:  # the worker is gone; the supervisor will notice and recover
+            pass
+
+    def _send_client(self, client: bytes, msg) -> None:
+        try:
+            self.front.send_multipart([client, protocol.encode(msg)])
+        except zmq.ZMQError:  # the client disconnected: nobody is listening to its requests
+            for req in [r for r in self.requests.values() if r.client == client]:
+                self._abort(req, None)
+
+    def _finish(self, req: Request, final: protocol.Final | None) -> None:
+        """End a request once: forget it and send its Final (None: the client is gone)."""
+        if self.requests.pop((req.client, req.request_id), None) is None:
+            return
+        del self.by_seq[req.seq_id]
+        if final is not None:
+            self._send_client(req.client, final)
+
+    def _abort(self, req: Request, final: protocol.Final | None) -> None:
+        """End a request that a worker still holds: that worker drops it and frees its pages
+        (a no-op if the sequence already left it: see on_prefill_done)."""
+        self.supervisor.send(req.where, protocol.AbortSeqs([req.seq_id]))
+        self._finish(req, final)
+
+    # ---- clients ------------------------------------------------------------------------
+
+    def on_client(self, client: bytes, data: bytes) -> None:
+        try:
+            msg = protocol.decode(data)
+        except protocol.ProtocolError as e:
+            return self._send_client(client, protocol.Reply("", False, error=str(e)))
+        if isinstance(msg, protocol.GenerateRequest):
+            self.on_generate(client, msg)
+        elif isinstance(msg, protocol.AbortRequest):
+            req = self.requests.get((client, msg.request_id))
+            if req is not None:
+                self._abort(req, req.final("abort"))
+        elif isinstance(msg, protocol.HealthRequest):
+            self._send_client(client, protocol.Reply(msg.request_id, True, self.health()))
+        elif isinstance(msg, protocol.StatsRequest):
+            self._send_client(client, protocol.Reply(msg.request_id, True, self.stats()))
+        else:
+            self._send_client(client, protocol.Reply(getattr(msg, "request_id", ""), False,
+                                                     error=f"{type(msg).__name__} is not a client message"))
+
+    def on_generate(self, client: bytes, msg: protocol.GenerateRequest) -> None:
+        def reject(error: str):
+            self._send_client(client, protocol.Final(msg.request_id, "error", error=error))
+        if (client, msg.request_id) in self.requests:
+            return reject(f"request id {msg.request_id!r} is already in use")
+        try:
+            params = SamplingParams(**msg.params)
+        except TypeError as e:
+            return reject(f"bad sampling parameters: {e}")
+        mem = self.memory
+        try:
+            if (msg.prompt is None) == (msg.prompt_ids is None):
+                raise UserError("give exactly one of prompt and prompt_ids")
+            prompt_ids = msg.prompt_ids if msg.prompt is None else mem.tokenizer.encode(msg.prompt)
+            check_request(prompt_ids, params, mem.model_config.vocab_size, mem.max_model_len,
+                          mem.config.page_size, mem.num_pages)
+        except UserError as e:
+            return reject(str(e))
+        req = Request(client, msg.request_id, next(self._seq_ids), prompt_ids, params,
+                      params.resolved_seed(), Detokenizer(mem.tokenizer, params.stop))
+        self.requests[(client, msg.request_id)] = req
+        self.by_seq[req.seq_id] = req
+        self.supervisor.send("prefill", protocol.RunSeqs([req.state()]))
+
+    # ---- workers ------------------------------------------------------------------------
+
+    def on_worker(self, identity: bytes, data: bytes) -> None:
+        msg = protocol.decode(data)
+        if isinstance(msg, protocol.WorkerHello):
+            return self.supervisor.hello(identity, msg, self.init_msg)
+        role = self.supervisor.role_of(identity)
+        if role is None:
+            return  # a dead worker's last words: its requests were already recovered
+        if isinstance(msg, protocol.WorkerReady):
+            self.supervisor.mark_ready(role)
+        elif isinstance(msg, protocol.PrefillDone):
+            self.on_prefill_done(msg)
+        elif isinstance(msg, protocol.DecodeStep):
+            self.on_decode_step(msg)
+        elif isinstance(msg, protocol.Preempted):
+            for state in msg.seqs:
+                req = self.by_seq.get(state.seq_id)
+                if req is not None:
+                    req.where = "prefill"
+                    self.supervisor.send("prefill", protocol.RunSeqs([req.state()]))
+
+    def on_prefill_done(self, msg: protocol.PrefillDone) -> None:
+        """First tokens. Until the hand-off reaches decode, the controller holds these pages."""
+        handoff = []
+        for state, finished in zip(msg.seqs, msg.finished):
+            req = self.by_seq.get(state.seq_id)
+            if req is None or not self.on_token(req, state.token_ids[-1], finished):
+                if finished is None:  # ended here (aborted, or a stop string): free its pages
+                    self.memory.allocator.free_owner(state.seq_id)
+                continue
+            req.where = "decode"
+            handoff.append(state)
+        if handoff:
+            self.supervisor.send("decode", protocol.RunSeqs(handoff))
+
+    def on_decode_step(self, msg: protocol.DecodeStep) -> None:
+        for seq_id, token, finished in zip(msg.seq_ids, msg.tokens, msg.finished):
+            req = self.by_seq.get(seq_id)
+            if req is not None and not self.on_token(req, token, finished) and finished is None:
+                self.supervisor.send("decode", protocol.AbortSeqs([seq_id]))  # a stop string
+
+    def on_token(self, req: Request, token: int, finished: str | None) -> bool:
+        """Stream one new token; False if the request has ended (worker's reason or a stop string)."""
+        text, stopped = req.add_token(token)
+        if stopped or finished is not None:
+            self._finish(req, req.final("stop" if stopped else finished, text, [token]))
+            return False
+        self._send_client(req.client, req.delta(text, token))
+        return (req.client, req.request_id) in self.requests  # False if the client vanished
+
+    def recover(self, role: str) -> None:
+        """A worker died: reclaim the pages of everything it held and resume it through prefill
+        (recomputing the K/V), or end it with an error if it has already survived a crash."""
+        for req in [r for r in self.requests.values() if r.where == role]:
+            self.memory.allocator.free_owner(req.seq_id)
+            req.restarts += 1
+            if req.restarts > MAX_RESTARTS_PER_REQUEST:
+                self._finish(req, req.final("error", error=f"the {role} worker died twice while serving it"))
+                continue
+            req.where = "prefill"
+            self.supervisor.send("prefill", protocol.RunSeqs([req.state()]))
+
+    # ---- status -------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        return {"status": "ok" if self.supervisor.all_ready() else "starting",
+                "uptime_s": time.monotonic() - self.started, "model": self.memory.config.model}
+
+    def stats(self) -> dict:
+        reqs = self.requests.values()
+        return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
+                "running": sum(r.where == "decode" for r in reqs), "waiting": sum(r.where == "prefill" for r in reqs),
+                "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent, "ready": w.ready}
+                            for role, w in self.supervisor.workers.items()},
+                "worker_restarts": self.supervisor.restarts, "page_size": self.memory.config.page_size,
+                "max_model_len": self.memory.max_model_len}
+
+    # ---- loop ---------------------------------------------------------------------------
+
+    def serve_forever(self, on_ready=None) -> None:
+        self.supervisor.start_all()
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        announced = False
+        while True:
+            events = dict(poller.poll(POLL_MS))
+            if self.back in events:
+                self._drain(self.back, self.on_worker)
+            if self.front in events:
+                self._drain(self.front, self.on_client)
+            for role in self.supervisor.dead():
+                self.recover(role)
+            if not announced and self.supervisor.all_ready():
+                announced = True
+                print(f"semipd: serving {self.memory.config.model} at {self.address}", file=sys.stderr, flush=True)
+                if on_ready:
+                    on_ready()
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 2:
+                handle(frames[0], frames[1])
+            else:
+                self._send_client(frames[0], protocol.Reply("", False, error="send one frame per message"))
+
+    def close(self) -> None:
+        self.supervisor.stop()
+        self.front.close()
+        self.back.close()
+        self.ctx.term()
+        self.memory.close()

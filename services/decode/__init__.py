@@ -1,0 +1,1 @@
+"""The decode worker process: continuous batching over handed-off sequences."""

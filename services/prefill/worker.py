@@ -1,0 +1,37 @@
+"""Prefill loop: take prompts from the controller, compute them in token-budget batches (long
+prompts in chunks), sample each first token and hand the sequence back as metadata.
+
+The K/V written here is complete before the hand-off leaves: sampling copies the tokens to the
+host (`tolist()`), which waits for every kernel queued before it on this process's stream, the
+attention layers' cache writes included. Decode only learns of a sequence after that.
+"""
+
+from shared import protocol
+from shared.engine import prefill_step
+from shared.scheduler import PrefillScheduler
+from shared.worker import Worker, to_state
+
+IDLE_POLL_MS = 100
+BLOCKED_POLL_MS = 5  # prompts wait for decode to free pages
+
+
+def run(worker: Worker) -> None:
+    init, link, allocator = worker.init, worker.link, worker.allocator
+    sched = PrefillScheduler(allocator, init.page_size, init.max_batched_tokens, init.max_num_seqs)
+    blocked = False
+    while True:
+        timeout = IDLE_POLL_MS if not sched.waiting else BLOCKED_POLL_MS if blocked else 0
+        for msg in link.receive(timeout):
+            if isinstance(msg, protocol.RunSeqs):
+                for state in msg.seqs:
+                    sched.add(worker.to_sequence(state))
+            elif isinstance(msg, protocol.AbortSeqs):
+                sched.drop(set(msg.seq_ids))
+            elif isinstance(msg, protocol.Shutdown):
+                return
+        chunks = sched.schedule()
+        blocked = not chunks
+        if chunks:
+            ready = prefill_step(worker.runner, sched, allocator, chunks)
+            if ready:
+                link.send(protocol.PrefillDone([to_state(s) for s in ready], [s.finish_reason for s in ready]))

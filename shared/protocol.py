@@ -1,0 +1,231 @@
+"""Every message that crosses a process boundary, and the one serializer for all of them.
+
+A message is a dataclass; on the wire it is msgpack of [type name, {field: value}]. Decoding
+checks the type name and every field's type against the dataclass annotations, so a peer gets a
+clear ProtocolError instead of a half-built object. No pickle anywhere.
+"""
+
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+import msgpack
+
+MAX_MESSAGE_BYTES = 16 << 20  # also set as ZMQ_MAXMSGSIZE on every receiving socket
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+# ---- client <-> controller -------------------------------------------------------------
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    params: dict = field(default_factory=dict)   # SamplingParams fields
+    moderate: bool = False                       # ask the content monitor to watch this request
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class HealthRequest:
+    request_id: str
+
+
+@dataclass
+class StatsRequest:
+    request_id: str
+
+
+@dataclass
+class Delta:
+    """New output of one request: text safe to show and the token ids behind it."""
+    request_id: str
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Final:
+    """The last message of every request stream, exactly once."""
+    request_id: str
+    finish_reason: str                 # stop | length | abort | error | content_filter
+    text: str = ""                     # output not yet sent in a Delta
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)  # gaps between successive tokens
+    error: str | None = None
+    verdict: dict | None = None        # content monitor's stop decision (token index, score)
+
+
+@dataclass
+class Reply:
+    """Answer to health and stats requests, and to messages that could not be read."""
+    request_id: str
+    ok: bool
+    data: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+# ---- controller <-> workers ------------------------------------------------------------
+
+@dataclass
+class WorkerHello:
+    role: str          # prefill | decode
+    pid: int
+
+
+@dataclass
+class WorkerInit:
+    """What a worker needs to map the controller's memory and start."""
+    model: str
+    device: str
+    dtype: str
+    weights: dict      # SharedArena handle; the layout follows from the model (loader.weight_layout)
+    k_pool: dict       # SharedArena handle
+    v_pool: dict
+    kv_shape: list[int]
+    allocator: str     # PageAllocator segment name
+    page_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_batched_tokens: int
+    cuda_graphs: bool
+
+
+@dataclass
+class WorkerReady:
+    role: str
+    pid: int
+
+
+@dataclass
+class SeqState:
+    """A sequence as handed between processes: metadata only, the K/V stays in the pool."""
+    seq_id: int
+    token_ids: list[int]
+    num_prompt: int
+    params: dict
+    seed: int
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+
+
+@dataclass
+class RunSeqs:
+    """Controller -> worker: sequences to prefill (from scratch or after preemption) or decode."""
+    seqs: list[SeqState]
+
+
+@dataclass
+class PrefillDone:
+    """Prefill -> controller: prompts computed and first tokens sampled (K/V writes finished)."""
+    seqs: list[SeqState]
+    finished: list[str | None]         # finish reason if the first token already ended it
+
+
+@dataclass
+class DecodeStep:
+    """Decode -> controller: one batched message per step."""
+    seq_ids: list[int]
+    tokens: list[int]
+    finished: list[str | None]
+
+
+@dataclass
+class Preempted:
+    """Decode -> controller: pages freed, recompute these through prefill."""
+    seqs: list[SeqState]
+
+
+@dataclass
+class AbortSeqs:
+    """Controller -> worker: drop these sequences and free their pages (idempotent)."""
+    seq_ids: list[int]
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+MESSAGES = {cls.__name__: cls for cls in (
+    GenerateRequest, AbortRequest, HealthRequest, StatsRequest, Delta, Final, Reply, WorkerHello,
+    WorkerInit, WorkerReady, SeqState, RunSeqs, PrefillDone, DecodeStep, Preempted, AbortSeqs, Shutdown)}
+
+
+def encode(msg) -> bytes:
+    return msgpack.packb([type(msg).__name__, asdict(msg)], use_bin_type=True)
+
+
+def decode(data: bytes):
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several exception types for bad input
+        raise ProtocolError(f"not valid msgpack ({type(e).__name__})") from None
+    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], dict)):
+        raise ProtocolError("a message is [type name, {fields}]")
+    cls = MESSAGES.get(obj[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message type {obj[0]!r}")
+    return _build(cls, obj[1])
+
+
+def _build(cls, values: dict):
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown field {sorted(unknown)[0]!r}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _check(values[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
+    return cls(**kwargs)
+
+
+def _check(value, hint, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _check(value, option, where)
+            except ProtocolError:
+                pass
+        raise ProtocolError(f"{where}: expected {_name(hint)}, got {type(value).__name__}")
+    if hint is type(None):
+        if value is not None:
+            raise ProtocolError(f"{where}: expected null")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check(v, args[0], f"{where}[]") for v in value]
+    if isinstance(hint, type) and hint in MESSAGES.values():
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected {hint.__name__}")
+        return _build(hint, value)
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, dict)}[hint]
+    if not ok(value):
+        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+    return float(value) if hint is float else value
+
+
+def _name(hint) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
