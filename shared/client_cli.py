@@ -1,0 +1,89 @@
+"""`semipd complete` and `semipd stats`: talk to a running server through the client SDK."""
+
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+
+from shared.cli import add_prompt_args, add_sampling_args, print_completions, sampling_params
+from shared.client import AsyncClient, Client, ClientError, ServerError, default_address
+from shared.errors import UserError, first_line
+
+
+def add_address_arg(p) -> None:
+    p.add_argument("--address", default=default_address(),
+                   help="the server's ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT; default %(default)s)")
+
+
+def add_parsers(sub) -> None:
+    comp = sub.add_parser("complete", help="send prompts to a running server and print the outputs")
+    add_address_arg(comp)
+    add_prompt_args(comp)
+    add_sampling_args(comp)
+    comp.add_argument("--moderate", action="store_true",
+                      help="have the content monitor watch the outputs and stop harmful ones")
+    comp.set_defaults(func=cmd_complete)
+    stats = sub.add_parser("stats", help="print a running server's KV cache, queue and worker state")
+    add_address_arg(stats)
+    stats.add_argument("--json", action="store_true", help="print the raw JSON object")
+    stats.set_defaults(func=cmd_stats)
+
+
+def cmd_complete(args) -> None:
+    prompts = [{"prompt": t} for t in args.prompt] + [{"prompt_ids": ids} for ids in args.prompt_ids]
+    if not prompts:
+        raise UserError("give at least one --prompt or --prompt-ids")
+    params = asdict(sampling_params(args))
+    try:
+        asyncio.run(_complete(args, prompts, params))
+    except ClientError as e:
+        raise UserError(first_line(e)) from None
+
+
+async def _complete(args, prompts: list[dict], params: dict) -> None:
+    async with AsyncClient(args.address) as client:
+        if len(prompts) == 1 and not args.json:
+            await _stream_one(client, prompts[0], params, args.moderate)
+            return
+        # All requests are in flight before any is read, so they run concurrently on the server.
+        streams = [await client.generate(**p, moderate=args.moderate, **params) for p in prompts]
+        results = []
+        for i, stream in enumerate(streams):
+            try:
+                results.append(await stream.result())
+            except ServerError as e:
+                raise ServerError(f"prompt {i}: {e}") from None
+    extra = [{"ttft_s": r.final.ttft_s, "itl_s": r.final.itl_s} for r in results]
+    print_completions(results, args, extra)
+
+
+async def _stream_one(client: AsyncClient, prompt: dict, params: dict, moderate: bool) -> None:
+    async with await client.generate(**prompt, moderate=moderate, **params) as stream:
+        async for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+    sys.stdout.write(stream.final.text + "\n")
+    if stream.final.finish_reason in ("abort", "content_filter"):
+        print(f"semipd: output ended early ({stream.final.finish_reason})", file=sys.stderr)
+
+
+def cmd_stats(args) -> None:
+    try:
+        with Client(args.address) as client:
+            data = client.stats()
+    except ClientError as e:
+        raise UserError(first_line(e)) from None
+    if args.json:
+        print(json.dumps(data))
+    else:
+        for key, value in _flatten(data):
+            print(f"{key}: {value}")
+
+
+def _flatten(data: dict, prefix: str = ""):
+    """Nested dicts as dotted keys, one line each: workers.decode.pid: 1234."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
