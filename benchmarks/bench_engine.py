@@ -19,7 +19,7 @@ from benchmarks.common import cuda_time_ms, measure_ceilings
 from shared.kv_cache import allocate_kv_pool, page_bytes, pages_for
 from shared.loader import load_model
 from shared.model_runner import ModelRunner
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.sequence import Sequence
 
 PAGE = 16

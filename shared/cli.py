@@ -33,7 +33,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args):
-    from shared.sampling import SamplingParams
+    from shared.sampling_params import SamplingParams
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
                           stop=args.stop, ignore_eos=args.ignore_eos)
@@ -61,6 +61,21 @@ def cmd_generate(args) -> None:
         engine.close()
 
 
+def add_serve_args(p) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face directory or preset name")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: what fits)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def cmd_serve(args) -> None:
+    from services.controller.serve import serve
+    serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semipd", description="semi-PD LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
-    from services.controller.serve import add_serve_args, cmd_serve
     serve = sub.add_parser("serve", help="run the controller with its prefill and decode workers")
     add_serve_args(serve)
     serve.add_argument("--address", default=None,

@@ -16,7 +16,7 @@ from shared.kv_cache import allocate_kv_pool, auto_num_pages, pages_for
 from shared.loader import load_model
 from shared.model_runner import ModelRunner
 from shared.page_allocator import PageAllocator
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.scheduler import DecodeScheduler, PrefillScheduler
 from shared.sequence import Sequence
 from shared.tokenizer import Detokenizer, load_tokenizer

@@ -1,6 +1,6 @@
 """One request's token state as the schedulers and the model runner see it."""
 
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 
 
 class Sequence:

@@ -16,7 +16,7 @@ from shared.engine import DTYPES
 from shared.loader import build_model
 from shared.model_runner import ModelRunner
 from shared.page_allocator import PageAllocator
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.sequence import Sequence
 from shared.shared_memory import SharedArena
 

@@ -9,7 +9,7 @@ import pytest
 
 from shared.cli import main
 from shared.engine import Engine, EngineConfig
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from tests.conftest import make_checkpoint
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.engine import Engine, EngineConfig
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 
 # Lengths 1 and exact multiples of the page size (16) included.
 PROMPT_LENS = [1, 16, 7, 32, 23, 50]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from shared.sampling import SamplingParams, sample, uniform_noise
+from shared.sampling import sample, uniform_noise
+from shared.sampling_params import SamplingParams
 
 
 def run(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, steps=None):

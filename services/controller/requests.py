@@ -5,7 +5,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from shared import protocol
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.tokenizer import Detokenizer
 
 

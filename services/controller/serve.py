@@ -8,17 +8,7 @@ from services.controller.server import Controller
 from shared.engine import EngineConfig
 
 
-def add_serve_args(p) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face directory or preset name")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: what fits)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-model-len", type=int, default=None)
-
-
-def cmd_serve(args) -> None:
+def serve(args) -> None:
     from shared.client import default_address
     address = args.address or default_address()
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,

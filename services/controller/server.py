@@ -19,7 +19,7 @@ from services.controller.supervisor import Supervisor
 from shared import protocol
 from shared.engine import EngineConfig, check_request
 from shared.errors import UserError
-from shared.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.tokenizer import Detokenizer
 
 POLL_MS = 50
@@ -30,6 +30,7 @@ def bind(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises: a disconnect
+    sock.setsockopt(zmq.SNDHWM, 0)  # a slow peer queues; only a vanished one makes send fail
     sock.setsockopt(zmq.LINGER, 0)
     if address.startswith("ipc://"):
         os.makedirs(os.path.dirname(address[len("ipc://"):]), mode=0o700, exist_ok=True)
