@@ -11,7 +11,6 @@ server (about any request) for `timeout_s` raises `ServerTimeout`: the engine is
 import asyncio
 import os
 import select
-import tempfile
 import threading
 import time
 import uuid
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+
+from shared.runtime import runtime_dir
 from shared.protocol import (MAX_MESSAGE_BYTES, AbortRequest, Delta, Final, GenerateRequest,
                              HealthRequest, ProtocolError, Reply, StatsRequest, decode, encode)
 
@@ -30,10 +31,7 @@ WAIT_SLICE_S = 0.01  # re-check the socket at least this often (another thread m
 
 def default_address() -> str:
     """The controller's default endpoint: a socket file in this user's runtime folder."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    folder = (os.path.join(runtime, "semipd") if runtime
-              else os.path.join(tempfile.gettempdir(), f"semipd-{os.getuid()}"))
-    return "ipc://" + os.path.join(folder, "semipd.sock")
+    return "ipc://" + os.path.join(runtime_dir(), "semipd.sock")
 
 
 class ClientError(Exception):

@@ -16,21 +16,20 @@ can reclaim a dead worker's requests with free_owner().
 import fcntl
 import os
 import secrets
-import tempfile
 import threading
 from contextlib import contextmanager
 from multiprocessing import shared_memory
 
 import numpy as np
 
+from shared.runtime import runtime_dir
 from shared.shared_memory import attach_segment, unlink_segment
 
 FREE = -1
 
 
 def _lock_path(name: str) -> str:
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return os.path.join(runtime_dir, f"{name}.lock")
+    return os.path.join(runtime_dir(), f"{name}.lock")
 
 
 def _views(shm: shared_memory.SharedMemory, num_pages: int) -> tuple[np.ndarray, ...]:

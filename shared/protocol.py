@@ -182,6 +182,17 @@ def decode(data: bytes):
     return _build(cls, obj[1])
 
 
+def peek(data: bytes) -> tuple[str, str]:
+    """(type name, request_id) of a message that failed to decode, as far as they can be read,
+    so that the error can still reach the request's stream."""
+    try:
+        name, values = msgpack.unpackb(data, raw=False)[:2]
+        request_id = values.get("request_id", "")
+        return (name if isinstance(name, str) else "", request_id if isinstance(request_id, str) else "")
+    except Exception:  # anything unreadable has no name and no id
+        return "", ""
+
+
 def _build(cls, values: dict):
     hints = typing.get_type_hints(cls)
     unknown = set(values) - set(hints)
@@ -228,4 +239,6 @@ def _check(value, hint, where: str):
 
 
 def _name(hint) -> str:
-    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
+    def one(h):
+        return "null" if h is type(None) else "a list" if typing.get_origin(h) is list else h.__name__
+    return " or ".join(one(a) for a in typing.get_args(hint))

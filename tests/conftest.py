@@ -36,7 +36,7 @@ def make_checkpoint(path, arch: str, sharded: bool = False):
     """Save a random-weight HF model (and tokenizer) to path; return the HF model in float32."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(_hf_config(arch), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(_hf_config(arch), dtype=torch.float32).eval()
     model.save_pretrained(path, max_shard_size="100KB" if sharded else "10GB")
     save_tokenizer(path)
     return model

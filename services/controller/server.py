@@ -92,7 +92,10 @@ class Controller:
         try:
             msg = protocol.decode(data)
         except protocol.ProtocolError as e:
-            return self._send_client(client, protocol.Reply("", False, error=str(e)))
+            name, request_id = protocol.peek(data)
+            if name == "GenerateRequest" and request_id and (client, request_id) not in self.requests:
+                return self._send_client(client, protocol.Final(request_id, "error", error=str(e)))
+            return self._send_client(client, protocol.Reply(request_id, False, error=str(e)))
         if isinstance(msg, protocol.GenerateRequest):
             self.on_generate(client, msg)
         elif isinstance(msg, protocol.AbortRequest):

@@ -1,0 +1,58 @@
+"""Starting and stopping a real `semipd serve` for tests."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from shared.client import Client, ClientError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Server:
+    def __init__(self, model: str, *args: str):
+        folder = os.path.join("/tmp", f"semipd-test-{uuid.uuid4().hex[:8]}")
+        self.address = f"ipc://{folder}/front.sock"
+        env = dict(os.environ, XDG_RUNTIME_DIR=folder)  # worker sockets there too
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.controller", "--model", model, "--address", self.address,
+             "--device", "cpu", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                self.client = Client(self.address, timeout_s=60)
+                if self.client.health()["status"] == "ok":
+                    return
+                self.client.close()
+            except ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+
+    def stats(self) -> dict:
+        return self.client.stats()
+
+    def wait_idle(self, timeout_s: float = 60) -> dict:
+        """Stats once nothing runs or waits (aborts reach the workers asynchronously)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.stats()
+            if (stats["running"] == stats["waiting"] == 0 and stats["kv_pages_free"] == stats["kv_pages_total"]) \
+                    or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()

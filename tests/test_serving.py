@@ -1,0 +1,212 @@
+"""The serving system end to end: real controller, prefill and decode processes, real sockets."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from shared import protocol
+from shared.client import AsyncClient, Client
+from shared.engine import Engine, EngineConfig
+from shared.sampling_params import SamplingParams
+from tests.conftest import make_checkpoint
+from tests.serving import ROOT, Server
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt ids, max_tokens) of mixed lengths, page multiples and length 1 included."""
+    rng = random.Random(seed)
+    lens = [1, 16, 32, 48] + [rng.randint(2, 60) for _ in range(n - 4)]
+    return [([rng.randrange(3, 300) for _ in range(n_)], rng.randint(1, 20)) for n_ in lens]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("serve-llama"))
+    make_checkpoint(path, "llama")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Greedy outputs of the in-process engine (what `semipd generate` runs)."""
+    engine = Engine(EngineConfig(model=model, device="cpu", progress=False))
+    try:
+        work = workload(32)
+        outs = engine.generate([p for p, _ in work], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                                                       for _, m in work])
+    finally:
+        engine.close()
+    return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    s = Server(model)
+    yield s
+    assert s.stop() == 0
+
+
+async def run_concurrently(address: str, work) -> list:
+    async with AsyncClient(address) as client:
+        streams = [await client.generate(prompt_ids=p, temperature=0, max_tokens=m, ignore_eos=True)
+                   for p, m in work]
+        return await asyncio.gather(*(s.result() for s in streams))
+
+
+def test_concurrent_greedy_equals_generate_in_three_processes(server, reference):
+    results = asyncio.run(run_concurrently(server.address, workload(32)))
+    assert [r.token_ids for r in results] == reference
+    assert all(r.finish_reason == "length" for r in results)
+    final = results[0].final
+    assert final.ttft_s > 0 and len(final.itl_s) == final.completion_tokens - 1
+    pids = {server.proc.pid, *(w["pid"] for w in server.stats()["workers"].values())}
+    assert len(pids) == 3
+
+
+def test_aborts_at_random_points_leak_nothing(server):
+    rng = random.Random(1)
+    client = server.client
+    streams = [client.generate(prompt_ids=p, temperature=0.8, max_tokens=m + 10, ignore_eos=True)
+               for p, m in workload(200, seed=2)]
+    aborted = set(rng.sample(range(200), 60))
+    finals = []
+    for i, stream in enumerate(streams):
+        if i in aborted:
+            for _ in range(rng.randint(0, 4)):
+                if next(stream, None) is None:
+                    break
+            stream.close()
+        else:
+            finals.append(stream.result().finish_reason)
+    assert finals == ["length"] * 140
+    stats = server.wait_idle()
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    assert stats["running"] == stats["waiting"] == 0
+
+
+def test_small_kv_pool_gives_the_same_outputs(model, reference):
+    """Each request fits alone, the load does not: decode preempts and prefill recomputes."""
+    server = Server(model, "--num-pages", "12")
+    try:
+        results = asyncio.run(run_concurrently(server.address, workload(32)))
+        assert [r.token_ids for r in results] == reference
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"] == 12
+    finally:
+        assert server.stop() == 0
+
+
+def raw_socket(address: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def ask(sock: zmq.Socket, frames) -> object:
+    sock.send_multipart(frames if isinstance(frames, list) else [frames])
+    assert sock.poll(10_000), "no answer"
+    return protocol.decode(sock.recv())
+
+
+def generate(request_id="r", **fields) -> bytes:
+    return msgpack.packb(["GenerateRequest", {"request_id": request_id, **fields}])
+
+
+BAD_INPUTS = {
+    "not msgpack": (b"\xc1garbage", "not valid msgpack"),
+    "unknown type": (msgpack.packb(["LaunchMissiles", {}]), "unknown message type"),
+    "not a message": (msgpack.packb({"a": 1}), "a message is"),
+    "wrong field type": (generate(prompt_ids="1,2,3"), "expected a list or null, got str"),
+    "unknown field": (generate(prompt_ids=[1], colour="red"), "unknown field"),
+    "two frames": ([b"a", b"b"], "one frame"),
+    "worker message": (protocol.encode(protocol.Shutdown()), "not a client message"),
+    "empty prompt": (generate(prompt_ids=[]), "prompt is empty"),
+    "empty text": (generate(prompt=""), "prompt is empty"),
+    "both prompts": (generate(prompt="t5", prompt_ids=[5]), "exactly one of"),
+    "out of vocabulary": (generate(prompt_ids=[5, 300]), "outside the vocabulary"),
+    "beyond context": (generate(prompt_ids=[5] * 500, params={"max_tokens": 20}), "exceeds the context"),
+    "bad temperature": (generate(prompt_ids=[5], params={"temperature": -1}), "temperature"),
+    "bad top_p": (generate(prompt_ids=[5], params={"top_p": 0}), "top_p"),
+    "bad top_k type": (generate(prompt_ids=[5], params={"top_k": "x"}), "top_k"),
+    "unknown sampling key": (generate(prompt_ids=[5], params={"beam_width": 4}), "beam_width"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_an_error_and_service_continues(server, case):
+    frames, message = BAD_INPUTS[case]
+    sock = raw_socket(server.address)
+    reply = ask(sock, frames)
+    if isinstance(reply, protocol.Final):
+        assert reply.finish_reason == "error" and message in reply.error and reply.request_id == "r"
+    else:
+        assert isinstance(reply, protocol.Reply) and not reply.ok and message in reply.error, reply
+    sock.close()
+    good = server.client.generate(prompt_ids=[5, 6], temperature=0, max_tokens=3).result()
+    assert good.finish_reason in ("length", "stop") and good.token_ids
+
+
+def test_oversized_message_drops_only_that_connection(server):
+    sock = raw_socket(server.address)
+    sock.send(generate(prompt_ids=[5] * (protocol.MAX_MESSAGE_BYTES // 2)))
+    assert not sock.poll(1000)
+    sock.close()
+    assert server.client.generate(prompt_ids=[5], temperature=0, max_tokens=2).result().token_ids
+
+
+def test_duplicate_request_id_is_rejected(server):
+    sock = raw_socket(server.address)
+    sock.send(generate("dup", prompt_ids=[5], params={"max_tokens": 200, "ignore_eos": True}))
+    second = ask(sock, generate("dup", prompt_ids=[6]))
+    while not isinstance(second, protocol.Final) or second.error is None:
+        second = protocol.decode(sock.recv())
+    assert "already in use" in second.error
+    sock.close()
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_worker_killed_mid_stream(model, role):
+    server = Server(model)
+    try:
+        client, old = server.client, server.stats()["workers"][role]["pid"]
+        streams = [client.generate(prompt_ids=p * 4, temperature=0, max_tokens=120, ignore_eos=True)
+                   for p, _ in workload(24, seed=3)]
+        next(streams[0])
+        os.kill(old, signal.SIGKILL)
+        results = [s.result() for s in streams]   # raises if any stream gets no Final
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 120 for r in results)
+        stats = server.wait_idle()
+        assert stats["workers"][role]["pid"] != old and stats["worker_restarts"] == 1
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+        after = client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result()
+        assert len(after.token_ids) == 5
+    finally:
+        assert server.stop() == 0
+
+
+def test_cli_complete_and_stats(server, reference):
+    work = workload(32)[:3]
+    args = [a for p, _ in work for a in ("--prompt-ids", ",".join(map(str, p)))]
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "complete", "--address", server.address, *args,
+                        "--temperature", "0", "--ignore-eos", "--max-tokens", "20", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    # Greedy prefixes: the reference used per-prompt max_tokens, these ask for 20 each.
+    assert [line["token_ids"][:len(ref)] for line, ref in zip(lines, reference)] == reference[:3]
+    assert all("ttft_s" in line and "itl_s" in line for line in lines)
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "stats", "--address", server.address, "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    stats = json.loads(r.stdout)
+    assert {"kv_pages_total", "kv_pages_free", "running", "waiting", "workers"} <= set(stats)
+    assert set(stats["workers"]) == {"prefill", "decode"} and stats["workers"]["decode"]["pid"] > 0
