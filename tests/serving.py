@@ -13,13 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
-    def __init__(self, model: str, *args: str):
+    def __init__(self, model: str, *args: str, device: str = "cpu"):
         folder = os.path.join("/tmp", f"semipd-test-{uuid.uuid4().hex[:8]}")
         self.address = f"ipc://{folder}/front.sock"
         env = dict(os.environ, XDG_RUNTIME_DIR=folder)  # worker sockets there too
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.controller", "--model", model, "--address", self.address,
-             "--device", "cpu", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+             "--device", device, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
