@@ -3,6 +3,7 @@
 import asyncio
 import json
 import sys
+import time
 from dataclasses import asdict
 
 from shared.cli import add_prompt_args, add_sampling_args, print_completions, sampling_params
@@ -22,6 +23,8 @@ def add_parsers(sub) -> None:
     add_sampling_args(comp)
     comp.add_argument("--moderate", action="store_true",
                       help="have the content monitor watch the outputs and stop harmful ones")
+    comp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                      help="wait up to this long for the server to be ready (it may still be loading)")
     comp.set_defaults(func=cmd_complete)
     stats = sub.add_parser("stats", help="print a running server's KV cache, queue and worker state")
     add_address_arg(stats)
@@ -35,6 +38,8 @@ def cmd_complete(args) -> None:
         raise UserError("give at least one --prompt or --prompt-ids")
     params = asdict(sampling_params(args))
     try:
+        if args.wait:
+            wait_ready(args.address, args.wait)
         asyncio.run(_complete(args, prompts, params))
     except ClientError as e:
         raise UserError(first_line(e)) from None
@@ -65,6 +70,22 @@ async def _stream_one(client: AsyncClient, prompt: dict, params: dict, moderate:
     sys.stdout.write(stream.final.text + "\n")
     if stream.final.finish_reason in ("abort", "content_filter"):
         print(f"semipd: output ended early ({stream.final.finish_reason})", file=sys.stderr)
+
+
+def wait_ready(address: str, timeout_s: float) -> None:
+    """Poll health until the server says ok: a server that is not up yet, or still loading its
+    weights and starting workers, is not an error within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with Client(address, timeout_s=max(0.1, min(2.0, deadline - time.monotonic()))) as client:
+                if client.health()["status"] == "ok":
+                    return
+        except ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise UserError(f"the server at {address} was not ready within {timeout_s:g} s")
+        time.sleep(0.2)
 
 
 def cmd_stats(args) -> None:
