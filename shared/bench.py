@@ -20,6 +20,8 @@ Per request, at the client: TTFT (send to first token), E2E (send to Final), TPO
 (output tokens - 1) and ITL, every gap between successive tokens (a message carrying k tokens
 splits its wait into k equal gaps). SLO attainment is the fraction of all requests, failed ones
 counting as misses, with TTFT <= --ttft-slo and TPOT <= --tpot-slo; goodput is their rate.
+
+Sweeps over rates and serving modes, with plots, are in bench_sweep.py; they reuse run_load.
 """
 
 import argparse
@@ -236,7 +238,9 @@ async def _measure(client: AsyncClient, index: int, prompt_ids: list[int], param
     return record
 
 
-async def _run(args, rng: np.random.Generator) -> tuple[dict, list[RequestRecord], float]:
+async def run_load(args, rng: np.random.Generator,
+                   desc: str = "requests") -> tuple[dict, list[RequestRecord], float]:
+    """One run at args.rate against args.address: (config, per-request records, seconds)."""
     pool = load_sharegpt(args.dataset) if args.dataset else None
     async with AsyncClient(args.address) as client:
         status = (await client.health()).get("status", "ok")  # fails fast when nobody answers
@@ -253,7 +257,7 @@ async def _run(args, rng: np.random.Generator) -> tuple[dict, list[RequestRecord
                      {"max_tokens": n_out, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
                     for n_in, n_out in lengths]
         arrivals = arrival_times(args.rate, args.num_requests, rng)
-        bar = tqdm(total=len(requests), desc="requests", unit="req")
+        bar = tqdm(total=len(requests), desc=desc, unit="req")
         start = time.perf_counter()
 
         async def one(i: int) -> RequestRecord:
@@ -277,13 +281,22 @@ async def _run(args, rng: np.random.Generator) -> tuple[dict, list[RequestRecord
     return config, records, duration
 
 
-def cmd_bench(args) -> None:
-    if args.num_requests < 1:
+def check_load_args(args) -> None:
+    if args.num_requests is None or args.num_requests < 1:
         raise UserError(f"--num-requests must be at least 1, got {args.num_requests}")
     if args.dataset and (args.input_len_mean or args.output_len_mean):
         raise UserError("--dataset sets the lengths: leave out --input-len-mean and --output-len-mean")
+
+
+def cmd_bench(args) -> None:
+    from shared import bench_sweep
+    if bench_sweep.wanted(args):
+        return bench_sweep.cmd_sweep(args)
+    if args.rate is None:
+        raise UserError("give --rate, or --rates for a sweep, or --plot REPORT")
+    check_load_args(args)
     try:
-        config, records, duration = asyncio.run(_run(args, np.random.default_rng(args.seed)))
+        config, records, duration = asyncio.run(run_load(args, np.random.default_rng(args.seed)))
     except ClientError as e:
         raise UserError(first_line(e)) from None
     summary = summarize(records, duration, args.ttft_slo, args.tpot_slo)
@@ -302,11 +315,13 @@ def _positive(text: str) -> float:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="load a running server with Poisson arrivals; report TTFT, "
-                                     "TPOT, ITL, E2E, SLO attainment and goodput")
+    from shared import bench_sweep
+    p = sub.add_parser("bench", help="load a running server with Poisson arrivals; report TTFT, TPOT, "
+                                     "ITL, E2E, SLO attainment and goodput; sweep rates over modes",
+                       description=bench_sweep.USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_address_arg(p)
-    p.add_argument("--rate", type=_positive, required=True, help="requests per second (inf: all at once)")
-    p.add_argument("--num-requests", type=int, required=True)
+    p.add_argument("--rate", type=_positive, help="requests per second (inf: all at once)")
+    p.add_argument("--num-requests", type=int, help="requests per run (per rate in a sweep)")
     p.add_argument("--dataset", help="ShareGPT-format JSON file to take the lengths from")
     p.add_argument("--input-len-mean", type=_positive, help=f"mean prompt tokens (default {INPUT_MEAN:g})")
     p.add_argument("--output-len-mean", type=_positive, help=f"mean output tokens (default {OUTPUT_MEAN:g})")
@@ -315,5 +330,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tpot-slo", type=_positive, help="TPOT objective in seconds")
     p.add_argument("--max-model-len-check", action="store_true",
                    help="plan only requests that fit the server's max_model_len (read from its stats)")
-    p.add_argument("--out", help="write the JSON report (config, per-request records, summary) here")
+    p.add_argument("--out", help="one rate: write the JSON report (config, per-request records, summary) "
+                                 "to this file; a sweep or --plot: the folder for report.json and the plots")
+    bench_sweep.add_args(p)
     p.set_defaults(func=cmd_bench)

@@ -90,10 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.add_argument("--address", default=None,
                        help="client socket (default: an ipc:// path in the runtime folder; tcp://127.0.0.1:PORT)")
+    from services.controller.moderation import add_moderation_args
+    from services.controller.modes import add_mode_args
+    add_moderation_args(serve)
+    add_mode_args(serve)
     serve.set_defaults(func=cmd_serve)
     from shared import bench, client_cli  # here: they import this module's helpers
     client_cli.add_parsers(sub)
     bench.add_parser(sub)
+    from services.scm import evaluate as scm_eval, train as scm_train
+    scm_train.add_parser(sub)
+    scm_eval.add_parser(sub)
+    from services.scm import cli as scm_cli
+    scm_cli.add_parser(sub)
     return parser
 
 

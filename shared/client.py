@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from shared.runtime import runtime_dir
 from shared.protocol import (MAX_MESSAGE_BYTES, AbortRequest, Delta, Final, GenerateRequest,
-                             HealthRequest, ProtocolError, Reply, StatsRequest, decode, encode)
+                             HealthRequest, PartitionRequest, ProtocolError, Reply, StatsRequest, decode, encode)
 
 LINGER_MS = 1000     # how long close() waits to hand queued aborts to a live server
 WAIT_SLICE_S = 0.01  # re-check the socket at least this often (another thread may have read for us)
@@ -213,6 +213,10 @@ class Client:
     def stats(self) -> dict:
         return self._call(StatsRequest)
 
+    def partition(self, prefill_sm: int, decode_sm: int) -> dict:
+        """Ask for a new SM split; returns the partition state once the switch has started."""
+        return self._call(PartitionRequest, prefill_sm=prefill_sm, decode_sm=decode_sm)
+
     def close(self) -> None:
         """Abort every open request, then close the socket (queued aborts get LINGER_MS)."""
         with self._lock:
@@ -231,9 +235,9 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, cls) -> dict:
+    def _call(self, cls, **fields) -> dict:
         request_id = uuid.uuid4().hex
-        self._send(request_id, encode(cls(request_id)))
+        self._send(request_id, encode(cls(request_id, **fields)))
         try:
             return _reply_data(self._receive(request_id))
         finally:
@@ -357,6 +361,9 @@ class AsyncClient:
     async def stats(self) -> dict:
         return await self._call(StatsRequest)
 
+    async def partition(self, prefill_sm: int, decode_sm: int) -> dict:
+        return await self._call(PartitionRequest, prefill_sm=prefill_sm, decode_sm=decode_sm)
+
     async def close(self) -> None:
         """Abort every open request, then close the socket (queued aborts get LINGER_MS)."""
         if self._closed:
@@ -377,9 +384,9 @@ class AsyncClient:
     async def __aexit__(self, *exc):
         await self.close()
 
-    async def _call(self, cls) -> dict:
+    async def _call(self, cls, **fields) -> dict:
         request_id = uuid.uuid4().hex
-        await self._send(request_id, encode(cls(request_id)))
+        await self._send(request_id, encode(cls(request_id, **fields)))
         try:
             return _reply_data(await self._receive(request_id))
         finally:

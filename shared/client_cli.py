@@ -30,6 +30,12 @@ def add_parsers(sub) -> None:
     add_address_arg(stats)
     stats.add_argument("--json", action="store_true", help="print the raw JSON object")
     stats.set_defaults(func=cmd_stats)
+    part = sub.add_parser("partition", help="move a running server's prefill/decode SM split")
+    add_address_arg(part)
+    part.add_argument("--prefill-sm", type=int, required=True, help="prefill's SM percent")
+    part.add_argument("--decode-sm", type=int, required=True, help="decode's SM percent")
+    part.add_argument("--timeout", type=float, default=120, help="seconds to wait for the switch")
+    part.set_defaults(func=cmd_partition)
 
 
 def cmd_complete(args) -> None:
@@ -86,6 +92,24 @@ def wait_ready(address: str, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise UserError(f"the server at {address} was not ready within {timeout_s:g} s")
         time.sleep(0.2)
+
+
+def cmd_partition(args) -> None:
+    """Ask for the split, wait until the workers have switched, print each switch's timings."""
+    try:
+        with Client(args.address) as client:
+            before = len(client.partition(args.prefill_sm, args.decode_sm)["history"])
+            deadline = time.monotonic() + args.timeout
+            while (part := client.stats()["partition"])["switching"]:
+                if time.monotonic() > deadline:
+                    raise UserError(f"the switch did not finish within {args.timeout:g} s")
+                time.sleep(0.1)
+    except ClientError as e:
+        raise UserError(first_line(e)) from None
+    for record in part["history"][before:]:
+        print(json.dumps(record))
+    print(f"split: prefill {part['prefill_sm']}%, decode {part['decode_sm']}%"
+          + ("" if part["mps"] else " (recorded only: no MPS)"))
 
 
 def cmd_stats(args) -> None:

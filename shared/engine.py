@@ -17,7 +17,7 @@ from shared.loader import load_model
 from shared.model_runner import ModelRunner
 from shared.page_allocator import PageAllocator
 from shared.sampling_params import SamplingParams
-from shared.scheduler import DecodeScheduler, PrefillScheduler
+from shared.scheduler import DecodeScheduler, MixedScheduler, PrefillScheduler
 from shared.sequence import Sequence
 from shared.tokenizer import Detokenizer, load_tokenizer
 
@@ -81,9 +81,8 @@ class Engine:
         self.model.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, config.page_size, dtype, device))
         self.runner = ModelRunner(self.model, config.page_size, self.max_model_len,
                                   config.max_num_seqs, config.cuda_graphs)
-        self.prefill = PrefillScheduler(self.allocator, config.page_size, config.max_batched_tokens,
-                                        config.max_num_seqs)
-        self.decode = DecodeScheduler(self.allocator, config.page_size, config.max_num_seqs)
+        self.sched = MixedScheduler(self.allocator, config.page_size, config.max_batched_tokens,
+                                    config.max_num_seqs)
         self._ids = itertools.count()
 
     def close(self) -> None:
@@ -103,15 +102,15 @@ class Engine:
                 for ids, p in zip(prompts, params)]
         detoks = {s.seq_id: Detokenizer(self.tokenizer, s.params.stop) for s in seqs}
         for seq in seqs:
-            self.prefill.add(seq)
+            self.sched.add(seq)
         bar = tqdm(total=len(seqs), desc="generating", disable=not progress)
         unfinished = len(seqs)
         while unfinished:
-            for seq in self.step():
+            for seq in mixed_step(self.runner, self.sched):
                 detok = detoks[seq.seq_id]
                 if detok.add(seq.output_ids[len(detok.ids):])[1]:
                     if seq.finish_reason is None:
-                        self.abort(seq)
+                        self.sched.drop({seq.seq_id})
                     seq.finish_reason = "stop"
                 if seq.finish_reason is not None:
                     unfinished -= 1
@@ -120,28 +119,6 @@ class Engine:
         for detok in detoks.values():
             detok.flush()
         return [Completion(s.output_ids, detoks[s.seq_id].text, s.finish_reason) for s in seqs]
-
-    def abort(self, seq: Sequence) -> None:
-        """Drop an unfinished sequence from whichever scheduler holds it and free its pages."""
-        self.decode.drop({seq.seq_id})
-        self.prefill.drop({seq.seq_id})
-
-    def step(self) -> list[Sequence]:
-        """One forward pass: prefill if any prompt can be scheduled, else decode. Returns the
-        sequences that received a token (finished ones already released)."""
-        chunks = self.prefill.schedule()
-        if chunks:
-            ready = prefill_step(self.runner, self.prefill, self.allocator, chunks)
-            for seq in ready:
-                if seq.finish_reason is None:
-                    self.decode.add(seq)
-            return ready
-        batch, preempted = self.decode.schedule()
-        for seq in preempted:
-            self.prefill.add(seq, front=True)
-        if batch:
-            decode_step(self.runner, self.decode, batch)
-        return batch
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
@@ -182,3 +159,26 @@ def decode_step(runner: ModelRunner, sched: DecodeScheduler, batch: list[Sequenc
     for seq, token in zip(batch, runner.sample(batch, runner.decode_logits(batch))):
         seq.append(token)
     sched.finish_step(batch)
+
+
+def mixed_step(runner: ModelRunner, sched: MixedScheduler) -> list[Sequence]:
+    """One forward pass over the decode batch (one token each) and the prompt chunks scheduled
+    beside it; returns the sequences that received a token (finished ones already released)."""
+    batch, chunks = sched.schedule()
+    if not chunks:
+        if batch:
+            decode_step(runner, sched.decode, batch)  # the CUDA-graph path
+        return batch
+    logits = runner.prefill_logits([(s, 1) for s in batch] + chunks)
+    done = {s.seq_id for s in sched.prefill.finish_chunks(chunks)}
+    rows = list(range(len(batch))) + [len(batch) + i for i, (s, _) in enumerate(chunks) if s.seq_id in done]
+    ready = [chunks[i - len(batch)][0] for i in rows[len(batch):]]
+    for seq, token in zip(batch + ready, runner.sample(batch + ready, logits[rows])):
+        seq.append(token)
+    sched.decode.finish_step(batch)
+    for seq in ready:
+        if seq.finish_reason is not None:
+            sched.allocator.free(seq.reset_cache())
+        else:
+            sched.decode.add(seq)
+    return batch + ready

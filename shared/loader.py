@@ -18,16 +18,19 @@ FUSED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               progress: bool = True, arena=None) -> Transformer:
+               progress: bool = True, arena=None, cfg: ModelConfig | None = None,
+               extra: dict[str, torch.Tensor] | None = None) -> Transformer:
     """Build the model and fill its weights from the checkpoint or randomly (presets). With an
-    arena (shared_memory.SharedArena of weights_nbytes bytes) the weights live there."""
-    cfg = ModelConfig.from_hf(load_hf_config(model))
+    arena (shared_memory.SharedArena of weights_nbytes bytes) the weights live there. cfg, if
+    given, replaces the model's own config; extra maps checkpoint tensor names outside the
+    Transformer (a monitor's heads) to tensors that are filled the same way."""
+    cfg = cfg or ModelConfig.from_hf(load_hf_config(model))
     files = _checkpoint_files(model) if os.path.isdir(model) else []
     net = build_model(cfg, device, dtype, None if arena is None else arena.tensor)
     if files:
-        _load_checkpoint(net, files, progress)
+        _load_checkpoint(net, files, progress, extra or {})
     else:
-        _init_random(net, seed)
+        _init_random(net, seed, extra or {})
     return net
 
 
@@ -102,9 +105,9 @@ def _listed_files(path: str) -> list[str]:
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _load_checkpoint(net: Transformer, files: list[str], progress: bool) -> None:
+def _load_checkpoint(net: Transformer, files: list[str], progress: bool, extra: dict) -> None:
     from safetensors import safe_open
-    params = dict(net.named_parameters())
+    params = dict(net.named_parameters()) | extra
     sizes = {".qkv_proj.": [net.layers[0].self_attn.q_size, *[net.layers[0].self_attn.kv_size] * 2],
              ".gate_up_proj.": [net.cfg.intermediate_size] * 2}
     loaded: set[str] = set()
@@ -162,10 +165,10 @@ def _copy_into(param, tensor, shard, sizes, hf_name, file):
     param.copy_(tensor)
 
 
-def _init_random(net: Transformer, seed: int) -> None:
+def _init_random(net: Transformer, seed: int, extra: dict) -> None:
     """Small normal weights (std 0.02, norms at 1), made on the target device, reproducible."""
     gen = torch.Generator(device=net.embed_tokens.weight.device).manual_seed(seed)
-    for name, p in net.named_parameters():
+    for name, p in [*net.named_parameters(), *extra.items()]:
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:

@@ -5,6 +5,8 @@ up to the next captured size with rows that write nowhere (slot -1) and attend t
 (kv_len 0).
 """
 
+import itertools
+
 import torch
 
 from shared.model import Batch, Transformer
@@ -42,6 +44,14 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_logits(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Compute the chunks' K/V; logits [B, V] at each chunk's last token."""
+        hidden = self.prefill_hidden(chunks)
+        last = self._tensor(list(itertools.accumulate(n for _, n in chunks)), torch.int64) - 1
+        return self.model.compute_logits(hidden[last])
+
+    @torch.inference_mode()
+    def prefill_hidden(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Compute the chunks' K/V; final hidden states [T, hidden] of every chunk token, the
+        chunks back to back (a content monitor scores each of them)."""
         ids, positions, slots, cu_seqlens, kv_lens = [], [], [], [0], []
         for seq, n in chunks:
             span = range(seq.num_cached, seq.num_cached + n)
@@ -53,9 +63,7 @@ class ModelRunner:
         batch = Batch(is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
                       kv_lens=self._tensor(kv_lens), block_tables=self._block_tables([s for s, _ in chunks]),
                       cu_seqlens_q=self._tensor(cu_seqlens), max_q_len=max(n for _, n in chunks))
-        hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
-        last = self._tensor([c - 1 for c in cu_seqlens[1:]], torch.int64)
-        return self.model.compute_logits(hidden[last])
+        return self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
 
     @torch.inference_mode()
     def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -45,6 +45,14 @@ class StatsRequest:
 
 
 @dataclass
+class PartitionRequest:
+    """Ask for a new SM split (percent of the GPU's SMs for each phase)."""
+    request_id: str
+    prefill_sm: int
+    decode_sm: int
+
+
+@dataclass
 class Delta:
     """New output of one request: text safe to show and the token ids behind it."""
     request_id: str
@@ -100,6 +108,7 @@ class WorkerInit:
     max_num_seqs: int
     max_batched_tokens: int
     cuda_graphs: bool
+    sm_percent: int | None = None  # MPS quota, set before this process creates its CUDA context
 
 
 @dataclass
@@ -154,13 +163,78 @@ class AbortSeqs:
 
 
 @dataclass
+class Handover:
+    """Controller -> worker being replaced: at the next step boundary, send HandedOver and exit."""
+
+
+@dataclass
+class HandedOver:
+    """Worker -> controller: everything it held (pages stay allocated) for its successor."""
+    seqs: list[SeqState]
+
+
+@dataclass
 class Shutdown:
     pass
 
 
+# ---- controller <-> content monitor (services/scm) ---------------------------------------
+
+@dataclass
+class ScmHello:
+    """Controller -> monitor on (re)connecting: drop this controller's streams, answer ScmReady."""
+    pid: int
+
+
+@dataclass
+class ScmReady:
+    tokenizer: str       # fingerprint: the controller sends token ids when it equals its own
+    threshold: float
+    k: int
+    max_streams: int
+
+
+@dataclass
+class ScmOpen:
+    """Watch a response. The monitor reads `prompt + "\n\n"` then the response, as text
+    (prompt) or as the served model's token ids (prompt_ids) when both share a tokenizer."""
+    stream_id: int
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+
+
+@dataclass
+class ScmAppend:
+    """More of a stream's response, in the form its ScmOpen chose."""
+    stream_id: int
+    upto: int                          # served response tokens covered so far
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    last: bool = False                 # the response is complete: score the rest, then drop it
+
+
+@dataclass
+class ScmBatch:
+    """Controller -> monitor: everything new from one turn of the controller's loop."""
+    opens: list[ScmOpen] = field(default_factory=list)
+    appends: list[ScmAppend] = field(default_factory=list)
+    closes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ScmScored:
+    """Monitor -> controller, one per step: the streams the step advanced."""
+    stream_ids: list[int]
+    upto: list[int]                    # served response tokens now scored
+    verdicts: list[dict | None]        # the rule fired (token_index, score, ...): stream dropped
+    errors: list[str | None]           # the monitor gave up on the stream: stream dropped
+
+
 MESSAGES = {cls.__name__: cls for cls in (
-    GenerateRequest, AbortRequest, HealthRequest, StatsRequest, Delta, Final, Reply, WorkerHello,
-    WorkerInit, WorkerReady, SeqState, RunSeqs, PrefillDone, DecodeStep, Preempted, AbortSeqs, Shutdown)}
+    GenerateRequest, AbortRequest, HealthRequest, StatsRequest, PartitionRequest, Delta, Final, Reply, WorkerHello,
+    WorkerInit, WorkerReady, SeqState, RunSeqs, PrefillDone, DecodeStep, Preempted, AbortSeqs, Handover, HandedOver,
+    Shutdown,
+    ScmHello, ScmReady, ScmOpen, ScmAppend, ScmBatch, ScmScored)}
 
 
 def encode(msg) -> bytes:

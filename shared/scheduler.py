@@ -29,15 +29,18 @@ class PrefillScheduler:
     def add(self, seq: Sequence, front: bool = False) -> None:
         self.waiting.appendleft(seq) if front else self.waiting.append(seq)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to compute) pairs in queue order, with pages allocated.
+    def schedule(self, budget: int | None = None, max_seqs: int | None = None) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to compute) pairs in queue order, with pages allocated, within
+        budget tokens (default max_batched_tokens) and max_seqs sequences (max_num_seqs).
 
         A prompt longer than the budget is split into chunks over several steps. If the pool is
         short, partly computed sequences behind the one at hand give their pages back first, so
         that at least the oldest request always progresses."""
-        batch, budget = [], self.max_batched_tokens
+        batch = []
+        budget = self.max_batched_tokens if budget is None else budget
+        max_seqs = self.max_num_seqs if max_seqs is None else max_seqs
         for i, seq in enumerate(self.waiting):
-            if budget == 0 or len(batch) == self.max_num_seqs:
+            if budget <= 0 or len(batch) >= max_seqs:
                 break
             chunk = min(seq.num_tokens - seq.num_cached, budget)
             while not grow(seq, seq.num_cached + chunk, self.allocator, self.page_size):
@@ -56,6 +59,9 @@ class PrefillScheduler:
                 self.allocator.free(seq.reset_cache())
                 return True
         return False
+
+    def held(self) -> list[Sequence]:
+        return list(self.waiting)
 
     def drop(self, seq_ids: set[int]) -> None:
         """Abort these sequences if queued here, freeing their pages."""
@@ -98,6 +104,9 @@ class DecodeScheduler:
                 preempted.append(victim)
         return batch, preempted
 
+    def held(self) -> list[Sequence]:
+        return list(self.running)
+
     def drop(self, seq_ids: set[int]) -> None:
         """Abort these sequences if running here, freeing their pages."""
         for seq in [s for s in self.running if s.seq_id in seq_ids]:
@@ -113,3 +122,32 @@ class DecodeScheduler:
             self.running.remove(seq)
             self.allocator.free(seq.reset_cache())
         return finished
+
+
+class MixedScheduler:
+    """Both phases in one process, as vLLM and SGLang schedule by default: each step every running
+    sequence decodes one token and prompt chunks fill the rest of the token budget, all in one
+    forward pass. `semipd generate` and the unified serving mode use it."""
+
+    def __init__(self, allocator, page_size: int, max_batched_tokens: int, max_num_seqs: int):
+        self.allocator = allocator
+        self.prefill = PrefillScheduler(allocator, page_size, max_batched_tokens, max_num_seqs)
+        self.decode = DecodeScheduler(allocator, page_size, max_num_seqs)
+
+    def add(self, seq: Sequence) -> None:
+        self.prefill.add(seq)
+
+    def held(self) -> list[Sequence]:
+        return self.decode.held() + self.prefill.held()
+
+    def drop(self, seq_ids: set[int]) -> None:
+        self.decode.drop(seq_ids)
+        self.prefill.drop(seq_ids)
+
+    def schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        """(decode batch, prompt chunks). Preempted sequences rejoin the prompt queue first."""
+        batch, preempted = self.decode.schedule()
+        for seq in preempted:
+            self.prefill.add(seq, front=True)
+        return batch, self.prefill.schedule(self.prefill.max_batched_tokens - len(batch),
+                                            self.prefill.max_num_seqs - len(batch))

@@ -4,6 +4,8 @@ A model directory brings its own tokenizer files (loaded with transformers); pre
 no files, use ByteTokenizer: ids 0-255 are the bytes of UTF-8 text, then BOS and EOS.
 """
 
+import hashlib
+import json
 import os
 
 from shared.errors import UserError, first_line
@@ -12,8 +14,11 @@ from shared.errors import UserError, first_line
 class ByteTokenizer:
     bos_token_id, eos_token_id = 256, 257
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def fingerprint(self) -> str:
+        return "byte"
 
     def decode(self, ids: list[int]) -> str:
         # Ids past EOS exist in preset vocabularies but mean nothing: show them as markers.
@@ -37,8 +42,15 @@ class HFTokenizer:
             raise UserError(f"{path}: cannot load tokenizer ({first_line(e)})") from None
         self.eos_token_id = self._tok.eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """special=False leaves out BOS and the like: for pieces of a longer text."""
+        return self._tok.encode(text, add_special_tokens=special)
+
+    def fingerprint(self) -> str:
+        """Equal for tokenizers that turn every text into the same ids."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        spec = backend.to_str() if backend is not None else json.dumps(sorted(self._tok.get_vocab().items()))
+        return hashlib.sha256(spec.encode()).hexdigest()
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -57,15 +57,24 @@ class ControllerLink:
 
 
 class Worker:
-    """Connects, maps the controller's memory and builds a model runner over it."""
+    """Connects, maps the controller's memory and builds a model runner over it.
+
+    A worker waits for its WorkerInit as long as the controller likes: a standby process sits
+    here with everything imported and no CUDA context, until a new SM split calls it up."""
 
     def __init__(self, address: str, role: str):
         self.link = ControllerLink(address, role)
         self.link.send(protocol.WorkerHello(role=role, pid=os.getpid()))
         init = None
         while init is None:
-            init = next((m for m in self.link.receive(1000) if isinstance(m, protocol.WorkerInit)), None)
+            for msg in self.link.receive(1000):
+                if isinstance(msg, protocol.Shutdown):
+                    sys.exit(0)
+                init = msg if isinstance(msg, protocol.WorkerInit) else init
         self.init = init
+        if init.sm_percent is not None:
+            # MPS reads the quota when the CUDA context is created, which happens below.
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(init.sm_percent)
         device = torch.device(init.device)
         dtype = DTYPES[init.dtype]
         self.model_config = ModelConfig.from_hf(load_hf_config(init.model))
@@ -74,8 +83,25 @@ class Worker:
         model.bind_kv_cache(self.arenas[1].view(dtype, init.kv_shape), self.arenas[2].view(dtype, init.kv_shape))
         self.allocator = PageAllocator.attach(init.allocator)
         self.runner = ModelRunner(model, init.page_size, init.max_model_len, init.max_num_seqs,
-                                  init.cuda_graphs and role == "decode")
+                                  init.cuda_graphs and role in ("decode", "unified"))
         self.link.send(protocol.WorkerReady(role=role, pid=os.getpid()))
+
+    def apply_messages(self, timeout_ms: int, sched) -> bool:
+        """Apply the controller's messages to a scheduler (add, drop, held); False once this
+        worker must stop. A Handover comes between steps, so the K/V of every sequence handed
+        over is complete; their pages stay allocated and pass to the successor with them."""
+        for msg in self.link.receive(timeout_ms):
+            if isinstance(msg, protocol.RunSeqs):
+                for state in msg.seqs:
+                    sched.add(self.to_sequence(state))
+            elif isinstance(msg, protocol.AbortSeqs):
+                sched.drop(set(msg.seq_ids))
+            elif isinstance(msg, protocol.Handover):
+                self.link.send(protocol.HandedOver([to_state(s) for s in sched.held()]))
+                return False
+            elif isinstance(msg, protocol.Shutdown):
+                return False
+        return True
 
     def to_sequence(self, state: protocol.SeqState) -> Sequence:
         seq = Sequence(state.seq_id, state.token_ids[:state.num_prompt], SamplingParams(**state.params),
@@ -90,6 +116,19 @@ def to_state(seq: Sequence) -> protocol.SeqState:
                              seq.block_table, seq.num_cached)
 
 
+def preload() -> None:
+    """Import what the GPU path needs now, not when called up: a cold import of these costs
+    seconds, while the switch to a new SM split should cost milliseconds. None of them creates
+    a CUDA context (that would fix the MPS quota too early)."""
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config  # noqa: F401 (lazy modules, 2 s)
+    try:
+        import cupy  # noqa: F401
+        import shared.kernels.triton_attention  # noqa: F401
+        import shared.kernels.triton_fused  # noqa: F401
+    except ImportError:  # a CPU-only machine: nothing more to load
+        pass
+
+
 def worker_main(role: str, loop) -> None:
     """Entry point of `python -m services.<role> --controller ADDR`."""
     ap = argparse.ArgumentParser(prog=f"python -m services.{role}")
@@ -97,4 +136,5 @@ def worker_main(role: str, loop) -> None:
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    preload()
     loop(Worker(args.controller, role))

@@ -74,19 +74,19 @@ def test_logits_match_transformers(checkpoint, expected):
         from shared.sequence import Sequence
         seqs = [Sequence(i, p, GREEDY) for i, p in enumerate(prompts())]
         for s in seqs:
-            engine.prefill.add(s)
-        chunks = engine.prefill.schedule()
+            engine.sched.prefill.add(s)
+        chunks = engine.sched.prefill.schedule()
         logits = [engine.runner.prefill_logits(chunks)]
-        engine.prefill.finish_chunks(chunks)
+        engine.sched.prefill.finish_chunks(chunks)
         for s in seqs:
-            engine.decode.add(s)
+            engine.sched.decode.add(s)
         for step in range(3):
             for s in seqs:
                 s.append(expected[s.seq_id][step])
-            batch, preempted = engine.decode.schedule()
+            batch, preempted = engine.sched.decode.schedule()
             assert batch == seqs and not preempted
             logits.append(engine.runner.decode_logits(batch))
-            engine.decode.finish_step(batch)
+            engine.sched.decode.finish_step(batch)
     finally:
         engine.close()
     for step, got in enumerate(logits):

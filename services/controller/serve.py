@@ -4,6 +4,9 @@ import os
 import signal
 import sys
 
+from services.controller.moderation import moderation_config
+from services.controller.modes import mode_from_args
+from services.controller.mps import MpsDaemon, daemon_running
 from services.controller.server import Controller
 from shared.engine import EngineConfig
 
@@ -17,14 +20,26 @@ def serve(args) -> None:
                           max_model_len=args.max_model_len)
     # Workers connect over a private socket in the runtime folder, never over the network.
     worker_address = f"ipc://{runtime_dir()}/workers-{os.getpid()}.sock"
-    controller = Controller(config, address, worker_address)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    mode = mode_from_args(args)
+    # MPS first: a process joins it (or not) when it creates its CUDA context.
+    mps = MpsDaemon(os.path.join(runtime_dir(), f"mps-{os.getpid()}")) if args.start_mps else None
+    controller = None
     try:
+        on_gpu = config.torch_device().type == "cuda"
+        mode.mps = on_gpu and (mps is not None or daemon_running())
+        if on_gpu and not mode.mps and not mode.unified:
+            print("semipd: no MPS daemon: the SM shares are recorded but not enforced "
+                  "(see --start-mps)", file=sys.stderr, flush=True)
+        controller = Controller(config, address, worker_address, moderation_config(args), mode)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         controller.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        controller.close()
+        if controller is not None:
+            controller.close()
+        if mps is not None:
+            mps.stop()
         for addr in (address, worker_address):
             if addr.startswith("ipc://") and os.path.exists(addr[len("ipc://"):]):
                 os.unlink(addr[len("ipc://"):])

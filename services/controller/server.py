@@ -7,15 +7,22 @@ resume requests when a worker dies. Each request ends with exactly one Final.
 """
 
 import itertools
+import json
 import os
 import sys
 import time
+from collections import deque
+from dataclasses import replace
 
 import zmq
 
+from services.controller.moderation import Moderation, ModerationConfig
+from services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
+from services.controller.partitioner import Partitioner
 from services.controller.requests import Request
 from services.controller.resident import ResidentMemory
 from services.controller.supervisor import Supervisor
+from services.controller.switcher import Switcher
 from shared import protocol
 from shared.engine import EngineConfig, check_request
 from shared.errors import UserError
@@ -39,9 +46,15 @@ def bind(ctx: zmq.Context, address: str) -> zmq.Socket:
 
 
 class Controller:
-    def __init__(self, config: EngineConfig, address: str, worker_address: str):
+    def __init__(self, config: EngineConfig, address: str, worker_address: str,
+                 moderation: ModerationConfig | None = None, mode: ServingMode | None = None):
+        self.mode = mode or ServingMode({"prefill": DEFAULT_PREFILL_SM, "decode": DEFAULT_DECODE_SM})
+        self.prefill_role = "unified" if self.mode.unified else "prefill"  # where requests start
+        self.partitioner = self.mode.partition and Partitioner(self.mode.partition, **{
+            f"{role}_sm": share for role, share in self.mode.shares.items()})
+        self.decisions: deque[dict] = deque(maxlen=100)
         self.memory = ResidentMemory(config)
-        self.init_msg = self.memory.worker_init()
+        init_msg = self.memory.worker_init()
         self.address = address
         self.ctx = zmq.Context()
         try:
@@ -51,7 +64,11 @@ class Controller:
             self.ctx.destroy()
             self.memory.close()
             raise UserError(f"cannot bind {address}: {e}") from None
-        self.supervisor = Supervisor(worker_address, self._send_worker)
+        self.supervisor = Supervisor(worker_address, self._send_worker,
+                                     lambda sm: replace(init_msg, sm_percent=sm), self.mode.shares)
+        self.switcher = Switcher(self.supervisor, self._adopt)
+        self.moderation = moderation and Moderation(moderation, self.ctx, self.memory.tokenizer,
+                                                    self._send_client, self._abort)
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.by_seq: dict[int, Request] = {}
         self._seq_ids = itertools.count()
@@ -77,6 +94,10 @@ class Controller:
         if self.requests.pop((req.client, req.request_id), None) is None:
             return
         del self.by_seq[req.seq_id]
+        if self.partitioner is not None and final is not None and final.finish_reason in ("stop", "length"):
+            self._observe(req, final)
+        if self.moderation is not None:  # None: the Final waits for the monitor's last scores
+            final = self.moderation.finish(req, final)
         if final is not None:
             self._send_client(req.client, final)
 
@@ -106,6 +127,10 @@ class Controller:
             self._send_client(client, protocol.Reply(msg.request_id, True, self.health()))
         elif isinstance(msg, protocol.StatsRequest):
             self._send_client(client, protocol.Reply(msg.request_id, True, self.stats()))
+        elif isinstance(msg, protocol.PartitionRequest):
+            error = self.partition({"prefill": msg.prefill_sm, "decode": msg.decode_sm}, "manual")
+            self._send_client(client, protocol.Reply(msg.request_id, error is None,
+                                                     {} if error else self.partition_stats(), error))
         else:
             self._send_client(client, protocol.Reply(getattr(msg, "request_id", ""), False,
                                                      error=f"{type(msg).__name__} is not a client message"))
@@ -128,33 +153,56 @@ class Controller:
                           mem.config.page_size, mem.num_pages)
         except UserError as e:
             return reject(str(e))
+        if msg.moderate and self.moderation is None:
+            return reject("this server has no content monitor (start it with --scm ADDR)")
         req = Request(client, msg.request_id, next(self._seq_ids), prompt_ids, params,
                       params.resolved_seed(), Detokenizer(mem.tokenizer, params.stop))
+        error = self.moderation and self.moderation.open(req, msg.prompt, msg.moderate)
+        if error:
+            return reject(error)
+        req.where = self.prefill_role
         self.requests[(client, msg.request_id)] = req
         self.by_seq[req.seq_id] = req
-        self.supervisor.send("prefill", protocol.RunSeqs([req.state()]))
+        self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
 
     # ---- workers ------------------------------------------------------------------------
 
     def on_worker(self, identity: bytes, data: bytes) -> None:
         msg = protocol.decode(data)
         if isinstance(msg, protocol.WorkerHello):
-            return self.supervisor.hello(identity, msg, self.init_msg)
-        role = self.supervisor.role_of(identity)
-        if role is None:
+            return self.supervisor.hello(identity, msg)
+        worker = self.supervisor.handle_of(identity)
+        if worker is None:
             return  # a dead worker's last words: its requests were already recovered
         if isinstance(msg, protocol.WorkerReady):
-            self.supervisor.mark_ready(role)
+            if worker is self.supervisor.incoming.get(worker.role):
+                self.switcher.on_ready(worker)
+            else:
+                self.supervisor.open(worker)
         elif isinstance(msg, protocol.PrefillDone):
+            self.switcher.on_output(worker)
             self.on_prefill_done(msg)
         elif isinstance(msg, protocol.DecodeStep):
+            self.switcher.on_output(worker)
             self.on_decode_step(msg)
+        elif isinstance(msg, protocol.HandedOver):
+            self.switcher.on_handed_over(worker, msg.seqs)
+            self._settle()
         elif isinstance(msg, protocol.Preempted):
             for state in msg.seqs:
                 req = self.by_seq.get(state.seq_id)
                 if req is not None:
-                    req.where = "prefill"
-                    self.supervisor.send("prefill", protocol.RunSeqs([req.state()]))
+                    req.where = self.prefill_role
+                    self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
+
+    def _adopt(self, seqs: list[protocol.SeqState]) -> list[protocol.SeqState]:
+        """Sequences a retiring worker handed over: those still wanted go on to its successor;
+        the pages of the rest (aborted on the way) are freed here."""
+        live = [s for s in seqs if s.seq_id in self.by_seq]
+        for state in seqs:
+            if state.seq_id not in self.by_seq:
+                self.memory.allocator.free_owner(state.seq_id)
+        return live
 
     def on_prefill_done(self, msg: protocol.PrefillDone) -> None:
         """First tokens. Until the hand-off reaches decode, the controller holds these pages."""
@@ -174,7 +222,7 @@ class Controller:
         for seq_id, token, finished in zip(msg.seq_ids, msg.tokens, msg.finished):
             req = self.by_seq.get(seq_id)
             if req is not None and not self.on_token(req, token, finished) and finished is None:
-                self.supervisor.send("decode", protocol.AbortSeqs([seq_id]))  # a stop string
+                self.supervisor.send(req.where, protocol.AbortSeqs([seq_id]))  # a stop string
 
     def on_token(self, req: Request, token: int, finished: str | None) -> bool:
         """Stream one new token; False if the request has ended (worker's reason or a stop string)."""
@@ -182,7 +230,9 @@ class Controller:
         if stopped or finished is not None:
             self._finish(req, req.final("stop" if stopped else finished, text, [token]))
             return False
-        self._send_client(req.client, req.delta(text, token))
+        delta = req.delta(text, token)
+        if self.moderation is None or not self.moderation.hold(req, delta):
+            self._send_client(req.client, delta)
         return (req.client, req.request_id) in self.requests  # False if the client vanished
 
     def recover(self, role: str) -> None:
@@ -194,23 +244,73 @@ class Controller:
             if req.restarts > MAX_RESTARTS_PER_REQUEST:
                 self._finish(req, req.final("error", error=f"the {role} worker died twice while serving it"))
                 continue
-            req.where = "prefill"
-            self.supervisor.send("prefill", protocol.RunSeqs([req.state()]))
+            req.where = self.prefill_role
+            self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
+
+    def _observe(self, req: Request, final: protocol.Final) -> None:
+        """Feed a finished request to the partitioner; log its decision and act on it."""
+        tpot = sum(final.itl_s) / len(final.itl_s) if final.itl_s else None
+        decision = self.partitioner.observe(req.arrival, final.ttft_s, tpot, time.monotonic())
+        if decision is None:
+            return
+        record = decision.to_dict()
+        self.decisions.append(record)
+        print(f"semipd: partition decision {json.dumps(record)}", file=sys.stderr, flush=True)
+        target = {"prefill": decision.next_prefill_sm, "decode": decision.next_decode_sm}
+        if self.partition(target, f"partitioner: {decision.action}") is not None:
+            self._settle()  # could not switch now: the partitioner keeps the split in effect
+
+    def _settle(self) -> None:
+        """Once no switch is under way, tell the partitioner which split is in effect from now."""
+        if self.partitioner is not None and not self.switcher.active:
+            workers = self.supervisor.workers
+            self.partitioner.switched(workers["prefill"].sm_percent, workers["decode"].sm_percent, time.monotonic())
+
+    def partition(self, shares: dict[str, int], reason: str) -> str | None:
+        """Start switching to a new SM split; an error message if it cannot be done now."""
+        if self.prefill_role == "unified":
+            return "a unified server has no prefill/decode split"
+        bad = next((v for v in shares.values() if not 1 <= v <= 100), None)
+        if bad is not None:
+            return f"SM shares are percentages in [1, 100], got {bad}"
+        busy = [r for r, v in shares.items() if r in self.switcher.active and self.supervisor.workers[r].sm_percent != v]
+        if busy:
+            return f"the {busy[0]} worker is already switching; try again when it is done"
+        for role, share in shares.items():
+            self.switcher.request(role, share, reason)
+        return None
 
     # ---- status -------------------------------------------------------------------------
 
+    def _standby_stats(self, role: str) -> dict | None:
+        standby = self.supervisor.standby.get(role)
+        return standby and {"pid": standby.proc.pid, "ready": standby.identity is not None}
+
+    def partition_stats(self) -> dict:
+        workers = self.supervisor.workers
+        return {"mode": "unified" if self.prefill_role == "unified" else "semi-pd",
+                "prefill_sm": workers.get("prefill", workers.get("unified")).sm_percent,
+                "decode_sm": workers.get("decode", workers.get("unified")).sm_percent,
+                "mps": self.mode.mps, "dynamic": self.partitioner is not None,
+                "switching": sorted(self.switcher.active), "history": self.switcher.history,
+                "decisions": list(self.decisions)}
+
     def health(self) -> dict:
         return {"status": "ok" if self.supervisor.all_ready() else "starting",
-                "uptime_s": time.monotonic() - self.started, "model": self.memory.config.model}
+                "uptime_s": time.monotonic() - self.started, "model": self.memory.config.model,
+                "scm": self.moderation and self.moderation.health()}
 
     def stats(self) -> dict:
         reqs = self.requests.values()
         return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
-                "running": sum(r.where == "decode" for r in reqs), "waiting": sum(r.where == "prefill" for r in reqs),
-                "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent, "ready": w.ready}
+                "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
+                "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent, "ready": w.ready,
+                                   "standby": self._standby_stats(role)}
                             for role, w in self.supervisor.workers.items()},
+                "partition": self.partition_stats(),
                 "worker_restarts": self.supervisor.restarts, "page_size": self.memory.config.page_size,
-                "max_model_len": self.memory.max_model_len}
+                "max_model_len": self.memory.max_model_len,
+                "scm": self.moderation and self.moderation.stats()}
 
     # ---- loop ---------------------------------------------------------------------------
 
@@ -219,6 +319,8 @@ class Controller:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        if self.moderation is not None:
+            poller.register(self.moderation.sock, zmq.POLLIN)
         announced = False
         while True:
             events = dict(poller.poll(POLL_MS))
@@ -226,8 +328,12 @@ class Controller:
                 self._drain(self.back, self.on_worker)
             if self.front in events:
                 self._drain(self.front, self.on_client)
-            for role in self.supervisor.dead():
-                self.recover(role)
+            for where, worker in self.supervisor.dead():
+                if self.switcher.on_death(where, worker):
+                    self.recover(worker.role)
+                self._settle()
+            if self.moderation is not None:
+                self.moderation.tick()
             if not announced and self.supervisor.all_ready():
                 announced = True
                 print(f"semipd: serving {self.memory.config.model} at {self.address}", file=sys.stderr, flush=True)
@@ -246,6 +352,8 @@ class Controller:
                 self._send_client(frames[0], protocol.Reply("", False, error="send one frame per message"))
 
     def close(self) -> None:
+        if self.moderation is not None:
+            self.moderation.close()
         self.supervisor.stop()
         self.front.close()
         self.back.close()

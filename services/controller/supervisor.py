@@ -1,8 +1,10 @@
-"""Starts the worker processes, notices when one dies, and starts its replacement.
+"""Starts the worker processes, keeps standbys, notices deaths and starts replacements.
 
-Messages for a worker that is starting wait in its queue and go out once it reports ready.
-A worker is known by its socket identity (role-pid), so anything its dead predecessor still had
-in flight is recognised and ignored.
+A worker process starts, imports everything, says hello and waits for its WorkerInit, which
+carries its MPS quota. The current worker of a role gets it at once; a standby gets it only when a
+new SM split calls it up (see switcher.py), so calling one up costs no imports. Messages for a
+worker that is not ready yet wait in its queue. A worker is known by its socket identity
+(role-pid), so anything a predecessor still had in flight is recognised.
 """
 
 import os
@@ -13,47 +15,69 @@ from dataclasses import dataclass, field
 
 from shared import protocol
 
-ROLES = ("prefill", "decode")
-
 
 @dataclass
 class WorkerHandle:
     role: str
     proc: subprocess.Popen
-    started: float = field(default_factory=time.monotonic)
-    identity: bytes | None = None      # set by the worker's hello
-    ready: bool = False
-    queue: list = field(default_factory=list)
     sm_percent: int | None = None
+    identity: bytes | None = None      # set by the worker's hello
+    activated: float | None = None     # when it was given its WorkerInit (monotonic s)
+    ready: bool = False                # open for messages (a successor opens after the handover)
+    last_output: float | None = None   # when its last tokens arrived (monotonic s)
+    queue: list = field(default_factory=list)
 
 
 class Supervisor:
-    def __init__(self, worker_address: str, send):
+    def __init__(self, worker_address: str, send, init, shares: dict[str, int | None]):
         self.worker_address = worker_address
         self._send = send              # send(identity, message) on the controller's worker socket
-        self.workers: dict[str, WorkerHandle] = {}
+        self._init = init              # init(sm_percent) -> WorkerInit
+        self.workers: dict[str, WorkerHandle] = {}   # the current worker of each role
+        self.standby: dict[str, WorkerHandle] = {}   # imported, waiting to be called up
+        self.incoming: dict[str, WorkerHandle] = {}  # called up, not yet current
+        self.retiring: list[WorkerHandle] = []       # handing over to a successor
+        self.shares = shares
         self.restarts = 0
 
-    def start(self, role: str) -> None:
+    def _spawn(self, role: str) -> WorkerHandle:
         cmd = [sys.executable, "-m", f"services.{role}", "--controller", self.worker_address]
-        self.workers[role] = WorkerHandle(role, subprocess.Popen(cmd, env=dict(os.environ)))
+        return WorkerHandle(role, subprocess.Popen(cmd, env=dict(os.environ)))
 
     def start_all(self) -> None:
-        for role in ROLES:
-            self.start(role)
+        for role, share in self.shares.items():
+            self.workers[role] = self._spawn(role)
+            self.activate(self.workers[role], share)
 
-    def role_of(self, identity: bytes) -> str | None:
-        """The role of the current worker with this identity; None for a dead predecessor."""
-        return next((r for r, w in self.workers.items() if w.identity == identity), None)
+    def ensure_standby(self, role: str) -> None:
+        if role not in self.standby:
+            self.standby[role] = self._spawn(role)
 
-    def hello(self, identity: bytes, msg: protocol.WorkerHello, init: protocol.WorkerInit) -> None:
-        worker = self.workers.get(msg.role)
-        if worker is not None and worker.proc.pid == msg.pid:
+    def activate(self, worker: WorkerHandle, sm_percent: int | None) -> None:
+        """Give a worker its quota and the memory handles (at its hello if it has not said it)."""
+        worker.sm_percent, worker.activated = sm_percent, time.monotonic()
+        if worker.identity is not None:
+            self._send(worker.identity, self._init(sm_percent))
+
+    def _all(self):
+        yield from self.workers.values()
+        yield from self.standby.values()
+        yield from self.incoming.values()
+        yield from self.retiring
+
+    def handle_of(self, identity: bytes) -> WorkerHandle | None:
+        """The live worker with this identity; None for a dead one's last words."""
+        return next((w for w in self._all() if w.identity == identity), None)
+
+    def hello(self, identity: bytes, msg: protocol.WorkerHello) -> None:
+        worker = next((w for w in self._all() if w.proc.pid == msg.pid and w.role == msg.role), None)
+        if worker is not None:
             worker.identity = identity
-            self._send(identity, init)
+            if worker.activated is not None:
+                self._send(identity, self._init(worker.sm_percent))
 
-    def mark_ready(self, role: str) -> None:
-        worker = self.workers[role]
+    def open(self, worker: WorkerHandle) -> None:
+        """Mark ready and deliver what waited for it."""
         worker.ready = True
         for msg in worker.queue:
             self._send(worker.identity, msg)
@@ -66,31 +90,59 @@ class Supervisor:
         else:
             worker.queue.append(msg)
 
-    def dead(self) -> list[str]:
-        """Roles whose process has exited since the last call; each is restarted already."""
-        died = [r for r, w in self.workers.items() if w.proc.poll() is not None]
-        for role in died:
-            print(f"semipd: {role} worker (pid {self.workers[role].proc.pid}) exited with "
-                  f"{self.workers[role].proc.returncode}; starting a new one", file=sys.stderr, flush=True)
-            self.restarts += 1
-            self.start(role)
-        return died
+    def send_to(self, worker: WorkerHandle, msg) -> None:
+        self._send(worker.identity, msg)
+
+    def promote(self, worker: WorkerHandle) -> WorkerHandle:
+        """Make an incoming worker current (closed until the handover ends); returns the old one."""
+        old = self.workers[worker.role]
+        del self.incoming[worker.role]
+        self.retiring.append(old)
+        worker.ready = False
+        self.workers[worker.role] = worker
+        return old
+
+    def dead(self) -> list[tuple[str, WorkerHandle]]:
+        """(where it was, handle) for every worker that exited since the last call. A current
+        worker is replaced at once, with the same quota; the caller decides about the others."""
+        events = []
+        for where, pool in (("current", self.workers), ("standby", self.standby), ("incoming", self.incoming)):
+            for role, w in list(pool.items()):
+                if w.proc.poll() is not None:
+                    events.append((where, w))
+                    del pool[role]
+        for w in [w for w in self.retiring if w.proc.poll() is not None]:
+            self.retiring.remove(w)
+            events.append(("retiring", w))
+        for where, w in events:
+            if where == "current":
+                print(f"semipd: {w.role} worker (pid {w.proc.pid}) exited with {w.proc.returncode}; "
+                      "starting a new one", file=sys.stderr, flush=True)
+                self.restarts += 1
+                self.workers[w.role] = self._spawn(w.role)
+                self.activate(self.workers[w.role], w.sm_percent)
+        return events
+
+    def kill(self, worker: WorkerHandle) -> None:
+        worker.proc.kill()
+        worker.proc.wait()
 
     def all_ready(self) -> bool:
         return all(w.ready for w in self.workers.values())
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask politely (Shutdown), then SIGTERM, then SIGKILL, as honcho does."""
-        for w in self.workers.values():
-            if w.ready:
+        handles = list(self._all())
+        for w in handles:
+            if w.identity is not None:
                 self._send(w.identity, protocol.Shutdown())
         deadline = time.monotonic() + timeout_s
         for signal_next in ("terminate", "kill"):
-            for w in self.workers.values():
+            for w in handles:
                 while w.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.02)
                 if w.proc.poll() is None:
                     getattr(w.proc, signal_next)()
             deadline = time.monotonic() + timeout_s
-        for w in self.workers.values():
+        for w in handles:
             w.proc.wait()

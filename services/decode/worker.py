@@ -15,14 +15,8 @@ def run(worker: Worker) -> None:
     init, link, allocator = worker.init, worker.link, worker.allocator
     sched = DecodeScheduler(allocator, init.page_size, init.max_num_seqs)
     while True:
-        for msg in link.receive(0 if sched.running else IDLE_POLL_MS):
-            if isinstance(msg, protocol.RunSeqs):
-                for state in msg.seqs:
-                    sched.add(worker.to_sequence(state))
-            elif isinstance(msg, protocol.AbortSeqs):
-                sched.drop(set(msg.seq_ids))
-            elif isinstance(msg, protocol.Shutdown):
-                return
+        if not worker.apply_messages(0 if sched.running else IDLE_POLL_MS, sched):
+            return
         if not sched.running:
             continue
         batch, preempted = sched.schedule()

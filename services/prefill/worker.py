@@ -21,14 +21,8 @@ def run(worker: Worker) -> None:
     blocked = False
     while True:
         timeout = IDLE_POLL_MS if not sched.waiting else BLOCKED_POLL_MS if blocked else 0
-        for msg in link.receive(timeout):
-            if isinstance(msg, protocol.RunSeqs):
-                for state in msg.seqs:
-                    sched.add(worker.to_sequence(state))
-            elif isinstance(msg, protocol.AbortSeqs):
-                sched.drop(set(msg.seq_ids))
-            elif isinstance(msg, protocol.Shutdown):
-                return
+        if not worker.apply_messages(timeout, sched):
+            return
         chunks = sched.schedule()
         blocked = not chunks
         if chunks:

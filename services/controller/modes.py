@@ -1,0 +1,64 @@
+"""How `semipd serve` runs the two phases: unified (one worker does both, the baseline) or
+semi-PD (a prefill and a decode worker with their own SM shares, fixed or moved by the
+SLO-aware partitioner). Torch-free: the CLI parses these flags without loading the engine."""
+
+from dataclasses import dataclass
+
+from shared.errors import UserError
+
+# The default fixed split. Decode is bound by memory bandwidth, which a minority of the SMs
+# already saturates; prefill is bound by compute and takes the rest.
+DEFAULT_PREFILL_SM, DEFAULT_DECODE_SM = 60, 40
+
+
+@dataclass
+class ServingMode:
+    shares: dict[str, int]          # SM percent per worker role
+    partition: object | None = None  # partitioner.PartitionConfig when --dynamic
+    mps: bool = False               # whether the shares take effect (an MPS daemon serves us)
+
+    @property
+    def unified(self) -> bool:
+        return "unified" in self.shares
+
+
+def add_mode_args(p) -> None:
+    g = p.add_argument_group("prefill/decode split")
+    g.add_argument("--mode", choices=["semi-pd", "unified"], default="semi-pd",
+                   help="semi-pd: separate prefill and decode workers (default); unified: one worker "
+                        "batches both with chunked prefill (the vLLM/SGLang baseline)")
+    g.add_argument("--prefill-sm", type=int, default=DEFAULT_PREFILL_SM, help="prefill's SM percent (MPS quota)")
+    g.add_argument("--decode-sm", type=int, default=DEFAULT_DECODE_SM, help="decode's SM percent (MPS quota)")
+    g.add_argument("--dynamic", action="store_true",
+                   help="move the split at run time to meet --ttft-slo and --tpot-slo")
+    g.add_argument("--ttft-slo", type=float, default=None, help="seconds (with --dynamic)")
+    g.add_argument("--tpot-slo", type=float, default=None, help="seconds (with --dynamic)")
+    g.add_argument("--slo-percentile", type=float, default=90.0)
+    g.add_argument("--window", type=int, default=50, help="finished requests per partitioning decision")
+    g.add_argument("--sm-step", type=int, default=10, help="SM percent per partitioning step")
+    g.add_argument("--max-steps", type=int, default=3, help="most steps one decision moves a share")
+    g.add_argument("--start-mps", action="store_true",
+                   help="start an MPS control daemon for this server (and stop it on exit)")
+
+
+def mode_from_args(args) -> ServingMode:
+    if args.mode == "unified":
+        if args.dynamic:
+            raise UserError("--dynamic needs --mode semi-pd")
+        return ServingMode({"unified": 100})
+    for name, share in (("--prefill-sm", args.prefill_sm), ("--decode-sm", args.decode_sm)):
+        if not 1 <= share <= 100:
+            raise UserError(f"{name} is a percentage in [1, 100], got {share}")
+    shares = {"prefill": args.prefill_sm, "decode": args.decode_sm}
+    if not args.dynamic:
+        return ServingMode(shares)
+    if args.ttft_slo is None or args.tpot_slo is None:
+        raise UserError("--dynamic needs --ttft-slo and --tpot-slo")
+    from services.controller.partitioner import PartitionConfig
+    config = PartitionConfig(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, percentile=args.slo_percentile,
+                             window=args.window, step=args.sm_step, max_steps=args.max_steps,
+                             min_share=args.sm_step)
+    for name, share in shares.items():
+        if share % config.step:
+            raise UserError(f"with --dynamic the {name} share ({share}) must be a multiple of --sm-step ({config.step})")
+    return ServingMode(shares, config)

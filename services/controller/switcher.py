@@ -1,0 +1,130 @@
+"""Moving the SM split without stopping service.
+
+MPS fixes a process's SM quota when its CUDA context is created, so a new share for a phase means
+a new worker process. The switch for one role (prefill and decode switch independently):
+
+1. call up the role's standby (already imported everything): its WorkerInit carries the new quota;
+   it opens the IPC handles and captures its CUDA graphs while the old worker keeps serving;
+2. once it is ready it becomes the role's current worker, closed for now: new messages for the
+   role wait in its queue; the old worker gets a Handover;
+3. at its next step boundary the old worker sends everything it holds (HandedOver: sequences with
+   their block tables; the pages stay allocated and the K/V stays in place) and exits;
+4. the controller passes the live sequences to the new worker, then its queue: it is open.
+
+The token stream of a moved sequence pauses from the old worker's last step to the new worker's
+first: that gap, the preparation time and the hand-over time are recorded for every switch.
+"""
+
+import time
+from dataclasses import dataclass
+
+from services.controller.supervisor import Supervisor, WorkerHandle
+from shared import protocol
+
+
+@dataclass
+class Switch:
+    role: str
+    from_sm: int | None
+    to_sm: int
+    reason: str
+    worker: WorkerHandle                # the standby called up
+    cold: bool                          # the standby had not finished starting
+    requested: float                    # time.monotonic() throughout
+    ready_at: float | None = None
+    old: WorkerHandle | None = None
+    handover_at: float | None = None
+
+
+class Switcher:
+    def __init__(self, supervisor: Supervisor, adopt):
+        self.sup = supervisor
+        self.adopt = adopt                   # adopt(seqs) -> the ones whose requests are alive
+        self.active: dict[str, Switch] = {}
+        self.history: list[dict] = []
+        self._gap: dict[str, tuple[dict, float, WorkerHandle]] = {}  # role -> (record, last old output, new)
+        self.keep_standbys = False           # true once switching is in use
+
+    def request(self, role: str, sm_percent: int, reason: str) -> None:
+        """Start moving `role` to a new share; no-op if it has that share or is switching."""
+        current = self.sup.workers[role]
+        if role in self.active or current.sm_percent == sm_percent:
+            return
+        self.keep_standbys = True
+        self.sup.ensure_standby(role)
+        worker = self.sup.standby.pop(role)
+        cold = worker.identity is None  # still importing: the switch waits for that
+        self.sup.incoming[role] = worker
+        self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold, time.monotonic())
+        self.sup.activate(worker, sm_percent)
+
+    def on_ready(self, worker: WorkerHandle) -> None:
+        """The new worker has mapped the memory and captured its graphs: retire the old one."""
+        sw = self.active[worker.role]
+        sw.ready_at = time.monotonic()
+        sw.old = self.sup.promote(worker)
+        sw.handover_at = time.monotonic()
+        self.sup.send_to(sw.old, protocol.Handover())
+
+    def on_output(self, worker: WorkerHandle) -> None:
+        """A PrefillDone or DecodeStep arrived from this worker: track the pause in the stream."""
+        now = worker.last_output = time.monotonic()
+        gap = self._gap.get(worker.role)
+        if gap is not None and worker is gap[2]:
+            gap[0]["gap_s"] = now - gap[1]
+            del self._gap[worker.role]
+
+    def on_handed_over(self, worker: WorkerHandle, seqs: list[protocol.SeqState]) -> None:
+        sw = self.active.get(worker.role)
+        if sw is None or worker is not sw.old:
+            return
+        live = self.adopt(seqs)
+        if live:
+            self.sup.send_to(sw.worker, protocol.RunSeqs(live))
+        self._finish(sw, len(live))
+
+    def _finish(self, sw: Switch, moved: int | None, error: str | None = None) -> None:
+        now = time.monotonic()
+        del self.active[sw.role]
+        if self.sup.workers.get(sw.role) is sw.worker:
+            self.sup.open(sw.worker)
+        shares = {role: w.sm_percent for role, w in self.sup.workers.items()}
+        record = {"time": time.time(), "role": sw.role, "from_sm": sw.from_sm, "to_sm": sw.to_sm,
+                  "prefill_sm": shares.get("prefill"), "decode_sm": shares.get("decode"),
+                  "reason": sw.reason, "cold_start": sw.cold,
+                  "prepare_s": None if sw.ready_at is None else sw.ready_at - sw.requested,
+                  "handover_s": None if sw.handover_at is None else now - sw.handover_at,
+                  "moved_seqs": moved, "gap_s": None, "error": error}
+        self.history.append(record)
+        if moved and sw.old.last_output is not None:
+            self._gap[sw.role] = (record, sw.old.last_output, sw.worker)
+        if self.keep_standbys:
+            self.sup.ensure_standby(sw.role)
+
+    def on_death(self, where: str, worker: WorkerHandle) -> bool:
+        """A worker exited (the supervisor has replaced a current one). True if the requests of
+        its role must be recovered (their pages freed and recomputed through prefill)."""
+        sw = self.active.get(worker.role)
+        if where == "standby":
+            if self.keep_standbys:
+                self.sup.ensure_standby(worker.role)
+            return False
+        if sw is None:
+            return where == "current"
+        if where == "incoming":       # died while preparing: the old worker simply stays
+            self._finish(sw, None, f"new {worker.role} worker exited while starting")
+            return False
+        if where == "retiring" and worker is sw.old:  # died before handing over
+            sw.worker.queue.clear()   # recovery resends everything the role held
+            self._finish(sw, 0, f"old {worker.role} worker exited before handing over")
+            return True
+        if where == "current" and worker is sw.worker:  # the successor died mid-switch
+            # The old worker may still be writing into pages that recovery is about to free.
+            self.sup.kill(sw.old)
+            self.sup.retiring.remove(sw.old)
+            self._finish(sw, 0, f"new {worker.role} worker exited during the hand-over")
+            return True
+        return where == "current"
+
+    def busy(self) -> bool:
+        return bool(self.active)

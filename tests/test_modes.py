@@ -1,0 +1,97 @@
+"""Serving modes and SM-split switching, end to end with real processes: the unified baseline,
+a switch in the middle of streaming, and the dynamic partitioner acting on its own."""
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.serving import ROOT, Server
+from tests.test_serving import model, reference, run_concurrently, workload  # noqa: F401 (fixtures)
+
+
+def wait_for(predicate, server: Server, timeout_s: float = 120):
+    deadline = time.monotonic() + timeout_s
+    while not predicate(stats := server.stats()):
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+    return stats
+
+
+def standbys_ready(stats) -> bool:
+    return all(w["standby"] and w["standby"]["ready"] for w in stats["workers"].values())
+
+
+def test_unified_mode_matches_generate_in_one_worker(model, reference):  # noqa: F811
+    server = Server(model, "--mode", "unified")
+    try:
+        results = asyncio.run(run_concurrently(server.address, workload(32)))
+        assert [r.token_ids for r in results] == reference
+        stats = server.wait_idle()
+        assert list(stats["workers"]) == ["unified"] and stats["partition"]["mode"] == "unified"
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+        with pytest.raises(Exception, match="unified server has no prefill/decode split"):
+            server.client.partition(50, 50)
+    finally:
+        assert server.stop() == 0
+
+
+def test_switch_mid_stream_keeps_outputs_and_pages(model):  # noqa: F811
+    server = Server(model, "--max-num-seqs", "16")
+    try:
+        client = server.client
+        work = [(p * 3, 300) for p, _ in workload(12, seed=5)]
+        unswitched = asyncio.run(run_concurrently(server.address, work))
+        client.partition(70, 30)  # the first switch also starts the standbys
+        stats = wait_for(lambda s: not s["partition"]["switching"] and standbys_ready(s), server)
+        assert (stats["workers"]["prefill"]["sm_percent"], stats["workers"]["decode"]["sm_percent"]) == (70, 30)
+        old_pids = {role: w["pid"] for role, w in stats["workers"].items()}
+
+        streams = [client.generate(prompt_ids=p, temperature=0, max_tokens=m, ignore_eos=True) for p, m in work]
+        next(streams[0])  # decoding is under way
+        client.partition(40, 60)
+        results = [s.result() for s in streams]
+        assert [r.token_ids for r in results] == [r.token_ids for r in unswitched]
+        assert all(r.finish_reason == "length" for r in results)
+
+        stats = wait_for(lambda s: not s["partition"]["switching"], server)
+        assert stats["kv_pages_free"] == stats["kv_pages_total"] and stats["running"] == stats["waiting"] == 0
+        assert all(stats["workers"][role]["pid"] != pid for role, pid in old_pids.items())
+        last = {h["role"]: h for h in stats["partition"]["history"][-2:]}
+        assert last["decode"]["moved_seqs"] > 0 and last["decode"]["gap_s"] > 0  # it really was mid-stream
+        assert not last["decode"]["cold_start"] and last["decode"]["error"] is None
+        assert (stats["partition"]["prefill_sm"], stats["partition"]["decode_sm"]) == (40, 60)
+    finally:
+        assert server.stop() == 0
+
+
+def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
+    # An SLO no request can meet: every window misses TTFT, so prefill must gain SMs.
+    server = Server(model, "--dynamic", "--ttft-slo", "0.000001", "--tpot-slo", "10", "--window", "4")
+    try:
+        work = workload(12, seed=7)
+        asyncio.run(run_concurrently(server.address, work))
+        stats = wait_for(lambda s: s["partition"]["history"] and not s["partition"]["switching"], server)
+        decision = stats["partition"]["decisions"][0]
+        assert decision["action"] == "raise_prefill" and decision["ttft_s"] > 0.000001
+        assert decision["next_prefill_sm"] > decision["prefill_sm"] == 60
+        assert stats["partition"]["history"][0]["reason"].startswith("partitioner")
+        assert stats["partition"]["prefill_sm"] > 60 and stats["partition"]["dynamic"]
+        results = asyncio.run(run_concurrently(server.address, work))  # still serving
+        assert all(r.finish_reason == "length" for r in results)
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prefill-sm", "0"], "--prefill-sm is a percentage"),
+    (["--dynamic"], "--dynamic needs --ttft-slo and --tpot-slo"),
+    (["--mode", "unified", "--dynamic"], "--dynamic needs --mode semi-pd"),
+    (["--dynamic", "--ttft-slo", "1", "--tpot-slo", "1", "--prefill-sm", "55"], "multiple of --sm-step"),
+])
+def test_bad_mode_flags_fail_with_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "services.controller", "--model", "tiny", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,216 @@
+"""The partitioner fed synthetic latency traces: per request, TTFT = a1 / (x - c * rate) + b1 and
+TPOT = a2 / y + b2, each times lognormal noise, with Poisson arrivals. The brute-force truth is the
+noise distribution's percentile at every split of the grid."""
+
+import json
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from services.controller.partitioner import Decision, PartitionConfig, Partitioner, fit_latency
+from shared.errors import UserError
+
+CONFIGS = [
+    PartitionConfig(0.3, 0.05),
+    PartitionConfig(0.3, 0.05, window=30, step=5, min_share=5, max_steps=4),
+    PartitionConfig(0.3, 0.05, window=40, percentile=95, min_share=20, max_total=140, max_steps=2),
+    PartitionConfig(0.3, 0.05, window=20, step=20, min_share=20, max_steps=1),
+]
+
+
+@dataclass
+class Load:
+    rate: float                     # requests per second
+    a1: float = 5.0
+    b1: float = 0.05
+    c: float = 1.0                  # SM percent one request per second keeps busy
+    a2: float = 1.5
+    b2: float = 0.01
+    sigma: float = 0.1              # lognormal noise of each request's latency
+
+    def ttft(self, x: int) -> float:
+        room = x - self.c * self.rate
+        return self.a1 / room + self.b1 if room > 0 else 100.0  # an overloaded queue
+
+    def tpot(self, y: int) -> float:
+        return self.a2 / y + self.b2
+
+    def truth(self, split: tuple[int, int], percentile: float) -> tuple[float, float]:
+        factor = math.exp(self.sigma * NormalDist().inv_cdf(percentile / 100))
+        return self.ttft(split[0]) * factor, self.tpot(split[1]) * factor
+
+
+def grid(cfg: PartitionConfig) -> list[tuple[int, int]]:
+    shares = range(cfg.min_share, 101, cfg.step)
+    return [(x, y) for x in shares for y in shares if x + y <= cfg.max_total]
+
+
+def meets(load: Load, cfg: PartitionConfig, split, margin: float = 1.0) -> bool:
+    ttft, tpot = load.truth(split, cfg.percentile)
+    return ttft <= margin * cfg.ttft_slo and tpot <= margin * cfg.tpot_slo
+
+
+class Sim:
+    def __init__(self, partitioner: Partitioner, seed: int):
+        self.p, self.rng, self.clock = partitioner, np.random.default_rng(seed), 0.0
+
+    def run(self, load: Load, windows: int) -> list[Decision]:
+        decisions = []
+        while len(decisions) < windows:
+            self.clock += self.rng.exponential(1 / load.rate)
+            x, y = self.p.split
+            noise = self.rng.lognormal(0.0, load.sigma, 2)
+            d = self.p.observe(self.clock, load.ttft(x) * noise[0], load.tpot(y) * noise[1], self.clock)
+            if d is not None:
+                decisions.append(d)
+        return decisions
+
+
+def path(decisions: list[Decision]) -> list[tuple[int, int]]:
+    """The splits taken, consecutive repeats merged; asserts no A -> B -> A -> B in it."""
+    splits = [(decisions[0].prefill_sm, decisions[0].decode_sm)]
+    for d in decisions:
+        assert (d.prefill_sm, d.decode_sm) == splits[-1]  # each window ran under the last choice
+        if (d.next_prefill_sm, d.next_decode_sm) != splits[-1]:
+            splits.append((d.next_prefill_sm, d.next_decode_sm))
+    for a, b, c, e in zip(splits, splits[1:], splits[2:], splits[3:]):
+        assert (a, b) != (c, e), f"oscillates between {a} and {b}: {splits}"
+    return splits
+
+
+def random_load(rng, feasible: bool, cfg: PartitionConfig) -> Load:
+    """A random load for which some split meets both SLOs with 15% to spare, or none comes within 15%."""
+    while True:
+        load = Load(rate=rng.uniform(5, 30), a1=rng.uniform(2, 10), b1=rng.uniform(0.02, 0.1),
+                    c=rng.uniform(0.5, 2.5), a2=rng.uniform(0.5, 3), b2=rng.uniform(0.005, 0.02))
+        if feasible == any(meets(load, cfg, s, 0.85 if feasible else 1.15) for s in grid(cfg)):
+            return load
+
+
+def start_split(rng, cfg: PartitionConfig) -> tuple[int, int]:
+    return grid(cfg)[rng.integers(len(grid(cfg)))]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("seed", range(6))
+def test_reaches_a_split_meeting_both_slos_and_stays(cfg, seed):
+    rng = np.random.default_rng(seed)
+    load = random_load(rng, True, cfg)
+    p = Partitioner(cfg, *start_split(rng, cfg))
+    decisions = Sim(p, seed).run(load, 60)
+    splits = path(decisions)
+    assert len(splits) <= 20
+    assert meets(load, cfg, p.split, 1.05), (p.split, load.truth(p.split, cfg.percentile), splits)
+    assert {d.action for d in decisions[-15:]} == {"hold"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_holds_still_where_both_slos_are_met_with_no_large_slack(seed):
+    load = Load(rate=10, sigma=0.15)
+    ttft, tpot = load.truth((50, 50), 90)
+    cfg = PartitionConfig(ttft / 0.7, tpot / 0.7, window=25)  # both at 70% of their SLOs
+    decisions = Sim(Partitioner(cfg, 50, 50), seed).run(load, 40)
+    assert [d.action for d in decisions] == ["hold"] * 40
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("seed", range(4))
+def test_infeasible_load_settles_without_oscillating(cfg, seed):
+    rng = np.random.default_rng(100 + seed)
+    load = random_load(rng, False, cfg)
+    p = Partitioner(cfg, *start_split(rng, cfg))
+    decisions = Sim(p, seed).run(load, 60)
+    path(decisions)
+    assert "stuck" in {d.action for d in decisions}
+    assert {d.action for d in decisions[-20:]} <= {"stuck", "hold"}
+
+
+def test_follows_the_load_up_and_gives_back_when_it_drops():
+    cfg = PartitionConfig(0.3, 0.05, window=40)
+    p = Partitioner(cfg, 30, 70)
+    sim = Sim(p, 7)
+    ends = []
+    for rate in (10, 25, 10):
+        load = Load(rate=rate, a1=2.0, b1=0.02, c=2.0, a2=1.0)
+        assert any(meets(load, cfg, s, 0.85) for s in grid(cfg))
+        decisions = sim.run(load, 40)
+        path(decisions[8:])  # from once the measured rate has caught up with the change
+        assert meets(load, cfg, p.split, 1.05) and {d.action for d in decisions[-10:]} == {"hold"}
+        ends.append(p.split)
+    assert ends[1][0] > ends[0][0]  # more arrivals: more prefill SMs
+    assert ends[2][0] < ends[1][0]  # fewer again: prefill gives SMs back
+    assert any(d.action == "give_to_decode" for d in decisions)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_model_sets_how_many_steps_to_take(seed):
+    cfg = PartitionConfig(0.2, 0.05, window=30)
+    p = Partitioner(cfg, 20, 50)
+    first, second, *rest = Sim(p, seed).run(Load(rate=10, sigma=0.02), 8)
+    assert first.ttft_fit is None and (first.next_prefill_sm, first.next_decode_sm) == (30, 50)
+    assert second.ttft_fit is not None and second.next_prefill_sm >= 50  # no model: one step only
+    assert second.predicted_ttft_s is not None and {d.action for d in rest} == {"hold"}
+    assert meets(Load(rate=10, sigma=0.02), cfg, p.split)
+
+
+def test_fit_recovers_the_model_and_reports_r2():
+    xs, rates = [30, 50, 70] * 3, [5] * 3 + [10] * 3 + [15] * 3
+    ttft = [5.0 / (x - 1.0 * r) + 0.05 for x, r in zip(xs, rates)]
+    fit = fit_latency(xs, rates, ttft, queueing=True)
+    assert fit.a == pytest.approx(5.0) and fit.b == pytest.approx(0.05) and fit.c == pytest.approx(1.0)
+    assert fit.r2 == pytest.approx(1.0) and (fit.points, fit.shares) == (9, 3)
+    assert fit.predict(40, 12) == pytest.approx(5.0 / 28 + 0.05)
+    assert fit.predict(20, 25) == math.inf  # the arrivals need more SMs than it has
+
+    rng = np.random.default_rng(0)
+    ys = [20, 40, 60, 80] * 4
+    tpot = [(1.5 / y + 0.01) * rng.lognormal(0, 0.03) for y in ys]
+    fit = fit_latency(ys, [1.0] * len(ys), tpot, queueing=False)
+    assert fit.c == 0 and fit.a == pytest.approx(1.5, rel=0.15) and 0.9 < fit.r2 < 1
+    assert fit.predict(30, math.inf) == pytest.approx(1.5 / 30 + 0.01, rel=0.05)
+
+    assert fit_latency([50, 50], [5, 6], [0.1, 0.2], queueing=True) is None  # one share only
+    assert fit_latency([30, 60], [5, 5], [0.1, 0.2], queueing=False) is None  # more SMs, slower
+
+
+def test_decision_records_inputs_fits_and_predictions():
+    cfg = PartitionConfig(0.3, 0.05, window=20)
+    load = Load(rate=20)  # TTFT misses at x = 30
+    p = Partitioner(cfg, 30, 50)
+    first, second, *_ = decisions = Sim(p, 3).run(load, 6)
+    assert first.action == "raise_prefill" and first.ttft_fit is None  # one share seen: no model
+    assert (first.prefill_sm, first.next_prefill_sm, first.next_decode_sm) == (30, 40, 50)
+    assert first.requests == 20 and first.percentile == 90 and 10 < first.rate < 40
+    assert first.ttft_s > 0.3 and "TTFT" in first.reason and first.predicted_ttft_s is None
+    assert second.ttft_fit is not None and second.ttft_fit.shares == 2
+    assert second.predicted_ttft_s is not None and second.predicted_tpot_s is None  # one decode share
+    for d in decisions:
+        record = json.loads(json.dumps(d.to_dict(), allow_nan=False))
+        assert set(record) >= {"time", "rate", "ttft_s", "tpot_s", "prefill_sm", "decode_sm", "ttft_fit",
+                               "next_prefill_sm", "predicted_ttft_s", "action", "reason"}
+    assert meets(load, cfg, p.split, 1.05)
+
+
+def test_requests_from_before_a_switch_are_left_out():
+    cfg = PartitionConfig(0.3, 0.05, window=3)
+    p = Partitioner(cfg, 50, 50)
+    p.switched(60, 40, now=100.0)
+    for t in (90.0, 95.0, 99.0):  # arrived under the old split
+        assert p.observe(t, 9.9, 9.9, now=101.0) is None
+    decisions = [p.observe(100 + t, 0.1, 0.01, now=103.0) for t in (0.5, 1.0, 1.5)]
+    assert decisions[:2] == [None, None] and decisions[2].prefill_sm == 60
+    assert decisions[2].ttft_s == pytest.approx(0.1) and decisions[2].action == "hold"
+
+
+def test_config_and_split_are_checked():
+    for bad in (dict(ttft_slo=0), dict(window=1), dict(percentile=0), dict(step=30, min_share=20),
+                dict(max_total=250), dict(max_steps=0)):
+        with pytest.raises(UserError):
+            PartitionConfig(**{"ttft_slo": 0.3, "tpot_slo": 0.05} | bad)
+    with pytest.raises(UserError, match="adding up to at most 100"):
+        Partitioner(PartitionConfig(0.3, 0.05), 60, 50)
+    with pytest.raises(UserError, match="multiples of 10"):
+        Partitioner(PartitionConfig(0.3, 0.05), 55, 45)

@@ -1,0 +1,206 @@
+"""Moderation end to end: a real `semipd scm` process beside a real `semipd serve` (controller,
+prefill and decode processes), real sockets. Monitors that flag everything or nothing are
+checkpoints whose token head has a large bias; killing the monitor applies the failure policy."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import zmq
+
+from shared import protocol
+from shared.client import AsyncClient, ServerError
+from tests.conftest import make_checkpoint
+from tests.scm_checkpoints import bpe_tokenizer, save_monitor
+from tests.scm_service import MonitorProcess, hello, wait_connected
+from tests.serving import ROOT, Server
+
+K = 4
+FLAG_ALL, FLAG_NONE = (0.0, 30.0), (30.0, 0.0)
+
+
+def prompts(n: int) -> list[list[int]]:
+    return [[3 + (7 * i + j) % 290 for j in range(5 + i % 9)] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("served"))
+    make_checkpoint(path, "llama")
+    return path
+
+
+def monitor_checkpoint(tmp_path_factory, served, bias, same_tokenizer: bool) -> str:
+    from transformers import PreTrainedTokenizerFast
+    path = tmp_path_factory.mktemp("monitor")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(served) if same_tokenizer else bpe_tokenizer()
+    save_monitor(path, tokenizer, token_bias=bias)
+    return str(path)
+
+
+def socket_address() -> str:
+    folder = os.path.join("/tmp", f"semipd-scm-{uuid.uuid4().hex[:8]}")
+    os.makedirs(folder)
+    return f"ipc://{folder}/scm.sock"
+
+
+async def collect(address: str, requests: list[tuple[list[int], bool]], max_tokens: int, after=None):
+    """Run requests (prompt ids, moderate) concurrently; per request (token ids received,
+    Final or ServerError). after(streams) runs once every stream has shown one token."""
+    async with AsyncClient(address) as client:
+        streams = [await client.generate(prompt_ids=p, moderate=m, temperature=0, max_tokens=max_tokens,
+                                         ignore_eos=True) for p, m in requests]
+        tokens = [[] for _ in streams]
+
+        async def read(i, stream):
+            try:
+                async for delta in stream:
+                    tokens[i] += delta.token_ids
+                return stream.final
+            except ServerError as e:
+                return e
+
+        tasks = [asyncio.ensure_future(read(i, s)) for i, s in enumerate(streams)]
+        if after is not None:
+            while not all(tokens) and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.005)
+            after()
+        finals = await asyncio.gather(*tasks)
+    return [(t + (f.token_ids if isinstance(f, protocol.Final) else []), f) for t, f in zip(tokens, finals)]
+
+
+# ---- a monitor that flags every token; scored mode; closed failure policy ----------------------
+
+@pytest.fixture(scope="module")
+def flag_all(tmp_path_factory, served):
+    path = monitor_checkpoint(tmp_path_factory, served, FLAG_ALL, same_tokenizer=True)
+    address = socket_address()
+    monitor = MonitorProcess(path, address, "--k", str(K))
+    server = Server(served, "--scm", address, "--scm-failure", "closed", "--scm-timeout", "3")
+    wait_connected(server)
+    yield server, monitor, path
+    assert server.stop() == 0
+    monitor.stop()
+
+
+def test_flagging_monitor_stops_monitored_requests_within_k_plus_2_tokens(flag_all):
+    server = flag_all[0]
+    requests = [(p, i % 3 != 2) for i, p in enumerate(prompts(12))]  # opt-in: a third unmonitored
+    results = asyncio.run(collect(server.address, requests, max_tokens=40))
+    for (_, moderated), (tokens, final) in zip(requests, results):
+        if moderated:
+            assert final.finish_reason == "content_filter" and final.verdict["flagged"], final
+            # Every token is harmful: the K-th one (index K-1) fires; tokens before it are shown.
+            assert final.verdict["token_index"] == K - 1 and final.verdict["score"] > 0.99
+            assert len(tokens) == K - 1 <= K + 2
+        else:
+            assert final.finish_reason == "length" and len(tokens) == 40 and final.verdict is None
+    stats = server.wait_idle()
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    assert stats["scm"]["flagged"] == 8 and stats["scm"]["sends"] == "token ids" and stats["scm"]["watching"] == 0
+
+
+def test_complete_moderate_flag(flag_all):
+    server = flag_all[0]
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "complete", "--address", server.address,
+                        "--prompt-ids", "5,6,7", "--moderate", "--max-tokens", "30", "--temperature", "0",
+                        "--ignore-eos", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout)
+    assert line["finish_reason"] == "content_filter" and len(line["token_ids"]) <= K + 2
+
+
+def test_killed_monitor_with_closed_policy_ends_requests_with_an_error(flag_all):
+    server, first, path = flag_all
+    first.kill()
+    # A monitor that never reaches k at the same address: the controller reconnects to it.
+    monitor = MonitorProcess(path, first.address, "--k", "1000000")
+    wait_connected(server)
+    work = [(p, True) for p in prompts(6)] + [(prompts(1)[0], False)]
+    start = time.monotonic()
+    results = asyncio.run(collect(server.address, work, max_tokens=300, after=monitor.kill))
+    assert time.monotonic() - start < 30
+    for (_, moderated), (tokens, outcome) in zip(work, results):
+        if moderated:
+            assert isinstance(outcome, ServerError) and "content monitor unavailable" in str(outcome)
+            assert outcome.final.verdict["monitored"] is False
+            assert len(tokens) < 300
+        else:
+            assert outcome.finish_reason == "length" and len(tokens) == 300
+    # While the monitor is down, a monitored request is refused at once; others are served.
+    [(_, refused), (tokens, fine)] = asyncio.run(collect(server.address, [([5, 6], True), ([5, 6], False)], 5))
+    assert isinstance(refused, ServerError) and "content monitor unavailable" in str(refused)
+    assert fine.finish_reason == "length" and len(tokens) == 5
+    stats = server.wait_idle()
+    assert stats["kv_pages_free"] == stats["kv_pages_total"] and stats["scm"]["status"] == "connecting"
+
+
+# ---- a monitor that flags nothing, with another tokenizer (text); immediate mode; open policy ---
+
+@pytest.fixture(scope="module")
+def flag_none(tmp_path_factory, served):
+    path = monitor_checkpoint(tmp_path_factory, served, FLAG_NONE, same_tokenizer=False)
+    address = socket_address()
+    monitor = MonitorProcess(path, address)
+    server = Server(served, "--scm", address, "--scm-show", "immediate", "--scm-timeout", "3")
+    wait_connected(server)
+    yield server, monitor, path
+    assert server.stop() == 0
+
+
+def test_silent_monitor_leaves_outputs_identical(flag_none):
+    server = flag_none[0]
+    work = prompts(10)
+    results = asyncio.run(collect(server.address, [(p, m) for m in (True, False) for p in work], max_tokens=24))
+    monitored, plain = results[:10], results[10:]
+    assert [t for t, _ in monitored] == [t for t, _ in plain]
+    assert all(f.finish_reason == "length" and f.verdict is None for _, f in plain)
+    for _, final in monitored:
+        assert final.finish_reason == "length" and final.verdict["monitored"] and not final.verdict["flagged"]
+    stats = server.wait_idle()["scm"]
+    assert stats["sends"] == "text" and stats["monitored"] == 10 and stats["flagged"] == 0
+    assert stats["scored_tokens"] > 0 and stats["lag_tokens"]["max"] >= 0
+
+
+def test_monitor_answers_bad_input_and_keeps_serving(flag_none):
+    address = flag_none[1].address
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    for frame in (b"\xc1junk", protocol.encode(protocol.Shutdown()),
+                  protocol.encode(protocol.ScmBatch(opens=[protocol.ScmOpen(1)]))):
+        sock.send(frame)
+        assert sock.poll(10_000)
+        reply = protocol.decode(sock.recv())
+        assert (isinstance(reply, protocol.Reply) and not reply.ok) or \
+            (isinstance(reply, protocol.ScmScored) and "exactly one of" in reply.errors[0]), reply
+    sock.close()
+    assert isinstance(hello(address), protocol.ScmReady)
+
+
+def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(flag_none):
+    server, monitor, path = flag_none
+    work = prompts(6)
+    start = time.monotonic()
+    results = asyncio.run(collect(server.address, [(p, True) for p in work], max_tokens=300, after=monitor.kill))
+    assert time.monotonic() - start < 30
+    for tokens, final in results:
+        assert final.finish_reason == "length" and len(tokens) == 300
+        assert final.verdict["monitored"] is False and "content monitor" in final.verdict["error"]
+    plain = asyncio.run(collect(server.address, [(p, False) for p in work], max_tokens=300))
+    assert [t for t, _ in results] == [t for t, _ in plain]
+    restarted = MonitorProcess(path, monitor.address)
+    try:
+        wait_connected(server)
+        [(_, final)] = asyncio.run(collect(server.address, [([5, 6], True)], 8))
+        assert final.finish_reason == "length" and final.verdict["monitored"] is True
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+        assert stats["scm"]["failures"] == 6
+    finally:
+        restarted.stop()
