@@ -246,11 +246,10 @@ async def run_load(args, rng: np.random.Generator,
         status = (await client.health()).get("status", "ok")  # fails fast when nobody answers
         if status != "ok":
             raise UserError(f"the server is not ready yet (status {status!r}); try again shortly")
-        max_len = None
-        if args.max_model_len_check:
-            max_len = (await client.stats()).get("max_model_len")
-            if not isinstance(max_len, int):
-                raise UserError("the server's stats do not report max_model_len")
+        # Plan only requests the server can take: its context length bounds prompt + output.
+        max_len = (await client.stats()).get("max_model_len")
+        if not isinstance(max_len, int):
+            raise UserError("the server's stats do not report max_model_len")
         lengths = plan_lengths(args.num_requests, rng, pool, args.input_len_mean or INPUT_MEAN,
                                args.output_len_mean or OUTPUT_MEAN, max_len)
         requests = [(rng.integers(0, 256, n_in).tolist(),
@@ -328,8 +327,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for lengths, arrivals and prompts")
     p.add_argument("--ttft-slo", type=_positive, help="TTFT objective in seconds")
     p.add_argument("--tpot-slo", type=_positive, help="TPOT objective in seconds")
-    p.add_argument("--max-model-len-check", action="store_true",
-                   help="plan only requests that fit the server's max_model_len (read from its stats)")
     p.add_argument("--out", help="one rate: write the JSON report (config, per-request records, summary) "
                                  "to this file; a sweep or --plot: the folder for report.json and the plots")
     bench_sweep.add_args(p)

@@ -28,6 +28,7 @@ from shared.client import AsyncClient, Client, ClientError
 from shared.errors import UserError, first_line
 
 POLL_S = 0.5
+WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not measured
 LAUNCH_TIMEOUT_S = 600   # loading a large model's weights takes minutes
 ATTAINMENT_GOAL = 0.9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,6 +149,9 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
 
 async def sweep_server(args, name: str, address: str) -> dict:
     """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate."""
+    warmup = argparse.Namespace(**vars(args) | {"address": address, "rate": max(args.rates),
+                                                "num_requests": min(args.num_requests, WARMUP_REQUESTS)})
+    await run_load(warmup, np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
     started, started_unix, runs, samples = time.monotonic(), time.time(), [], []
     for rate in args.rates:
         done = asyncio.Event()

@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from tests.serving import Server
+from tests.test_modes import standbys_ready, wait_for
 from tests.test_serving import model, reference, run_concurrently, workload  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
@@ -26,5 +27,27 @@ def test_cuda_ipc_serving_matches_generate_and_survives_a_worker_kill(model, ref
         stats = server.wait_idle()
         assert stats["workers"]["decode"]["pid"] != old
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    finally:
+        assert server.stop() == 0
+
+
+def test_switch_under_mps_keeps_outputs_and_pages(model):  # noqa: F811
+    """Workers as MPS clients with quotas; a switch mid-stream reopens the IPC handles in the new
+    processes and loses nothing."""
+    server = Server(model, "--dtype", "float32", "--start-mps", device="cuda")
+    try:
+        client = server.client
+        work = [(p * 3, 300) for p, _ in workload(12, seed=5)]
+        unswitched = asyncio.run(run_concurrently(server.address, work))
+        client.partition(70, 30)
+        wait_for(lambda s: not s["partition"]["switching"] and standbys_ready(s), server)
+        streams = [client.generate(prompt_ids=p, temperature=0, max_tokens=m, ignore_eos=True) for p, m in work]
+        next(streams[0])
+        client.partition(40, 60)
+        assert [s.result().token_ids for s in streams] == [r.token_ids for r in unswitched]
+        stats = wait_for(lambda s: not s["partition"]["switching"], server)
+        assert stats["partition"]["mps"] and (stats["partition"]["prefill_sm"], stats["partition"]["decode_sm"]) == (40, 60)
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+        assert all(h["error"] is None for h in stats["partition"]["history"])
     finally:
         assert server.stop() == 0

@@ -337,6 +337,10 @@ class Controller:
             if not announced and self.supervisor.all_ready():
                 announced = True
                 print(f"semipd: serving {self.memory.config.model} at {self.address}", file=sys.stderr, flush=True)
+                if self.partitioner is not None:  # switches will come: have standbys ready for them
+                    self.switcher.keep_standbys = True
+                    for role in self.supervisor.workers:
+                        self.supervisor.ensure_standby(role)
                 if on_ready:
                     on_ready()
 

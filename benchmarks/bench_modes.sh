@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The serving modes against each other on a GPU (llama3-8b preset, bf16, built-in ShareGPT-like
+# workload, SLOs TTFT 0.3 s / TPOT 0.15 s): `semipd bench --launch` starts each mode in turn and
+# sweeps the rates. Semi-PD modes run their workers as MPS clients (--start-mps).
+# Usage: bash benchmarks/bench_modes.sh [unified] [static] [dynamic]   (default: all three)
+# Env: MODEL (llama3-8b), RATES (3,5,7,9), N (120 requests per rate), OUT (out).
+set -uo pipefail
+out=${OUT:-out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+slo="--ttft-slo 0.3 --tpot-slo 0.15"
+declare -A flags=(
+  [unified]="--mode unified"
+  [static]="--mode semi-pd --start-mps"
+  [dynamic]="--mode semi-pd --start-mps --dynamic $slo --window 30"
+)
+modes=("$@"); [ ${#modes[@]} -eq 0 ] && modes=(unified static dynamic)
+launch=(); for m in "${modes[@]}"; do launch+=(--launch "$m=${flags[$m]}"); done
+name=$(IFS=-; echo "${modes[*]}")
+python3 -m shared.cli bench --model "${MODEL:-llama3-8b}" --rates "${RATES:-3,5,7,9}" \
+  --num-requests "${N:-120}" $slo --seed 0 --out "$out/sweep-$name" "${launch[@]}" \
+  > "$out/sweep-$name.log" 2>&1
+echo "sweep exit $?"; grep -v "req/s\]\|it/s\]" "$out/sweep-$name.log" | tail -n 30

@@ -1,0 +1,91 @@
+"""Switching cost under load: against a running semi-PD server, keep a Poisson load going and move
+the SM split back and forth; then report, from the server's switch history, the time to prepare a
+standby and the pause each switch put in the decode token stream (goal: under 50 ms; the floor is
+one decode step, which the sequences would have waited anyway).
+
+    python -m benchmarks.bench_switch --address ADDR --switches 20 --rate 4 [--json OUT]
+"""
+
+import argparse
+import asyncio
+import json
+import time
+
+import numpy as np
+
+from shared.bench import distribution, run_load
+from shared.client import AsyncClient
+
+SPLITS = ((60, 40), (50, 50))
+
+
+async def switch_loop(address: str, switches: int, done: asyncio.Event) -> None:
+    """Alternate the split, each time once the previous switch is over and both standbys are up."""
+    async with AsyncClient(address) as client:
+        for i in range(switches):
+            while True:
+                stats = await client.stats()
+                standbys = [w["standby"] for w in stats["workers"].values()]
+                if not stats["partition"]["switching"] and (i == 0 or all(s and s["ready"] for s in standbys)):
+                    break
+                await asyncio.sleep(0.1)
+            await client.partition(*SPLITS[i % 2 == 0])
+            print(f"switch {i + 1}/{switches} requested", flush=True)
+            await asyncio.sleep(0.5)
+    done.set()
+
+
+async def main_async(args) -> dict:
+    done = asyncio.Event()
+    switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, done))
+    loads = 0
+    while not done.is_set():  # keep the load going until the last switch has been asked for
+        load = argparse.Namespace(address=args.address, rate=args.rate, num_requests=args.requests_per_run,
+                                  dataset=None, input_len_mean=None, output_len_mean=None, seed=loads)
+        await run_load(load, np.random.default_rng(loads), desc=f"load run {loads + 1}")
+        loads += 1
+    await switcher
+    async with AsyncClient(args.address) as client:
+        while (stats := await client.stats())["partition"]["switching"]:
+            await asyncio.sleep(0.1)
+    return stats["partition"]
+
+
+def summarize(history: list[dict]) -> dict:
+    def dist(values):
+        values = [v for v in values if v is not None]
+        return {"n": len(values), **distribution(values), "max": max(values, default=None)}
+    warm = [h for h in history if not h["cold_start"] and h["error"] is None]
+    return {"switches": len(history), "errors": sum(h["error"] is not None for h in history),
+            "prepare_s": dist([h["prepare_s"] for h in warm]),
+            "handover_s": dist([h["handover_s"] for h in warm]),
+            "decode_gap_s": dist([h["gap_s"] for h in warm if h["role"] == "decode"]),
+            "prefill_gap_s": dist([h["gap_s"] for h in warm if h["role"] == "prefill"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--switches", type=int, default=20, help="split changes to ask for (each moves both roles)")
+    ap.add_argument("--rate", type=float, default=4.0, help="load, requests per second")
+    ap.add_argument("--requests-per-run", type=int, default=100)
+    ap.add_argument("--json", help="write the history and summary here")
+    args = ap.parse_args()
+    started = time.monotonic()
+    partition = asyncio.run(main_async(args))
+    summary = summarize(partition["history"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary, "partition": partition}, f, indent=1)
+    print(f"\n{summary['switches']} role switches in {time.monotonic() - started:.0f} s, "
+          f"{summary['errors']} failed (MPS: {partition['mps']})")
+    print("| measure (warm standby) | n | p50 ms | p99 ms | max ms | goal / floor |\n|---|---:|---:|---:|---:|---|")
+    for key, goal in (("decode_gap_s", "< 50 ms; floor: one decode step"), ("prefill_gap_s", "none (no stream pauses)"),
+                      ("prepare_s", "none"), ("handover_s", "one step")):
+        d = summary[key]
+        cells = [f"{d[k] * 1e3:.1f}" if d.get(k) is not None else "-" for k in ("p50", "p99", "max")]
+        print(f"| {key} | {d['n']} | " + " | ".join(cells) + f" | {goal} |")
+
+
+if __name__ == "__main__":
+    main()
