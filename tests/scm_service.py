@@ -8,7 +8,7 @@ import time
 import zmq
 
 from shared import protocol
-from tests.serving import ROOT
+from tests.serving import ROOT, terminate
 
 
 def hello(address: str, timeout_s: float = 1.0):
@@ -29,31 +29,27 @@ class MonitorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.scm", "--model", model, "--address", address, "--device", "cpu",
              "--max-streams", "64", "--max-model-len", "1024", *args], cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while not isinstance(hello(address), protocol.ScmReady):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"monitor exited with {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("monitor did not become ready")
-            time.sleep(0.2)
+        until(lambda: isinstance(hello(address), protocol.ScmReady), 120, "monitor ready", self.proc)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
     def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        return terminate(self.proc)
 
 
-def wait_connected(server, timeout_s: float = 30) -> None:
-    """Until the server's controller has shaken hands with its monitor."""
+def until(ready, timeout_s: float, what: str, proc=None) -> None:
+    """Poll ready() until it holds; fail after timeout_s or when proc exits."""
     deadline = time.monotonic() + timeout_s
-    while server.client.health()["scm"] != "ready":
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before {what}")
         if time.monotonic() > deadline:
-            raise RuntimeError("the server did not connect to its monitor")
+            raise RuntimeError(f"no {what} within {timeout_s} s")
         time.sleep(0.1)
+
+
+def wait_connected(server) -> None:
+    """Until the server's controller has shaken hands with its monitor."""
+    until(lambda: server.client.health()["scm"] == "ready", 30, "monitor connection")

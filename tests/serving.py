@@ -50,9 +50,14 @@ class Server:
 
     def stop(self) -> int:
         self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        return terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen) -> int:
+    """SIGTERM, then the exit status (SIGKILL if it takes over 30 s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -28,17 +28,18 @@ def prompts(n: int) -> list[list[int]]:
     return [[3 + (7 * i + j) % 290 for j in range(5 + i % 9)] for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("served"))
-    make_checkpoint(path, "llama")
+def served_model(tmp_path_factory, arch: str) -> str:
+    path = str(tmp_path_factory.mktemp(f"served-{arch}"))
+    make_checkpoint(path, arch)
     return path
 
 
 def monitor_checkpoint(tmp_path_factory, served, bias, same_tokenizer: bool) -> str:
-    from transformers import PreTrainedTokenizerFast
+    """A monitor with the served model's tokenizer (transformers loads both as Qwen2's, so
+    their fingerprints match and ids are sent) or with a BPE tokenizer of its own (text)."""
+    from transformers import AutoTokenizer
     path = tmp_path_factory.mktemp("monitor")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(served) if same_tokenizer else bpe_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(served) if same_tokenizer else bpe_tokenizer()
     save_monitor(path, tokenizer, token_bias=bias)
     return str(path)
 
@@ -76,16 +77,24 @@ async def collect(address: str, requests: list[tuple[list[int], bool]], max_toke
 
 # ---- a monitor that flags every token; scored mode; closed failure policy ----------------------
 
+def moderated_server(tmp_path_factory, arch: str, bias, same_tokenizer: bool, monitor_args=(), server_args=()):
+    """Yield (server, monitor, monitor checkpoint) for a fixture; both stopped afterwards."""
+    served = served_model(tmp_path_factory, arch)
+    path = monitor_checkpoint(tmp_path_factory, served, bias, same_tokenizer)
+    monitor = MonitorProcess(path, socket_address(), *monitor_args)
+    try:
+        server = Server(served, "--scm", monitor.address, "--scm-timeout", "3", *server_args)
+        wait_connected(server)
+        yield server, monitor, path
+        assert server.stop() == 0
+    finally:
+        monitor.stop()
+
+
 @pytest.fixture(scope="module")
-def flag_all(tmp_path_factory, served):
-    path = monitor_checkpoint(tmp_path_factory, served, FLAG_ALL, same_tokenizer=True)
-    address = socket_address()
-    monitor = MonitorProcess(path, address, "--k", str(K))
-    server = Server(served, "--scm", address, "--scm-failure", "closed", "--scm-timeout", "3")
-    wait_connected(server)
-    yield server, monitor, path
-    assert server.stop() == 0
-    monitor.stop()
+def flag_all(tmp_path_factory):
+    yield from moderated_server(tmp_path_factory, "qwen2", FLAG_ALL, True, ("--k", str(K)),
+                                ("--scm-failure", "closed"))
 
 
 def test_flagging_monitor_stops_monitored_requests_within_k_plus_2_tokens(flag_all):
@@ -143,14 +152,9 @@ def test_killed_monitor_with_closed_policy_ends_requests_with_an_error(flag_all)
 # ---- a monitor that flags nothing, with another tokenizer (text); immediate mode; open policy ---
 
 @pytest.fixture(scope="module")
-def flag_none(tmp_path_factory, served):
-    path = monitor_checkpoint(tmp_path_factory, served, FLAG_NONE, same_tokenizer=False)
-    address = socket_address()
-    monitor = MonitorProcess(path, address)
-    server = Server(served, "--scm", address, "--scm-show", "immediate", "--scm-timeout", "3")
-    wait_connected(server)
-    yield server, monitor, path
-    assert server.stop() == 0
+def flag_none(tmp_path_factory):
+    """The Llama test model's word-level tokenizer decodes to words with spaces between."""
+    yield from moderated_server(tmp_path_factory, "llama", FLAG_NONE, False, (), ("--scm-show", "immediate"))
 
 
 def test_silent_monitor_leaves_outputs_identical(flag_none):
@@ -187,12 +191,12 @@ def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(f
     server, monitor, path = flag_none
     work = prompts(6)
     start = time.monotonic()
-    results = asyncio.run(collect(server.address, [(p, True) for p in work], max_tokens=300, after=monitor.kill))
+    results = asyncio.run(collect(server.address, [(p, True) for p in work], max_tokens=400, after=monitor.kill))
     assert time.monotonic() - start < 30
     for tokens, final in results:
-        assert final.finish_reason == "length" and len(tokens) == 300
+        assert final.finish_reason == "length" and len(tokens) == 400
         assert final.verdict["monitored"] is False and "content monitor" in final.verdict["error"]
-    plain = asyncio.run(collect(server.address, [(p, False) for p in work], max_tokens=300))
+    plain = asyncio.run(collect(server.address, [(p, False) for p in work], max_tokens=400))
     assert [t for t, _ in results] == [t for t, _ in plain]
     restarted = MonitorProcess(path, monitor.address)
     try:
@@ -204,3 +208,12 @@ def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(f
         assert stats["scm"]["failures"] == 6
     finally:
         restarted.stop()
+
+
+@pytest.mark.parametrize("flags, message", [(["--moderate", "all"], "needs a content monitor"),
+                                            (["--scm", "localhost:5555"], "ipc:// or tcp://"),
+                                            (["--scm", "--scm-timeout", "0"], "must be positive")])
+def test_bad_moderation_flags_are_one_clear_error(flags, message):
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "--model", "tiny", "--device", "cpu",
+                        "--address", socket_address(), *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -20,12 +20,13 @@ A verdict aborts the request at once (the worker frees its pages) and ends it wi
 finish_reason `content_filter` and the verdict in the Final; the tokens from the stop point on
 are never sent (in scored mode).
 
-Failure (`--scm-failure`): the monitor counts as lost when a send finds no connection (the socket
-queues only to a connected peer), when it refuses a stream, or when sent tokens wait longer than
-`--scm-timeout` for a score. `open` lets the affected requests go on unmonitored (held deltas are
+Failure (`--scm-failure`): the monitor counts as lost when its connection drops (a socket
+event), when a send finds no connection (the socket queues only to a connected peer), when it
+refuses a stream, or when sent tokens wait longer than `--scm-timeout` for a score. `open` lets the affected requests go on unmonitored (held deltas are
 released, the Final's verdict says monitored: false); `closed` ends them with an error. While
 the monitor is lost, new monitored requests get the same policy at once, and the controller
-says ScmHello every HELLO_EVERY_S until a monitor answers.
+says ScmHello every HELLO_EVERY_S until a monitor answers; every new connection gets a fresh
+handshake, so a monitor restarted with another tokenizer is never sent the wrong kind of input.
 
 Verdict lag: for every scored token, the number of tokens the request generated after it before
 its score arrived; per request in the Final's verdict, for all requests in stats.
@@ -38,8 +39,10 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from services.controller.requests import Request
+from services.scm.cli import default_address
 from shared import protocol
 from shared.errors import UserError
 
@@ -56,8 +59,8 @@ class ModerationConfig:
 
 
 def add_moderation_args(p) -> None:
-    p.add_argument("--scm", metavar="ADDR", default=None,
-                   help="the content monitor's address (`semipd scm --address`); enables moderation")
+    p.add_argument("--scm", metavar="ADDR", nargs="?", const=default_address(), default=None,
+                   help="use the content monitor at ADDR (without ADDR: `semipd scm`'s default, %(const)s)")
     p.add_argument("--moderate", choices=["all", "opt-in"], default="opt-in",
                    help="monitor every request, or only those that ask (default %(default)s)")
     p.add_argument("--scm-failure", choices=["open", "closed"], default="open",
@@ -105,6 +108,8 @@ class Moderation:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         self.sock.connect(config.address)
+        # Connection events: a monitor that went away or came back needs a fresh handshake.
+        self.events = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.ready = False
         self.same_tokenizer = False
         self.watches: dict[int, Watch] = {}
@@ -189,6 +194,11 @@ class Moderation:
     def tick(self) -> None:
         """End of a loop turn: read the monitor's answers, send what the turn produced, say hello
         while not connected, and apply the failure policy to a monitor that stopped answering."""
+        while self.events.poll(0):  # before the messages: a handshake answer follows its connection
+            if recv_monitor_message(self.events)["event"] == zmq.EVENT_DISCONNECTED and self.ready:
+                self._lost("the content monitor disconnected")
+            else:
+                self.ready = False  # connected anew: whoever listens now must answer a hello
         while True:
             try:
                 self.on_message(self.sock.recv(zmq.NOBLOCK))
@@ -231,6 +241,8 @@ class Moderation:
                                "p90": quantile(0.9), "p99": quantile(0.99), "max": lags[-1][0] if lags else None}}
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.events.close(linger=0)
         self.sock.close(linger=0)
 
     # ---- inside -------------------------------------------------------------------------

@@ -1,12 +1,21 @@
 """The `semipd scm` command line (torch-free: the parser is built for every semipd command)."""
 
+import os
+
+from shared.runtime import runtime_dir
+
+
+def default_address() -> str:
+    """Where the monitor serves unless told otherwise, and where `serve --scm` looks for it."""
+    return "ipc://" + os.path.join(runtime_dir(), "scm.sock")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("scm", help="run the streaming content monitor that `semipd serve --scm` talks to")
     p.add_argument("--model", required=True,
                    help="SCM checkpoint folder, or a preset with random weights (scm-tiny, scm-qwen2.5-0.5b)")
-    p.add_argument("--address", default=None,
-                   help="socket to serve on (default: scm.sock in the runtime folder; tcp://127.0.0.1:PORT)")
+    p.add_argument("--address", default=default_address(),
+                   help="socket to serve on (default: %(default)s; tcp://127.0.0.1:PORT)")
     p.add_argument("--threshold", type=float, default=0.6, help="a token counts as harmful at P >= this")
     p.add_argument("--k", type=int, default=4, help="stop a response at its k-th harmful token")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -27,7 +27,7 @@ from shared.tokenizer import load_tokenizer
 
 def scm_tiny() -> Qwen2Config:
     return Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257)
 
 

@@ -23,13 +23,8 @@ from services.scm.monitor import StreamMonitor, auto_pages
 from shared import protocol
 from shared.engine import EngineConfig
 from shared.errors import UserError
-from shared.runtime import runtime_dir
 
 IDLE_POLL_MS = 100
-
-
-def default_address() -> str:
-    return "ipc://" + os.path.join(runtime_dir(), "scm.sock")
 
 
 class ScmService:
@@ -127,7 +122,7 @@ def run(args) -> None:
     num_pages = args.num_pages or auto_pages(args.max_streams, args.max_model_len, args.page_size)
     sm = StreamMonitor(monitor, args.threshold, args.k, args.max_streams, num_pages, args.page_size,
                        args.max_model_len, args.max_batched_tokens)
-    address = args.address or default_address()
+    address = args.address
     try:
         service = ScmService(sm, address)
     except UserError:

@@ -1,0 +1,43 @@
+"""Incremental re-tokenization: text arriving in arbitrary pieces gives exactly the tokens of the
+whole text, and no token handed out ever changes."""
+
+import random
+
+import pytest
+
+from services.scm.retokenize import Retokenizer, last_cut
+from tests.scm_checkpoints import QWEN2_SPLIT, bpe_tokenizer, sample_text
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gpt2"])
+def encode(request):
+    tok = bpe_tokenizer(QWEN2_SPLIT if request.param == "qwen2" else None)
+    return lambda text: tok.encode(text, add_special_tokens=False)
+
+
+def test_pieces_tokenize_like_the_whole_text(encode):
+    rng = random.Random(0)
+    for _ in range(150):
+        text = sample_text(rng, rng.randint(1, 40))
+        retok, got, end = Retokenizer(encode), [], 0
+        while end < len(text):
+            start, end = end, min(len(text), end + rng.randint(1, 7))
+            got += retok.add(text[start:end], end)
+        got += retok.flush(end)
+        assert [t for t, _ in got] == encode(text), repr(text)
+
+
+def test_each_token_is_credited_to_the_piece_that_completed_it(encode):
+    retok = Retokenizer(encode)
+    assert retok.add("harm", 1) == []                     # the word may go on
+    first = retok.add("ful the", 2)                       # "harmful" is complete now
+    assert [t for t, _ in first] == encode("harmful") and {u for _, u in first} == {2}
+    assert retok.add("", 3) == []                         # a token with no text yet
+    rest = retok.flush(4)                                 # " the" had all arrived with piece 2
+    assert [t for t, _ in rest] == encode(" the") and {u for _, u in rest} == {2}
+
+
+@pytest.mark.parametrize("text, cut", [("one two", 3), ("one\ntwo", 4), ("a.\n\nb", 0), ("a  b", 2),
+                                       ("word", 0), ("trailing ", 0), ("x\n y", 2)])
+def test_cuts_only_where_a_pre_token_must_begin(text, cut):
+    assert last_cut(text) == cut
