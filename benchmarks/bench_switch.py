@@ -3,7 +3,7 @@ the SM split back and forth; then report, from the server's switch history, the 
 standby and the pause each switch put in the decode token stream (goal: under 50 ms; the floor is
 one decode step, which the sequences would have waited anyway).
 
-    python -m benchmarks.bench_switch --address ADDR --switches 20 --rate 4 [--json OUT]
+    python -m benchmarks.bench_switch --address ADDR --switches 20 --rate 6 [--json OUT]
 """
 
 import argparse
@@ -16,7 +16,10 @@ import numpy as np
 from shared.bench import distribution, run_load
 from shared.client import AsyncClient
 
-SPLITS = ((60, 40), (50, 50))
+# The prefill share stays put after the first switch, so each later one moves decode alone:
+# the decode token stream is what a switch can pause, and one standby to replace per switch
+# keeps the run short.
+SPLITS = ((50, 40), (50, 50))
 
 
 async def switch_loop(address: str, switches: int, done: asyncio.Event) -> None:
@@ -66,8 +69,8 @@ def summarize(history: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", required=True)
-    ap.add_argument("--switches", type=int, default=20, help="split changes to ask for (each moves both roles)")
-    ap.add_argument("--rate", type=float, default=4.0, help="load, requests per second")
+    ap.add_argument("--switches", type=int, default=20, help="split changes to ask for")
+    ap.add_argument("--rate", type=float, default=6.0, help="load, requests per second")
     ap.add_argument("--requests-per-run", type=int, default=100)
     ap.add_argument("--json", help="write the history and summary here")
     args = ap.parse_args()

@@ -2,7 +2,9 @@
 
 Decode steps on CUDA replay CUDA graphs captured for a ladder of batch sizes; a batch is padded
 up to the next captured size with rows that write nowhere (slot -1) and attend to nothing
-(kv_len 0).
+(kv_len 0). On CUDA a new runner also runs the prefill and sampling paths once on throwaway
+input, so that a worker called up by an SM switch does not pay for kernel loading and Triton's
+first-launch work inside the switch.
 """
 
 import itertools
@@ -27,8 +29,10 @@ class ModelRunner:
         self.page_size = page_size
         self.max_pages_per_seq = (max_model_len + page_size - 1) // page_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if cuda_graphs and self.device.type == "cuda":
-            self._capture(graph_batch_sizes(max_num_seqs))
+        if self.device.type == "cuda":
+            self._warm_up()
+            if cuda_graphs:
+                self._capture(graph_batch_sizes(max_num_seqs))
 
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         pinned = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
@@ -96,6 +100,24 @@ class ModelRunner:
                         self._tensor([x.min_p for x in p], f32), self._tensor([s.seed for s in seqs], torch.int64),
                         self._tensor([s.num_output for s in seqs], torch.int64))
         return tokens.tolist()
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Prefill and sample once or twice on dummy input. Slots -1 write no K/V; the reads of
+        page 0 (which may belong to a live sequence) only feed logits that are thrown away."""
+        for lens in ((16,), (7, 16, 1)):
+            cu = list(itertools.accumulate(lens, initial=0))
+            pages = [[0] * -(-max(lens) // self.page_size)] * len(lens)
+            batch = Batch(True, self._tensor([-1] * cu[-1], torch.int64), self._tensor(list(lens)),
+                          self._tensor(pages), self._tensor(cu), max(lens))
+            ids = self._tensor([0] * cu[-1], torch.int64)
+            hidden = self.model(ids, self._tensor([p for n in lens for p in range(n)], torch.int64), batch)
+            logits = self.model.compute_logits(hidden[self._tensor(cu[1:], torch.int64) - 1])
+            for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 20, 0.9)):
+                column = lambda v, dtype=torch.float32: self._tensor([v] * len(lens), dtype)  # noqa: E731
+                sample(logits, column(temperature), column(top_k, torch.int32), column(top_p), column(0.05),
+                       column(0, torch.int64), column(0, torch.int64))
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:
