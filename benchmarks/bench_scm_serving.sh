@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The cost of moderation on a GPU: `semipd serve` (llama3-8b preset, bf16) beside `semipd scm`
+# The cost of moderation on a GPU: `semipd serve` (llama3-8b preset, bf16, default 60/40 split
+# under MPS) beside `semipd scm`
 # (a random monitor of Qwen2.5-0.5B's shape, bf16, on the same GPU), `semipd bench` (built-in
 # ShareGPT-like workload, Poisson arrivals) with every request monitored and without:
 #   off        no monitor
@@ -15,6 +16,13 @@ rate=${1:-8}; n=${2:-200}; model=${3:-llama3-8b}; monitor=${4:-scm-qwen2.5-0.5b}
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XDG_RUNTIME_DIR=$(mktemp -d)
 scm=ipc://$XDG_RUNTIME_DIR/scm.sock
+
+# Every process runs as a client of one MPS daemon of our own, as semi-PD serving does: without
+# MPS the monitor's CUDA context time-slices with the workers' instead of running beside them.
+export CUDA_MPS_PIPE_DIRECTORY=$XDG_RUNTIME_DIR/mps/pipe CUDA_MPS_LOG_DIRECTORY=$XDG_RUNTIME_DIR/mps/log
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+nvidia-cuda-mps-control -d || { echo "could not start an MPS daemon"; exit 1; }
+trap 'echo quit | nvidia-cuda-mps-control' EXIT
 
 wait_for() {  # wait_for LOG PATTERN PID
   for _ in $(seq 900); do grep -q "$2" "$1" && return 0; kill -0 "$3" 2>/dev/null || break; sleep 0.5; done
