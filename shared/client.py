@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 
-from shared.runtime import runtime_dir
+from shared.runtime import ipc_address
 from shared.protocol import (MAX_MESSAGE_BYTES, AbortRequest, Delta, Final, GenerateRequest,
                              HealthRequest, PartitionRequest, ProtocolError, Reply, StatsRequest, decode, encode)
 
@@ -31,7 +31,7 @@ WAIT_SLICE_S = 0.01  # re-check the socket at least this often (another thread m
 
 def default_address() -> str:
     """The controller's default endpoint: a socket file in this user's runtime folder."""
-    return "ipc://" + os.path.join(runtime_dir(), "semipd.sock")
+    return ipc_address("semipd.sock")
 
 
 class ClientError(Exception):

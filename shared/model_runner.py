@@ -13,7 +13,11 @@ import torch
 
 from shared.model import Batch, Transformer
 from shared.sampling import sample
+from shared.sampling_params import SamplingParams
 from shared.sequence import Sequence
+
+WARM_UP_SAMPLING = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+                    SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05))
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -103,21 +107,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Prefill and sample once or twice on dummy input. Slots -1 write no K/V; the reads of
-        page 0 (which may belong to a live sequence) only feed logits that are thrown away."""
+        """Prefill and sample on throwaway input. Slots -1 write no K/V; the reads of page 0 (which
+        may belong to a live sequence) only feed logits that are thrown away."""
         for lens in ((16,), (7, 16, 1)):
             cu = list(itertools.accumulate(lens, initial=0))
             pages = [[0] * -(-max(lens) // self.page_size)] * len(lens)
             batch = Batch(True, self._tensor([-1] * cu[-1], torch.int64), self._tensor(list(lens)),
                           self._tensor(pages), self._tensor(cu), max(lens))
-            ids = self._tensor([0] * cu[-1], torch.int64)
-            hidden = self.model(ids, self._tensor([p for n in lens for p in range(n)], torch.int64), batch)
+            positions = self._tensor([p for n in lens for p in range(n)], torch.int64)
+            hidden = self.model(self._tensor([0] * cu[-1], torch.int64), positions, batch)
             logits = self.model.compute_logits(hidden[self._tensor(cu[1:], torch.int64) - 1])
-            for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 20, 0.9)):
-                column = lambda v, dtype=torch.float32: self._tensor([v] * len(lens), dtype)  # noqa: E731
-                sample(logits, column(temperature), column(top_k, torch.int32), column(top_p), column(0.05),
-                       column(0, torch.int64), column(0, torch.int64))
-        torch.cuda.synchronize(self.device)
+            for params in WARM_UP_SAMPLING:  # greedy, plain sampling, the top-k/top-p/min-p path
+                self.sample([Sequence(0, [0], params, seed=0) for _ in lens], logits)
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:

@@ -10,3 +10,8 @@ def runtime_dir() -> str:
     path = os.path.join(base, "semipd") if base else os.path.join(tempfile.gettempdir(), f"semipd-{os.getuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+def ipc_address(name: str) -> str:
+    """An ipc:// endpoint for socket file `name` in the runtime folder."""
+    return "ipc://" + os.path.join(runtime_dir(), name)

@@ -13,13 +13,13 @@ from shared.engine import EngineConfig
 
 def serve(args) -> None:
     from shared.client import default_address
-    from shared.runtime import runtime_dir
+    from shared.runtime import ipc_address, runtime_dir
     address = args.address or default_address()
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                           num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len)
     # Workers connect over a private socket in the runtime folder, never over the network.
-    worker_address = f"ipc://{runtime_dir()}/workers-{os.getpid()}.sock"
+    worker_address = ipc_address(f"workers-{os.getpid()}.sock")
     mode = mode_from_args(args)
     # MPS first: a process joins it (or not) when it creates its CUDA context.
     mps = MpsDaemon(os.path.join(runtime_dir(), f"mps-{os.getpid()}")) if args.start_mps else None

@@ -1,13 +1,11 @@
 """The `semipd scm` command line (torch-free: the parser is built for every semipd command)."""
 
-import os
-
-from shared.runtime import runtime_dir
+from shared.runtime import ipc_address
 
 
 def default_address() -> str:
     """Where the monitor serves unless told otherwise, and where `serve --scm` looks for it."""
-    return "ipc://" + os.path.join(runtime_dir(), "scm.sock")
+    return ipc_address("scm.sock")
 
 
 def add_parser(sub) -> None:
