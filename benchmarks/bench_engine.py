@@ -86,10 +86,10 @@ def main() -> None:
                   f"{num_pages * per_page / 1e9:.1f} GB available", flush=True)
             continue
         seqs = fake_sequences(batch, context)
-        runner.decode_logits(seqs)
+        runner.decode(seqs)
         graph_bs = min(g for g in runner.graphs if g >= batch)
         replay_ms = cuda_time_ms(runner.graphs[graph_bs].replay, warmup=5, repeat=50)
-        step_ms = cuda_time_ms(lambda: runner.decode_logits(seqs), warmup=3, repeat=30)
+        step_ms = cuda_time_ms(lambda: runner.decode(seqs), warmup=3, repeat=30)
         floor_ms = (weight_bytes + batch * context * kv_token_bytes) / (ceil["copy_tbps"] * 1e12) * 1e3
         results["decode"].append(dict(batch=batch, context=context, replay_ms=replay_ms,
                                       step_ms=step_ms, floor_ms=floor_ms))
@@ -97,7 +97,7 @@ def main() -> None:
               f"floor {floor_ms:5.2f} ms, ratio {replay_ms / floor_ms:.2f}x", flush=True)
     eager = ModelRunner(model, PAGE, max_model_len=8192 + PAGE, max_num_seqs=128, cuda_graphs=False)
     seqs = fake_sequences(1, 1024)
-    eager_ms = cuda_time_ms(lambda: eager.decode_logits(seqs), warmup=3, repeat=20)
+    eager_ms = cuda_time_ms(lambda: eager.decode(seqs), warmup=3, repeat=20)
     results["decode_eager_b1_c1024_ms"] = eager_ms
     print(f"decode B=1 C=1024 without CUDA graphs: {eager_ms:.2f} ms", flush=True)
 

@@ -156,7 +156,7 @@ def prefill_step(runner: ModelRunner, sched: PrefillScheduler, allocator, chunks
 
 def decode_step(runner: ModelRunner, sched: DecodeScheduler, batch: list[Sequence]) -> None:
     """One token for every sequence of the batch; finished ones leave the scheduler."""
-    for seq, token in zip(batch, runner.sample(batch, runner.decode_logits(batch))):
+    for seq, token in zip(batch, runner.sample(batch, runner.decode(batch))):
         seq.append(token)
     sched.finish_step(batch)
 

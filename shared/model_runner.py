@@ -1,13 +1,15 @@
 """Turns scheduled sequences into tensors, runs the model, samples.
 
-Decode steps on CUDA replay CUDA graphs captured for a ladder of batch sizes; a batch is padded
-up to the next captured size with rows that write nowhere (slot -1) and attend to nothing
-(kv_len 0). On CUDA a new runner also runs the prefill and sampling paths once on throwaway
+A decode step returns the runner's head applied to the final hidden states: LM logits for the
+served model, P(harmful) per token for a content monitor. On CUDA it replays CUDA graphs (head
+included) captured for a ladder of batch sizes; a batch is padded up to the next captured size
+with rows that write nowhere (slot -1) and attend to nothing (kv_len 0). On CUDA a new runner also runs the prefill and sampling paths once on throwaway
 input, so that a worker called up by an SM switch does not pay for kernel loading and Triton's
 first-launch work inside the switch.
 """
 
 import itertools
+from typing import Callable
 
 import torch
 
@@ -27,8 +29,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: Transformer, page_size: int, max_model_len: int, max_num_seqs: int,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, head: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
+        self.head = head or model.compute_logits
         self.device = model.embed_tokens.weight.device
         self.page_size = page_size
         self.max_pages_per_seq = (max_model_len + page_size - 1) // page_size
@@ -74,8 +77,8 @@ class ModelRunner:
         return self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
 
     @torch.inference_mode()
-    def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One step for each sequence's newest token; logits [B, V]."""
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One step for each sequence's newest token; the head's output [B, ...]."""
         bs = len(seqs)
         ids = [s.token_ids[-1] for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
@@ -85,7 +88,7 @@ class ModelRunner:
         if graph_bs is None:
             batch = Batch(False, self._tensor(slots, torch.int64), self._tensor(kv_lens), self._block_tables(seqs))
             hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
-            return self.model.compute_logits(hidden)
+            return self.head(hidden)
         pad = graph_bs - bs
         g = self.graph_inputs
         g["ids"][:graph_bs].copy_(self._tensor(ids + [0] * pad, torch.int64))
@@ -94,7 +97,7 @@ class ModelRunner:
         g["kv_lens"][:graph_bs].copy_(self._tensor(kv_lens + [0] * pad))
         g["block_tables"][:bs, :].copy_(self._block_tables(seqs, self.max_pages_per_seq))
         self.graphs[graph_bs].replay()
-        return self.graph_logits[:bs]
+        return self.graph_out[:bs]
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         p = [s.params for s in seqs]
@@ -131,12 +134,13 @@ class ModelRunner:
             "kv_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
             "block_tables": torch.zeros(max_bs, self.max_pages_per_seq, dtype=torch.int32, device=dev),
         }
-        self.graph_logits = torch.zeros(max_bs, self.model.cfg.vocab_size, device=dev)
         pool = None
         for bs in sorted(sizes, reverse=True):
             batch = Batch(False, g["slots"][:bs], g["kv_lens"][:bs], g["block_tables"][:bs])
-            run = lambda: self.graph_logits[:bs].copy_(  # noqa: E731
-                self.model.compute_logits(self.model(g["ids"][:bs], g["positions"][:bs], batch)))
+            forward = lambda: self.head(self.model(g["ids"][:bs], g["positions"][:bs], batch))  # noqa: E731
+            if bs == max_bs:  # the largest size runs first: its output sizes the shared output buffer
+                self.graph_out = torch.zeros_like(forward())
+            run = lambda: self.graph_out[:bs].copy_(forward())  # noqa: E731
             run()  # warm-up outside capture: Triton compiles, cuBLAS picks its kernels
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):

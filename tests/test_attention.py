@@ -259,3 +259,30 @@ def test_decode_cuda_graph():
         ref = torch.cat([reference(q[b:b + 1], ks[b][:n], vs[b][:n], torch.tensor([n - 1], device="cuda"),
                                    scale) for b, n in enumerate(new_lens)])
         check(out, ref, torch.bfloat16)
+
+
+@gpu
+def test_batches_of_new_shapes_compile_nothing():
+    """Serving must never stop to compile: once a kernel has run, batches of other sizes and
+    block-table widths (1, multiples of 16, others: traits Triton would specialize on) reuse the
+    compiled variant in Triton's per-device kernel cache."""
+    from shared.kernels import triton_attention as kernels
+    jitted = (kernels._prefill_kernel, kernels._decode_split_kernel, kernels._decode_reduce_kernel)
+
+    def variants() -> list[int]:
+        return [len(k.device_caches[torch.cuda.current_device()][0]) for k in jitted]
+
+    def run(kv_lens: list[int]) -> None:
+        q_lens = [max(1, n // 3) for n in kv_lens]
+        q, _, _, k_cache, v_cache, table = make_batch(q_lens, kv_lens, 32, 8, 128, 16, torch.bfloat16, "cuda")
+        lens = torch.tensor(kv_lens, dtype=torch.int32, device="cuda")
+        cu = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
+        prefill_attention(q, k_cache, v_cache, cu, lens, table, 128 ** -0.5, max(q_lens))
+        decode_attention(q[:len(kv_lens)].contiguous(), k_cache, v_cache, lens, table, 128 ** -0.5)
+
+    torch.manual_seed(3)
+    run([40, 7])
+    before = variants()
+    for kv_lens in ([5], [16 * 15], [16 * 47 + 3], [100] * 16, [33] * 17, [16 * 31, 1, 900, 2000]):
+        run(kv_lens)
+    assert variants() == before, (before, variants())

@@ -48,9 +48,12 @@ def stream_all(sm: StreamMonitor, streams: dict, rng: random.Random) -> dict:
     return out
 
 
-def test_streaming_scores_equal_one_pass_over_the_whole_text(saved):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_streaming_scores_equal_one_pass_over_the_whole_text(saved, device):
+    """On a GPU the one-new-token streams of a step go through the captured decode graphs."""
     path, backbone, heads, tokenizer = saved
-    monitor = load_monitor(path, CPU, torch.float32)
+    monitor = load_monitor(path, torch.device(device), torch.float32)
     # A small token budget splits prompts and catch-up work across steps (chunked prefill).
     sm = StreamMonitor(monitor, threshold=2.0, k=4, max_streams=8, num_pages=64, page_size=4,
                        max_batched_tokens=23)

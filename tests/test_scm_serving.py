@@ -75,7 +75,7 @@ async def collect(address: str, requests: list[tuple[list[int], bool]], max_toke
     return [(t + (f.token_ids if isinstance(f, protocol.Final) else []), f) for t, f in zip(tokens, finals)]
 
 
-# ---- a monitor that flags every token; scored mode; closed failure policy ----------------------
+# ---- a monitor that flags every token, stepping at most every 20 ms; scored mode; closed policy --
 
 def moderated_server(tmp_path_factory, arch: str, bias, same_tokenizer: bool, monitor_args=(), server_args=()):
     """Yield (server, monitor, monitor checkpoint) for a fixture; both stopped afterwards."""
@@ -93,7 +93,7 @@ def moderated_server(tmp_path_factory, arch: str, bias, same_tokenizer: bool, mo
 
 @pytest.fixture(scope="module")
 def flag_all(tmp_path_factory):
-    yield from moderated_server(tmp_path_factory, "qwen2", FLAG_ALL, True, ("--k", str(K)),
+    yield from moderated_server(tmp_path_factory, "qwen2", FLAG_ALL, True, ("--k", str(K), "--step-interval-ms", "20"),
                                 ("--scm-failure", "closed"))
 
 

@@ -127,6 +127,7 @@ BAD_INPUTS = {
     "unknown type": (msgpack.packb(["LaunchMissiles", {}]), "unknown message type"),
     "not a message": (msgpack.packb({"a": 1}), "a message is"),
     "wrong field type": (generate(prompt_ids="1,2,3"), "expected a list or null, got str"),
+    "wrong element type": (generate(prompt_ids=[5, True]), "prompt_ids[]: expected int, got bool"),
     "unknown field": (generate(prompt_ids=[1], colour="red"), "unknown field"),
     "two frames": ([b"a", b"b"], "one frame"),
     "worker message": (protocol.encode(protocol.Shutdown()), "not a client message"),
@@ -158,7 +159,7 @@ def test_bad_input_gets_an_error_and_service_continues(server, case):
 
 def test_oversized_message_drops_only_that_connection(server):
     sock = raw_socket(server.address)
-    sock.send(generate(prompt_ids=[5] * (protocol.MAX_MESSAGE_BYTES // 2)))
+    sock.send(generate(prompt_ids=[5] * protocol.MAX_MESSAGE_BYTES))  # one byte per id: over the limit
     assert not sock.poll(1000)
     sock.close()
     assert server.client.generate(prompt_ids=[5], temperature=0, max_tokens=2).result().token_ids

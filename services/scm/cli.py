@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--num-pages", type=int, default=None,
                    help="KV pool size (default: max-streams full-length streams)")
     p.add_argument("--max-batched-tokens", type=int, default=4096, help="tokens computed per step at most")
+    p.add_argument("--step-interval-ms", type=float, default=0.0,
+                   help="start a step at most this often: fewer, larger steps read the monitor's weights "
+                        "less often (less cost to the served model on a shared GPU) for a longer verdict lag")
     p.set_defaults(func=cmd_scm)
 
 

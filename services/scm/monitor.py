@@ -2,9 +2,11 @@
 
 A stream is one monitored request: a shared.sequence.Sequence holding the monitor's view of the
 text (`prompt + "\\n\\n"`, then the response) whose K/V lives in pages of the monitor's pool.
-Each step computes the not-yet-computed tokens of every stream together, as one ragged chunked
-prefill over each stream's cached prefix (ModelRunner.prefill_hidden), and scores the response
-tokens among them with the token head. A token is computed once, so its score never changes and
+Each step computes the not-yet-computed tokens of every stream together and scores the response
+tokens among them with the token head. Streams with exactly one new token (the steady state: a
+served decode step adds one token to each) go through the runner's decode step, a CUDA graph
+with the token head inside on a GPU; the rest go through one ragged chunked prefill over each
+stream's cached prefix (ModelRunner.prefill_hidden). A token is computed once, so its score never changes and
 its cost does not grow with the length of the response before it (attention over the cache
 aside).
 
@@ -18,6 +20,7 @@ token remembers how many served tokens had been generated when its text was comp
 progress and verdicts are counted in the served model's tokens.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 from services.scm.model import Monitor
@@ -61,7 +64,8 @@ class StreamMonitor:
         device, dtype = monitor.backbone.embed_tokens.weight.device, monitor.backbone.embed_tokens.weight.dtype
         self.allocator = PageAllocator.create(num_pages)
         monitor.backbone.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, page_size, dtype, device))
-        self.runner = ModelRunner(monitor.backbone, page_size, self.max_model_len, max_streams, cuda_graphs=False)
+        self.runner = ModelRunner(monitor.backbone, page_size, self.max_model_len, max_streams,
+                                  head=monitor.token_scores)
         self.streams: dict[tuple, Stream] = {}
         self._seq_ids = 0
 
@@ -132,14 +136,8 @@ class StreamMonitor:
             elif n:
                 chunks.append((key, s, n))
                 budget -= n
-        scores = []
-        if chunks:
-            hidden = self.runner.prefill_hidden([(s.seq, n) for _, s, n in chunks])
-            scores = self.monitor.token_scores(hidden).tolist()
-        offset = 0
-        for key, s, n in chunks:
-            news.append(self._score(key, s, n, scores[offset:offset + n]))
-            offset += n
+        for key, s, n, scores in self._compute(chunks):
+            news.append(self._score(key, s, n, scores))
         news = [x for x in news if x is not None]
         reported = {x.key for x in news}
         for key, s in list(self.streams.items()):  # ended, with nothing left to compute
@@ -148,6 +146,20 @@ class StreamMonitor:
                 if key not in reported:
                     news.append(Scored(key, s.last_upto))
         return news
+
+    def _compute(self, chunks: list[tuple]) -> list[tuple]:
+        """(key, stream, n, the scores of its n new tokens) for each chunk."""
+        single = [c for c in chunks if c[2] == 1 == self._pending(c[1])]
+        ragged = [c for c in chunks if not c[2] == 1 == self._pending(c[1])]
+        out = []
+        if single:
+            scores = self.runner.decode([s.seq for _, s, _ in single]).tolist()
+            out += [(key, s, 1, [p]) for (key, s, _), p in zip(single, scores)]
+        if ragged:
+            scores = self.monitor.token_scores(self.runner.prefill_hidden([(s.seq, n) for _, s, n in ragged])).tolist()
+            ends = list(itertools.accumulate((n for _, _, n in ragged), initial=0))
+            out += [(key, s, n, scores[a:b]) for (key, s, n), a, b in zip(ragged, ends, ends[1:])]
+        return out
 
     def _score(self, key: tuple, s: Stream, n: int, scores: list[float]) -> Scored | None:
         start, num_prompt = s.seq.num_cached, s.seq.num_prompt

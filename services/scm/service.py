@@ -4,15 +4,20 @@ Controllers connect a DEALER to its ROUTER (by default an ipc:// socket in the r
 for tcp:// give a loopback address). The loop never waits on a socket while it has work: between
 steps it drains whatever messages are waiting, then one step scores the new tokens of all
 streams together (monitor.StreamMonitor) and each controller gets one ScmScored for it.
+With a step interval, a step starts at most once per interval (messages are drained meanwhile):
+every step reads all of the monitor's weights, so on a GPU shared with the served model, fewer
+and larger steps take less of its memory bandwidth.
 
 Streams are keyed by (controller socket identity, stream id). A controller's ScmHello drops its
 old streams: it has (re)connected, or given up on them after a timeout. Bad input (an unreadable
 message, a stream that cannot be watched) gets an error answer; the service keeps serving.
 """
 
+import math
 import os
 import signal
 import sys
+import time
 
 import torch
 import zmq
@@ -28,8 +33,8 @@ IDLE_POLL_MS = 100
 
 
 class ScmService:
-    def __init__(self, sm: StreamMonitor, address: str):
-        self.sm = sm
+    def __init__(self, sm: StreamMonitor, address: str, step_interval_s: float = 0.0):
+        self.sm, self.step_interval_s = sm, step_interval_s
         self.ctx = zmq.Context()
         try:
             self.sock = bind(self.ctx, address)
@@ -38,10 +43,14 @@ class ScmService:
             raise UserError(f"cannot bind {address}: {e}") from None
 
     def serve_forever(self) -> None:
+        next_step = 0.0
         while True:
-            if self.sock.poll(0 if self.sm.has_work() else IDLE_POLL_MS):
+            wait_ms = math.ceil(max(0.0, next_step - time.monotonic()) * 1e3) if self.sm.has_work() else IDLE_POLL_MS
+            if self.sock.poll(wait_ms):
                 self._drain()
-            if self.sm.has_work():
+            now = time.monotonic()
+            if self.sm.has_work() and now >= next_step:
+                next_step = now + self.step_interval_s
                 self._answer(self.sm.step())
 
     def close(self) -> None:
@@ -114,6 +123,8 @@ def run(args) -> None:
     for name in ("k", "max_streams", "max_model_len", "page_size", "max_batched_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.step_interval_ms <= 1000:
+        raise UserError(f"--step-interval-ms must lie in [0, 1000], got {args.step_interval_ms}")
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
     device = config.torch_device()
     if device.type == "cpu":  # leave cores to the serving processes beside it
@@ -124,7 +135,7 @@ def run(args) -> None:
                        args.max_model_len, args.max_batched_tokens)
     address = args.address
     try:
-        service = ScmService(sm, address)
+        service = ScmService(sm, address, args.step_interval_ms / 1e3)
     except UserError:
         sm.close()
         raise

@@ -3,6 +3,11 @@
 Every K/V row is gathered through the block table one token at a time (page = table[pos // page],
 row = pos % page), so the kernels' block sizes do not depend on the page size.
 Softmax runs in base 2: scores are scaled by scale * log2(e) inside the exponent.
+
+Triton compiles a variant of a kernel for each new combination of its integer arguments' traits
+(equal to 1, divisible by 16). Arguments that change from step to step (batch size, block-table
+width, number of splits) are exempt (do_not_specialize), so that serving never stops for a
+compile when a batch of a new shape arrives: one variant per kernel, compiled at warm-up.
 """
 
 import functools
@@ -72,7 +77,7 @@ def _attend(acc, l_i, m_i, q, q_pos, k_base, v_base, table, start, end, qk_scale
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "s_table"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, kv_len_ptr, table_ptr, qk_scale, batch,
                     sq_t, sq_h, so_t, so_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, s_table,
                     GROUP: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
@@ -119,7 +124,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, kv_len_ptr, table_ptr, q
              mask=(rows < q_len)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_table"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr, kv_len_ptr, table_ptr, qk_scale,
                          sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, s_table,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr,
@@ -153,20 +158,32 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr, kv_len_ptr, tab
     tl.store(lse_ptr + row, lse, mask=real)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(part_ptr, lse_ptr, o_ptr, so_b, so_h, num_splits,
-                          S_PAD: tl.constexpr, D: tl.constexpr):
+                          S_BLOCK: tl.constexpr, D: tl.constexpr):
+    """Merge one (sequence, head)'s splits, S_BLOCK at a time: the largest lse first, then the
+    weighted sum (a fixed block, so that no split count needs a variant of its own)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.arange(0, S_PAD)
     d = tl.arange(0, D)
-    row = (b * tl.num_programs(1) + h) * num_splits + s
-    lse = tl.load(lse_ptr + row, mask=s < num_splits, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all -inf (kv_len 0): weights 0
-    part = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    first = (b * tl.num_programs(1) + h) * num_splits
+    m = tl.full([S_BLOCK], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, S_BLOCK):
+        s = s0 + tl.arange(0, S_BLOCK)
+        m = tl.maximum(m, tl.load(lse_ptr + first + s, mask=s < num_splits, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all -inf (kv_len 0): weights 0
+    total = tl.zeros([S_BLOCK], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, num_splits, S_BLOCK):
+        s = s0 + tl.arange(0, S_BLOCK)
+        inside = s < num_splits
+        w = tl.exp2(tl.load(lse_ptr + first + s, mask=inside, other=float("-inf")) - m_max)
+        part = tl.load(part_ptr + (first + s)[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        total += w
+        acc += tl.sum(w[:, None] * part, 0)
+    total_sum = tl.sum(total, 0)
+    out = acc / tl.where(total_sum > 0, total_sum, 1.0)
     tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
 
 
@@ -264,5 +281,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BN=block_n, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
     _decode_reduce_kernel[(batch, num_heads)](
         part, lse, out, out.stride(0), out.stride(1), splits,
-        S_PAD=triton.next_power_of_2(splits), D=head_dim)
+        S_BLOCK=16, D=head_dim)
     return out
