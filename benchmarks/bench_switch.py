@@ -69,7 +69,7 @@ def summarize(history: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", required=True)
-    ap.add_argument("--switches", type=int, default=20, help="split changes to ask for")
+    ap.add_argument("--switches", type=int, default=22, help="split changes to ask for")
     ap.add_argument("--rate", type=float, default=6.0, help="load, requests per second")
     ap.add_argument("--requests-per-run", type=int, default=100)
     ap.add_argument("--json", help="write the history and summary here")

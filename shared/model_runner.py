@@ -3,14 +3,17 @@
 A decode step returns the runner's head applied to the final hidden states: LM logits for the
 served model, P(harmful) per token for a content monitor. On CUDA it replays CUDA graphs (head
 included) captured for a ladder of batch sizes; a batch is padded up to the next captured size
-with rows that write nowhere (slot -1) and attend to nothing (kv_len 0). On CUDA a new runner also runs the prefill and sampling paths once on throwaway
-input, so that a worker called up by an SM switch does not pay for kernel loading and Triton's
-first-launch work inside the switch.
+with rows that write nowhere (slot -1) and attend to nothing (kv_len 0).
+
+On CUDA a new runner also runs the prefill and sampling paths once on throwaway input, so that a
+worker called up by an SM switch does not pay for kernel loading and Triton's first-launch work
+inside the switch.
 """
 
 import itertools
 from typing import Callable
 
+import numpy as np
 import torch
 
 from shared.model import Batch, Transformer
@@ -46,8 +49,12 @@ class ModelRunner:
         return pinned.to(self.device, non_blocking=True)
 
     def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
-        width = width or max(len(s.block_table) for s in seqs)
-        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        """[B, width (default: the longest table)], zero-padded. Filled row by row in numpy:
+        nested Python lists cost ~20x more at decode batch sizes and full graph width."""
+        table = np.zeros((len(seqs), width or max(len(s.block_table) for s in seqs)), np.int32)
+        for row, s in zip(table, seqs):
+            row[:len(s.block_table)] = s.block_table
+        return self._tensor(table)
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.page_size] * self.page_size + pos % self.page_size

@@ -24,9 +24,10 @@ Failure (`--scm-failure`): the monitor counts as lost when its connection drops 
 event), when a send finds no connection (the socket queues only to a connected peer), when it
 refuses a stream, or when sent tokens wait longer than `--scm-timeout` for a score. `open` lets
 the affected requests go on unmonitored (held deltas are released, the Final's verdict says
-monitored: false); `closed` ends them with an error. While the monitor is lost, new monitored requests get the same policy at once, and the controller
-says ScmHello every HELLO_EVERY_S until a monitor answers; every new connection gets a fresh
-handshake, so a monitor restarted with another tokenizer is never sent the wrong kind of input.
+monitored: false); `closed` ends them with an error. While the monitor is lost, new monitored
+requests get the same policy at once, and the controller says ScmHello every HELLO_EVERY_S until
+a monitor answers; every new connection gets a fresh handshake, so a monitor restarted with
+another tokenizer is never sent the wrong kind of input.
 
 Verdict lag: for every scored token, the number of tokens the request generated after it before
 its score arrived; per request in the Final's verdict, for all requests in stats.

@@ -1,0 +1,60 @@
+"""The one serializer: every message survives a round trip, nested messages included, and a
+wrong type anywhere (an element of a list too) is one ProtocolError that names the field."""
+
+import msgpack
+import pytest
+
+from shared import protocol
+
+
+def state(seq_id: int, n: int) -> protocol.SeqState:
+    return protocol.SeqState(seq_id, list(range(1000, 1000 + n)), n // 2, {"temperature": 0.5, "stop": ["x"]},
+                             seed=7, block_table=[3, 9, 4], num_cached=n - 1)
+
+
+MESSAGES = [
+    protocol.HandedOver([state(1, 40), state(2, 1)]),
+    protocol.PrefillDone([state(3, 5)], finished=[None]),
+    protocol.DecodeStep([1, 2], [17, 18], ["stop", None]),
+    protocol.Final("r", "content_filter", text="é日本", token_ids=[1, 2], ttft_s=0.25, itl_s=[0.01, 0.5],
+                   verdict={"token_index": 3, "score": 0.9}),
+    protocol.ScmBatch(opens=[protocol.ScmOpen(4, prompt="hi"), protocol.ScmOpen(5, prompt_ids=[1, 2])],
+                      appends=[protocol.ScmAppend(4, 2, text=" there", last=True)], closes=[6]),
+    protocol.ScmScored([4, 5], [2, 0], [None, {"score": 0.7}], [None, "full"]),
+    protocol.Shutdown(),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    assert protocol.decode(protocol.encode(msg)) == msg
+
+
+def test_float_fields_take_integers_as_floats():
+    data = msgpack.packb(["Final", {"request_id": "r", "finish_reason": "stop", "ttft_s": 1, "itl_s": [0, 1.5]}])
+    final = protocol.decode(data)
+    assert final.ttft_s == 1.0 and type(final.ttft_s) is float
+    assert final.itl_s == [0.0, 1.5] and all(type(x) is float for x in final.itl_s)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"seq_ids": [1, True], "tokens": [1, 2], "finished": [None, None]},
+     "DecodeStep.seq_ids[]: expected int, got bool"),
+    ({"seq_ids": [1, 2], "tokens": [1, 2.5], "finished": [None, None]}, "DecodeStep.tokens[]: expected int, got float"),
+    ({"seq_ids": [1], "tokens": "7", "finished": [None]}, "DecodeStep.tokens: expected a list, got str"),
+    ({"seq_ids": [1], "tokens": [7], "finished": [3]}, "DecodeStep.finished[]: expected str or null, got int"),
+])
+def test_wrong_types_name_the_field(fields, message):
+    with pytest.raises(protocol.ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        protocol.decode(msgpack.packb(["DecodeStep", fields]))
+
+
+def test_nested_message_is_checked_too():
+    seq = {"seq_id": 1, "token_ids": [1, "2"], "num_prompt": 1, "params": {}, "seed": 0}
+    with pytest.raises(protocol.ProtocolError, match=r"SeqState.token_ids\[\]: expected int, got str"):
+        protocol.decode(msgpack.packb(["RunSeqs", {"seqs": [seq]}]))
+
+
+def test_only_messages_and_plain_data_can_be_sent():
+    with pytest.raises(TypeError, match="cannot send a set"):
+        protocol.encode(protocol.Reply("r", True, data={"x": {1, 2}}))
