@@ -284,7 +284,20 @@ def _hints(cls) -> dict:
 
 
 # The Python types msgpack decodes to that each annotation accepts (bool is not an int here).
-_ACCEPTS = {int: {int}, float: {int, float}, bool: {bool}, str: {str}, dict: {dict}}
+_ACCEPTS = {int: {int}, float: {int, float}, bool: {bool}, str: {str}, dict: {dict}, type(None): {type(None)}}
+
+
+def _options(hint) -> tuple:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+@functools.cache
+def _scalar_types(hint) -> frozenset | None:
+    """The types a scalar annotation, or a union of scalars and null, accepts; None for others."""
+    options = _options(hint)
+    if not all(o in _ACCEPTS for o in options):
+        return None
+    return frozenset().union(*(_ACCEPTS[o] for o in options))
 
 
 def _build(cls, values: dict):
@@ -314,30 +327,28 @@ def _check(value, hint, where: str):
             except ProtocolError:
                 pass
         raise ProtocolError(f"{where}: expected {_name(hint)}, got {type(value).__name__}")
-    if hint is type(None):
-        if value is not None:
-            raise ProtocolError(f"{where}: expected null")
-        return value
     if origin is list:
         if type(value) is not list:
             raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
-        accepts = _ACCEPTS.get(args[0])
+        accepts = _scalar_types(args[0])
         if accepts is None:
             return [_check(v, args[0], f"{where}[]") for v in value]
         wrong = set(map(type, value)) - accepts
         if wrong:
-            raise ProtocolError(f"{where}[]: expected {args[0].__name__}, got {wrong.pop().__name__}")
-        return [float(v) for v in value] if args[0] is float else value
+            raise ProtocolError(f"{where}[]: expected {_name(args[0])}, got {wrong.pop().__name__}")
+        if float in _options(args[0]) and int not in _options(args[0]):
+            return [float(v) if type(v) is int else v for v in value]
+        return value
     if isinstance(hint, type) and hint in MESSAGES.values():
         if type(value) is not dict:
             raise ProtocolError(f"{where}: expected {hint.__name__}")
         return _build(hint, value)
     if type(value) not in _ACCEPTS[hint]:
-        raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        raise ProtocolError(f"{where}: expected {_name(hint)}, got {type(value).__name__}")
     return float(value) if hint is float else value
 
 
 def _name(hint) -> str:
     def one(h):
         return "null" if h is type(None) else "a list" if typing.get_origin(h) is list else h.__name__
-    return " or ".join(one(a) for a in typing.get_args(hint))
+    return " or ".join(one(a) for a in _options(hint))
