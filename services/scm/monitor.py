@@ -149,8 +149,8 @@ class StreamMonitor:
 
     def _compute(self, chunks: list[tuple]) -> list[tuple]:
         """(key, stream, n, the scores of its n new tokens) for each chunk."""
-        single = [c for c in chunks if c[2] == 1 == self._pending(c[1])]
-        ragged = [c for c in chunks if not c[2] == 1 == self._pending(c[1])]
+        single = [c for c in chunks if self._pending(c[1]) == 1]  # the last token: what decode computes
+        ragged = [c for c in chunks if self._pending(c[1]) != 1]
         out = []
         if single:
             scores = self.runner.decode([s.seq for _, s, _ in single]).tolist()
