@@ -292,12 +292,13 @@ def _options(hint) -> tuple:
 
 
 @functools.cache
-def _scalar_types(hint) -> frozenset | None:
-    """The types a scalar annotation, or a union of scalars and null, accepts; None for others."""
+def _scalar(hint) -> tuple[frozenset, bool] | None:
+    """(the types it accepts, whether ints become floats) for a scalar annotation or a union of
+    scalars and null; None for any other annotation."""
     options = _options(hint)
     if not all(o in _ACCEPTS for o in options):
         return None
-    return frozenset().union(*(_ACCEPTS[o] for o in options))
+    return frozenset().union(*(_ACCEPTS[o] for o in options)), float in options and int not in options
 
 
 def _build(cls, values: dict):
@@ -316,8 +317,23 @@ def _build(cls, values: dict):
 
 
 def _check(value, hint, where: str):
+    scalar = _scalar(hint)
+    if scalar is not None:
+        if type(value) not in scalar[0]:
+            raise ProtocolError(f"{where}: expected {_name(hint)}, got {type(value).__name__}")
+        return float(value) if scalar[1] and type(value) is int else value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
+    if origin is list:
+        if type(value) is not list:
+            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        scalar = _scalar(args[0])
+        if scalar is None:
+            return [_check(v, args[0], f"{where}[]") for v in value]
+        wrong = set(map(type, value)) - scalar[0]
+        if wrong:
+            raise ProtocolError(f"{where}[]: expected {_name(args[0])}, got {wrong.pop().__name__}")
+        return [float(v) if type(v) is int else v for v in value] if scalar[1] else value
+    if origin in (typing.Union, types.UnionType):  # with a list or a message among the options
         lists = [a for a in args if typing.get_origin(a) is list]
         if type(value) is list and len(lists) == 1:  # say which element is wrong
             return _check(value, lists[0], where)
@@ -327,25 +343,9 @@ def _check(value, hint, where: str):
             except ProtocolError:
                 pass
         raise ProtocolError(f"{where}: expected {_name(hint)}, got {type(value).__name__}")
-    if origin is list:
-        if type(value) is not list:
-            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
-        accepts = _scalar_types(args[0])
-        if accepts is None:
-            return [_check(v, args[0], f"{where}[]") for v in value]
-        wrong = set(map(type, value)) - accepts
-        if wrong:
-            raise ProtocolError(f"{where}[]: expected {_name(args[0])}, got {wrong.pop().__name__}")
-        if float in _options(args[0]) and int not in _options(args[0]):
-            return [float(v) if type(v) is int else v for v in value]
-        return value
-    if isinstance(hint, type) and hint in MESSAGES.values():
-        if type(value) is not dict:
-            raise ProtocolError(f"{where}: expected {hint.__name__}")
-        return _build(hint, value)
-    if type(value) not in _ACCEPTS[hint]:
-        raise ProtocolError(f"{where}: expected {_name(hint)}, got {type(value).__name__}")
-    return float(value) if hint is float else value
+    if type(value) is not dict:
+        raise ProtocolError(f"{where}: expected {hint.__name__}")
+    return _build(hint, value)  # a nested message
 
 
 def _name(hint) -> str:
