@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from shared.sampling import sample, uniform_noise
+from shared.sampling import gumbel_max, row_hash, sample, uniform_noise
 from shared.sampling_params import SamplingParams
 
 
@@ -44,11 +44,11 @@ def test_same_seed_same_tokens_whatever_the_batch():
 
 
 def test_noise_is_uniform_and_differs_per_step():
-    u = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 200_000)
+    u = uniform_noise(row_hash(torch.tensor([1, 2]), torch.tensor([0, 0])), 200_000)
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.01
     assert (u[0] != u[1]).float().mean() > 0.99
-    again = uniform_noise(torch.tensor([1]), torch.tensor([1]), 200_000)
+    again = uniform_noise(row_hash(torch.tensor([1]), torch.tensor([1])), 200_000)
     assert (again[0] != u[0]).float().mean() > 0.99
 
 
@@ -77,6 +77,40 @@ def test_top_k_top_p_min_p_keep_only_their_sets():
     f = frequencies(row, min_p=0.2)
     kept = probs >= 0.2 * probs.max()
     assert f[~kept].sum() == 0 and (f[kept] > 0).all()
+
+
+def test_mixed_batch_rows_match_their_own_method():
+    """Rows with top-k / top-p take the sorted path, the rest do not: each row samples as it would
+    in a batch of its own kind."""
+    logits = random_logits(b=6)
+    f32, i32 = torch.float32, torch.int32
+    t = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.3, 1.0], dtype=f32)
+    k = torch.tensor([0, 0, 0, 5, 0, 0], dtype=i32)
+    p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.8, 1.0], dtype=f32)
+    m = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.0], dtype=f32)
+    seeds, steps = torch.arange(6, dtype=torch.int64), torch.full((6,), 3, dtype=torch.int64)
+    mixed = sample(logits, t, k, p, m, seeds, steps)
+    for i in range(6):
+        one = [x[i:i + 1] for x in (logits, t, k, p, m, seeds, steps)]
+        assert mixed[i] == sample(*one)[0], i
+
+
+@pytest.mark.gpu
+def test_fused_sampler_matches_the_torch_path():
+    """The Triton gumbel-max draws the same tokens as the torch path from the same logits and
+    keys, on a vocabulary that is not a multiple of the kernel's block."""
+    b, v = 48, 50_021
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(b, v, generator=gen) * 4
+    logits[4, 17] = logits[4, 3000] = 100.0  # a tie in a greedy row: the first index wins
+    t = torch.rand(b, generator=gen) * 1.5
+    t[::4] = 0.0
+    m = torch.where(torch.rand(b, generator=gen) < 0.5, torch.rand(b, generator=gen) * 0.3, 0.0)
+    keys = row_hash(torch.randint(0, 2 ** 62, (b,), generator=gen), torch.randint(0, 500, (b,), generator=gen))
+    from shared.kernels.triton_sampling import gumbel_max as fused
+    got = fused(logits.cuda(), t.cuda(), m.cuda(), keys.cuda()).cpu()
+    assert torch.equal(got, gumbel_max(logits, t, m, keys))
+    assert got[4] == 17
 
 
 @pytest.mark.parametrize("field,value", [
