@@ -146,6 +146,19 @@ def test_follows_the_load_up_and_gives_back_when_it_drops():
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_spare_prefill_sms_go_to_decode(seed):
+    """Both SLOs met with TTFT far inside its own: prefill gives decode steps (lower TPOT, lower
+    end-to-end latency) and stops while both are still met."""
+    cfg = PartitionConfig(0.3, 0.05, window=30)
+    load = Load(rate=10, a1=2.0, b1=0.02, c=2.0, a2=1.0)
+    p = Partitioner(cfg, 60, 40)
+    decisions = Sim(p, seed).run(load, 30)
+    path(decisions)
+    assert decisions[0].action == "give_to_decode" and p.split[1] > 40
+    assert meets(load, cfg, p.split) and {d.action for d in decisions[-10:]} == {"hold"}
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_the_model_sets_how_many_steps_to_take(seed):
     cfg = PartitionConfig(0.2, 0.05, window=30)
     p = Partitioner(cfg, 20, 50)
@@ -200,9 +213,9 @@ def test_requests_from_before_a_switch_are_left_out():
     p.switched(60, 40, now=100.0)
     for t in (90.0, 95.0, 99.0):  # arrived under the old split
         assert p.observe(t, 9.9, 9.9, now=101.0) is None
-    decisions = [p.observe(100 + t, 0.1, 0.01, now=103.0) for t in (0.5, 1.0, 1.5)]
+    decisions = [p.observe(100 + t, 0.2, 0.03, now=103.0) for t in (0.5, 1.0, 1.5)]
     assert decisions[:2] == [None, None] and decisions[2].prefill_sm == 60
-    assert decisions[2].ttft_s == pytest.approx(0.1) and decisions[2].action == "hold"
+    assert decisions[2].ttft_s == pytest.approx(0.2) and decisions[2].action == "hold"
 
 
 def test_config_and_split_are_checked():
