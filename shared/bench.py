@@ -136,7 +136,8 @@ class RequestRecord:
     output_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None
-    server_ttft_s: float | None = None  # the server's own count, for comparison
+    server_ttft_s: float | None = None  # the server's own clock (arrival to first token sent)
+    server_tpot_s: float | None = None  # and mean gap between its tokens: what the client adds shows
 
     @property
     def ok(self) -> bool:
@@ -186,6 +187,8 @@ def summarize(records: list[RequestRecord], duration_s: float, ttft_slo: float |
         "tpot_s": distribution([r.tpot_s for r in done if r.tpot_s is not None]),
         "itl_s": distribution([gap for r in done for gap in r.itl_s]),
         "e2e_s": distribution([r.e2e_s for r in done]),
+        "server_ttft_s": distribution([r.server_ttft_s for r in done if r.server_ttft_s is not None]),
+        "server_tpot_s": distribution([r.server_tpot_s for r in done if r.server_tpot_s is not None]),
         "ttft_slo_s": ttft_slo, "tpot_slo_s": tpot_slo, "slo_attainment": None, "goodput": None,
     }
     if records and (ttft_slo is not None or tpot_slo is not None):
@@ -234,7 +237,9 @@ async def _measure(client: AsyncClient, index: int, prompt_ids: list[int], param
     chunks.append((record.e2e_s, len(stream.final.token_ids)))
     record.ttft_s, record.itl_s = token_timing(chunks)
     record.output_tokens = sum(k for _, k in chunks)
-    record.finish_reason, record.server_ttft_s = stream.final.finish_reason, stream.final.ttft_s
+    final = stream.final
+    record.finish_reason, record.server_ttft_s = final.finish_reason, final.ttft_s
+    record.server_tpot_s = sum(final.itl_s) / len(final.itl_s) if final.itl_s else None
     return record
 
 

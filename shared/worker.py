@@ -125,6 +125,7 @@ def preload() -> None:
         import cupy  # noqa: F401
         import shared.kernels.triton_attention  # noqa: F401
         import shared.kernels.triton_fused  # noqa: F401
+        import shared.kernels.triton_sampling  # noqa: F401
     except ImportError:  # a CPU-only machine: nothing more to load
         pass
 

@@ -34,6 +34,8 @@ def test_launched_server_swept_over_two_rates(tmp_path, capsys):
         s = run["summary"]
         assert s["completed"] == 6 and s["failed"] == 0 and s["output_tokens"] > 0
         assert 0 < s["ttft_s"]["p90"] < s["e2e_s"]["p99"] and s["tpot_s"]["mean"] > 0
+        # the server's clock starts after the client's send and stops before its receipt
+        assert 0 < s["server_ttft_s"]["p90"] <= s["ttft_s"]["p90"] and s["server_tpot_s"]["mean"] > 0
         assert s["ttft_slo_s"] == 2 and 0 <= s["slo_attainment"] <= 1 and s["request_throughput"] > 0
     met = [run["rate"] for run in mode["runs"] if run["summary"]["slo_attainment"] >= 0.9]
     assert mode["max_rate_at_goal"] == max(met, default=None)

@@ -7,11 +7,11 @@ and of TPOT over the window. If TTFT misses its SLO, raise x by 1 to `max_steps`
 the latency model predicts meet the SLO, all of them if none does, one while there is no model.
 Else if TPOT misses, the same for y. A raise past what `max_total` leaves lowers the other share.
 When both miss, TTFT goes first (as in the paper); if x cannot rise, y may. When both are met and
-TTFT is below GIVE_BACK of its SLO, prefill gives decode a step: a request spends one TTFT in
-prefill but all its later tokens in decode, so spare prefill SMs are worth most as decode speed
-(bench_share: decode at batch 128 takes 11.7 ms with 40% of an H200, 9.5 with 60%). Decode gives
-prefill a step when TPOT is below GIVE_BACK of its SLO and TTFT is not. No give-back where the
-giver's model predicts it would then pass GIVE_BACK of its SLO: the margin absorbs load changes.
+one phase is below GIVE_BACK of its SLO while the other is not, the comfortable phase gives the
+other a step (else a phase never gives SMs back), unless its model predicts it would then pass
+GIVE_BACK of its SLO: the margin absorbs load changes. With both far inside their SLOs nothing
+moves: giving decode the SMs prefill could spare was tried and measured no lower end-to-end
+latency (docs/benchmarks.md), while it left prefill short when a burst came.
 
 Overlap: `max_total` bounds x + y, default 100. MPS quotas are caps, not reservations: with
 x + y > 100 the phases contend for the overlap exactly when both are busy, which is when latency
@@ -29,8 +29,10 @@ linearly at each c (b >= 0: a latency floor); ties go to the smallest c. Windows
 OVERLOADED SLOs had a growing queue, which the model does not describe: they are not fitted. A fit
 needs windows at two shares or more and a > 0 (more SMs, less latency), and guides moves only with
 R^2 >= MIN_R2; without such a fit the one-step rule applies. Each decision logs its fits. The
-rate is arrivals per second over the last RATE_WINDOWS windows' requests (one window is too noisy
-to compare loads by).
+rate is the load the window's requests met: every arrival (the caller reports each one) between
+the 10th and 90th percentiles of their arrival times, per second. Finished requests alone would
+not do: a long one that arrived long before stretches the span, and arrivals still in flight go
+uncounted.
 
 No oscillation: each window records its split as visited and, if it missed, which SLO. A miss at
 share s means every share <= s of that phase misses at that load or more (latency falls with SMs
@@ -41,6 +43,7 @@ a visited split. So under one load every miss raises a bound and every give-back
 split: moves stop, and A->B->A->B cannot happen (A->B->A can: a give-back that missed). A miss
 with no allowed move holds the split as a best effort (action "stuck").
 """
+import bisect
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -52,7 +55,7 @@ from shared.errors import UserError
 GIVE_BACK = 0.5        # a phase below this fraction of its SLO may give a step to the other
 LOAD_TOLERANCE = 0.25  # evidence holds until the rate drops by more than this fraction
 FIT_WINDOWS = 16       # recent windows the model is fitted over
-RATE_WINDOWS = 4       # windows of arrivals the rate is measured over
+MAX_ARRIVALS = 1 << 16  # arrival times kept for measuring the rate
 C_GRID = 64            # candidate values of c for the TTFT fit
 OVERLOADED = 10        # a window with TTFT over this many SLOs had a growing queue: not fitted
 MIN_R2 = 0.5           # a fit explaining less of the variance is logged but not used
@@ -160,8 +163,8 @@ class Partitioner:
         self._slos = (config.ttft_slo, config.tpot_slo)
         self._check((prefill_sm, decode_sm))
         self.split = (prefill_sm, decode_sm)
-        self._window: list[tuple[float, float | None]] = []
-        self._arrivals: deque[float] = deque(maxlen=RATE_WINDOWS * config.window)
+        self._window: list[tuple[float, float, float | None]] = []  # (arrived, TTFT, TPOT)
+        self._arrivals: list[float] = []                             # every arrival, in order
         self._settled_at = -math.inf
         self._points: deque[tuple] = deque(maxlen=FIT_WINDOWS)
         self._visited: dict[tuple[int, int], float] = {}           # split -> lowest rate seen at
@@ -181,13 +184,18 @@ class Partitioner:
         self.split, self._settled_at = (prefill_sm, decode_sm), now
         self._window.clear()
 
+    def arrived(self, arrived_s: float) -> None:
+        """A request arrived (times on the clock observe() is given, in increasing order)."""
+        self._arrivals.append(arrived_s)
+        if len(self._arrivals) > MAX_ARRIVALS:
+            del self._arrivals[:MAX_ARRIVALS // 2]
+
     def observe(self, arrived_s: float, ttft_s: float, tpot_s: float | None, now: float) -> Decision | None:
         """One finished request (times on one clock); every `window`th counted one returns the
         Decision, whose next split the partitioner assumes in effect from `now`."""
-        self._arrivals.append(arrived_s)
         if arrived_s < self._settled_at:
             return None
-        self._window.append((ttft_s, tpot_s))
+        self._window.append((arrived_s, ttft_s, tpot_s))
         if len(self._window) < self.config.window:
             return None
         decision = self._decide(now)
@@ -198,10 +206,11 @@ class Partitioner:
 
     def _decide(self, now: float) -> Decision:
         cfg, here = self.config, self.split
-        span = max(self._arrivals) - min(self._arrivals)
-        rate = (len(self._arrivals) - 1) / span if span > 0 else math.inf
-        tpots = [t for _, t in self._window if t is not None]
-        observed = (float(np.percentile([t for t, _ in self._window], cfg.percentile)),
+        lo, hi = np.percentile([a for a, _, _ in self._window], (10, 90))
+        count = bisect.bisect_right(self._arrivals, hi) - bisect.bisect_left(self._arrivals, lo)
+        rate = (count - 1) / (hi - lo) if hi > lo and count > 1 else math.inf
+        tpots = [t for _, _, t in self._window if t is not None]
+        observed = (float(np.percentile([t for _, t, _ in self._window], cfg.percentile)),
                     float(np.percentile(tpots, cfg.percentile)) if tpots else None)
         missed = [i for i in (0, 1) if observed[i] is not None and observed[i] > self._slos[i]]
         _keep_lowest(self._visited, here, rate)
@@ -232,12 +241,12 @@ class Partitioner:
                 ": no allowed split raises " + " or ".join(PHASES[i] for i in missed)
         if observed[1] is not None:
             ratios = (observed[0] / slos[0], observed[1] / slos[1])
-            giver = 0 if ratios[0] < GIVE_BACK else 1 if ratios[1] < GIVE_BACK else None
-            target = None if giver is None else self._give(giver, rate, fits[giver], slos[giver])
-            if target is not None:
-                taker = 1 - giver
-                return target, f"give_to_{PHASES[taker]}", f"{said(giver, '<=')} " \
-                    f"({ratios[giver]:.0%}), {METRICS[taker]} at {ratios[taker]:.0%} of its SLO"
+            for giver, taker in ((0, 1), (1, 0)):
+                target = self._give(giver, rate, fits[giver], slos[giver]) \
+                    if ratios[giver] < GIVE_BACK <= ratios[taker] else None
+                if target is not None:
+                    return target, f"give_to_{PHASES[taker]}", f"{said(giver, '<=')} " \
+                        f"({ratios[giver]:.0%}), {METRICS[taker]} at {ratios[taker]:.0%} of its SLO"
         return self.split, "hold", " and ".join(said(i, "<=") for i in (0, 1) if observed[i] is not None)
 
     def _raise(self, i: int, rate: float, fit: Fit | None, slo: float) -> tuple[int, int] | None:

@@ -161,6 +161,8 @@ class Controller:
         if error:
             return reject(error)
         req.where = self.prefill_role
+        if self.partitioner is not None:
+            self.partitioner.arrived(req.arrival)
         self.requests[(client, msg.request_id)] = req
         self.by_seq[req.seq_id] = req
         self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
