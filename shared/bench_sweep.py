@@ -4,7 +4,8 @@ server, several, or servers launched here one mode at a time; then a JSON report
 
 While a run goes, the server's stats are polled every POLL_S seconds for its SM split
 (`partition.prefill_sm` / `decode_sm`; absent on servers that do not partition), so a dynamic
-mode's split can be plotted over time; its `partition` object (switch history included) is kept
+mode's split can be plotted over time, and for each worker's last step times (`workers.*.steps`:
+wall and GPU ms per step, mean batch); its `partition` object (switch history included) is kept
 as the mode ends.
 """
 
@@ -27,6 +28,7 @@ from shared.bench import check_load_args, run_load, summarize
 from shared.client import AsyncClient, Client, ClientError
 from shared.errors import UserError, first_line
 
+FRESH_S = 3.0            # a worker's step report older than this is from before it went idle
 POLL_S = 0.5
 WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not measured
 LAUNCH_TIMEOUT_S = 600   # loading a large model's weights takes minutes
@@ -134,13 +136,15 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
     async with AsyncClient(address, timeout_s=10) as client:
         while not done.is_set():
             try:
-                part = (await client.stats()).get("partition")
+                stats = await client.stats()
             except ClientError:
                 return  # the run itself reports a dead server
+            part, workers = stats.get("partition"), stats.get("workers")
             if isinstance(part, dict) and all(isinstance(part.get(k), (int, float))
                                               for k in ("prefill_sm", "decode_sm")):
+                steps = {role: w.get("steps") for role, w in workers.items()} if isinstance(workers, dict) else None
                 samples.append({"time_s": time.monotonic() - started, "rate": rate,
-                                "prefill_sm": part["prefill_sm"], "decode_sm": part["decode_sm"]})
+                                "prefill_sm": part["prefill_sm"], "decode_sm": part["decode_sm"], "steps": steps})
             try:
                 await asyncio.wait_for(done.wait(), POLL_S)
             except asyncio.TimeoutError:
@@ -163,12 +167,25 @@ async def sweep_server(args, name: str, address: str) -> dict:
         finally:
             done.set()
             await poller
-        runs.append({"rate": rate, "summary": summarize(records, duration, args.ttft_slo, args.tpot_slo)})
+        runs.append({"rate": rate, "summary": summarize(records, duration, args.ttft_slo, args.tpot_slo),
+                     "steps": step_means([x for x in samples if x["rate"] == rate])})
     async with AsyncClient(address) as client:
         partition = (await client.stats()).get("partition")
     return {"address": address, "runs": runs, "max_rate_at_goal": max_rate_at_goal(runs),
             "started_unix": started_unix, "split_samples": samples,
             "partition": partition if isinstance(partition, dict) else None}
+
+
+def step_means(samples: list[dict]) -> dict:
+    """Per worker role, the means of the step reports polled during one run (reports older than
+    FRESH_S came from an idle worker and are left out)."""
+    reports: dict[str, list[dict]] = {}
+    for sample in samples:
+        for role, steps in (sample.get("steps") or {}).items():
+            if steps and steps["age_s"] < FRESH_S:
+                reports.setdefault(role, []).append(steps)
+    return {role: {k: float(np.mean(v)) if (v := [r[k] for r in rs if r[k] is not None]) else None
+                   for k in ("step_ms", "gpu_ms", "mean_batch", "busy")} for role, rs in reports.items()}
 
 
 def max_rate_at_goal(runs: list[dict]) -> float | None:
@@ -180,14 +197,18 @@ def max_rate_at_goal(runs: list[dict]) -> float | None:
 def format_table(report: dict) -> str:
     def ms(v):
         return "-" if v is None else f"{v * 1e3:.1f}"
-    head = ("rate req/s", "done req/s", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms", "SLO met")
+    def step(run):  # the token-producing worker's mean step: wall / GPU ms
+        steps = run.get("steps") or {}
+        d = steps.get("decode") or steps.get("unified")
+        return "-" if d is None else "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("step_ms", "gpu_ms"))
+    head = ("rate req/s", "done req/s", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms", "SLO met", "step/GPU ms")
     lines = []
     for name, mode in report["modes"].items():
         lines += [f"{name}:", "  " + "".join(f"{h:>13}" for h in head)]
         for run in mode["runs"]:
             s = run["summary"]
             cells = (f"{run['rate']:g}", f"{s['request_throughput']:.2f}", ms(s["e2e_s"]["mean"]),
-                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}")
+                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}", step(run))
             lines.append("  " + "".join(f"{c:>13}" for c in cells))
     lines.append(f"highest rate with >= {ATTAINMENT_GOAL:.0%} SLO attainment:")
     for name, mode in report["modes"].items():

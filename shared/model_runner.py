@@ -38,6 +38,8 @@ class ModelRunner:
         self.page_size = page_size
         self.max_pages_per_seq = (max_model_len + page_size - 1) // page_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.gpu_spans: list[tuple] = []  # CUDA event pairs: a forward pass's start, its sampler's end
+        self._forward_started = None
         if self.device.type == "cuda":
             self._warm_up()
             if cuda_graphs:
@@ -79,6 +81,7 @@ class ModelRunner:
             slots += [self._slot(seq, p) for p in span]
             cu_seqlens.append(cu_seqlens[-1] + n)
             kv_lens.append(span.stop)
+        self._mark_forward()
         batch = Batch(is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
                       kv_lens=self._tensor(kv_lens), block_tables=self._block_tables([s for s, _ in chunks]),
                       cu_seqlens_q=self._tensor(cu_seqlens), max_q_len=max(n for _, n in chunks))
@@ -95,6 +98,7 @@ class ModelRunner:
         graph_bs = next((g for g in sorted(self.graphs) if g >= bs), None)
         if graph_bs is None:
             batch = Batch(False, self._tensor(slots, torch.int64), self._tensor(kv_lens), self._block_tables(seqs))
+            self._mark_forward()
             hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
             return self.head(hidden)
         pad = graph_bs - bs
@@ -104,6 +108,7 @@ class ModelRunner:
         g["slots"][:graph_bs].copy_(self._tensor(slots + [-1] * pad, torch.int64))
         g["kv_lens"][:graph_bs].copy_(self._tensor(kv_lens + [0] * pad))
         g["block_tables"][:bs, :].copy_(self._block_tables(seqs, self.max_pages_per_seq))
+        self._mark_forward()
         self.graphs[graph_bs].replay()
         return self.graph_out[:bs]
 
@@ -114,7 +119,18 @@ class ModelRunner:
                         self._tensor([x.top_k for x in p]), self._tensor([x.top_p for x in p], f32),
                         self._tensor([x.min_p for x in p], f32), self._tensor([s.seed for s in seqs], torch.int64),
                         self._tensor([s.num_output for s in seqs], torch.int64))
+        if self._forward_started is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.gpu_spans.append((self._forward_started, end))
+            self._forward_started = None
         return tokens.tolist()
+
+    def _mark_forward(self) -> None:
+        """On CUDA, an event where the forward pass's kernels start (its inputs already queued)."""
+        if self.device.type == "cuda":
+            self._forward_started = torch.cuda.Event(enable_timing=True)
+            self._forward_started.record()
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

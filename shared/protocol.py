@@ -155,6 +155,16 @@ class DecodeStep:
 
 
 @dataclass
+class StepTimes:
+    """Worker -> controller, about once a second while it works: its steps since the last report."""
+    steps: int
+    seqs: int                          # sequences over those steps (the mean batch is seqs / steps)
+    busy_s: float                      # wall time in steps: scheduling to sending the results
+    gpu_s: float | None                # forward passes and sampling on the GPU (CUDA events); None on CPU
+    span_s: float                      # wall time the report covers
+
+
+@dataclass
 class Preempted:
     """Decode -> controller: pages freed, recompute these through prefill."""
     seqs: list[SeqState]
@@ -236,7 +246,7 @@ class ScmScored:
 
 MESSAGES = {cls.__name__: cls for cls in (
     GenerateRequest, AbortRequest, HealthRequest, StatsRequest, PartitionRequest, Delta, Final, Reply, WorkerHello,
-    WorkerInit, WorkerReady, SeqState, RunSeqs, PrefillDone, DecodeStep, Preempted, AbortSeqs, Handover, HandedOver,
+    WorkerInit, WorkerReady, SeqState, RunSeqs, PrefillDone, DecodeStep, StepTimes, Preempted, AbortSeqs, Handover, HandedOver,
     Shutdown,
     ScmHello, ScmReady, ScmOpen, ScmAppend, ScmBatch, ScmScored)}
 

@@ -5,6 +5,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict
 
 import torch
@@ -109,6 +110,41 @@ class Worker:
         seq.token_ids = list(state.token_ids)
         seq.block_table, seq.num_cached = list(state.block_table), state.num_cached
         return seq
+
+
+class StepTimer:
+    """Times a worker's steps and reports them (StepTimes) about once a second while it works.
+
+    Wall time runs from scheduling to sending a step's results; GPU time from the forward
+    pass's first kernel to the sampler's last (the runner's CUDA event pairs), read only once
+    the events have completed, so timing never makes the loop wait."""
+
+    REPORT_S = 1.0
+
+    def __init__(self, link: ControllerLink, runner: ModelRunner):
+        self.link, self.runner = link, runner
+        self.cuda = runner.device.type == "cuda"
+        self._reset()
+
+    def _reset(self) -> None:
+        self.since, self.steps, self.seqs, self.busy, self.gpu = None, 0, 0, 0.0, 0.0
+
+    def start(self) -> None:
+        self.began = time.perf_counter()
+        if self.since is None:  # a report covers from its first step on, not the idle time before
+            self.since = self.began
+
+    def stop(self, num_seqs: int) -> None:
+        now = time.perf_counter()
+        self.steps, self.seqs, self.busy = self.steps + 1, self.seqs + num_seqs, self.busy + now - self.began
+        spans = self.runner.gpu_spans
+        while spans and spans[0][1].query():
+            start, end = spans.pop(0)
+            self.gpu += start.elapsed_time(end) / 1e3
+        if now - self.since >= self.REPORT_S:
+            self.link.send(protocol.StepTimes(self.steps, self.seqs, self.busy,
+                                              self.gpu if self.cuda else None, now - self.since))
+            self._reset()
 
 
 def to_state(seq: Sequence) -> protocol.SeqState:

@@ -36,6 +36,8 @@ def test_launched_server_swept_over_two_rates(tmp_path, capsys):
         assert 0 < s["ttft_s"]["p90"] < s["e2e_s"]["p99"] and s["tpot_s"]["mean"] > 0
         # the server's clock starts after the client's send and stops before its receipt
         assert 0 < s["server_ttft_s"]["p90"] <= s["ttft_s"]["p90"] and s["server_tpot_s"]["mean"] > 0
+        assert set(run["steps"]) <= {"prefill", "decode"}  # workers report after a second of work
+        assert all(d["step_ms"] > 0 and d["gpu_ms"] is None for d in run["steps"].values())
         assert s["ttft_slo_s"] == 2 and 0 <= s["slo_attainment"] <= 1 and s["request_throughput"] > 0
     met = [run["rate"] for run in mode["runs"] if run["summary"]["slo_attainment"] >= 0.9]
     assert mode["max_rate_at_goal"] == max(met, default=None)
@@ -65,7 +67,9 @@ def test_plot_redraws_a_saved_report_with_the_split_over_time(tmp_path, capsys):
         "config": {"ttft_slo": 0.5, "tpot_slo": 0.1},
         "modes": {
             "unified": {"runs": [{"rate": 2.0, "summary": summary_at(0.3, False)},
-                                 {"rate": 8.0, "summary": summary_at(0.4, False)}],
+                                 {"rate": 8.0, "summary": summary_at(0.4, False),
+                                  "steps": {"unified": {"step_ms": 12.5, "gpu_ms": 9.0, "mean_batch": 4.0,
+                                                        "busy": 0.5}}}],
                         "max_rate_at_goal": None, "split_samples": [], "partition": None},
             "dynamic": {"runs": [{"rate": 2.0, "summary": summary_at(0.1, True)},
                                  {"rate": 8.0, "summary": summary_at(0.2, True)}],
@@ -88,7 +92,7 @@ def test_plot_redraws_a_saved_report_with_the_split_over_time(tmp_path, capsys):
     assert lines[-3:] == ["highest rate with >= 90% SLO attainment:", "  unified: none of the rates swept",
                           "  dynamic: 8 req/s"]
     row = next(line.split() for line in lines if line.split()[:1] == ["8"])  # unified at 8 req/s
-    assert row == ["8", "2.00", "2100.0", "2000.0", "50.0", "25.0%"]
+    assert row == ["8", "2.00", "2100.0", "2000.0", "50.0", "25.0%", "12.5/9.0"]
 
 
 def test_a_launch_that_fails_says_why(tmp_path, capsys):

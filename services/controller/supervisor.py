@@ -25,6 +25,7 @@ class WorkerHandle:
     activated: float | None = None     # when it was given its WorkerInit (monotonic s)
     ready: bool = False                # open for messages (a successor opens after the handover)
     last_output: float | None = None   # when its last tokens arrived (monotonic s)
+    step_times: tuple | None = None    # (its last StepTimes, when it came)
     queue: list = field(default_factory=list)
 
 

@@ -9,7 +9,7 @@ attention layers' cache writes included. Decode only learns of a sequence after 
 from shared import protocol
 from shared.engine import prefill_step
 from shared.scheduler import PrefillScheduler
-from shared.worker import Worker, to_state
+from shared.worker import StepTimer, Worker, to_state
 
 IDLE_POLL_MS = 100
 BLOCKED_POLL_MS = 5  # prompts wait for decode to free pages
@@ -18,14 +18,17 @@ BLOCKED_POLL_MS = 5  # prompts wait for decode to free pages
 def run(worker: Worker) -> None:
     init, link, allocator = worker.init, worker.link, worker.allocator
     sched = PrefillScheduler(allocator, init.page_size, init.max_batched_tokens, init.max_num_seqs)
+    timer = StepTimer(link, worker.runner)
     blocked = False
     while True:
         timeout = IDLE_POLL_MS if not sched.waiting else BLOCKED_POLL_MS if blocked else 0
         if not worker.apply_messages(timeout, sched):
             return
+        timer.start()
         chunks = sched.schedule()
         blocked = not chunks
         if chunks:
             ready = prefill_step(worker.runner, sched, allocator, chunks)
             if ready:
                 link.send(protocol.PrefillDone([to_state(s) for s in ready], [s.finish_reason for s in ready]))
+            timer.stop(len(chunks))
