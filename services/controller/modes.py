@@ -9,8 +9,8 @@ from shared.errors import UserError
 # The default fixed split. Prefill is bound by compute and its speed follows its share; decode
 # is bound by memory bandwidth, which a minority of the SMs nearly saturates (bench_share, H200:
 # a batch-128 step takes 1.46x its whole-GPU time with 40% of the SMs, 1.18x with 60%). Prefill
-# gets the larger share because its SLO (TTFT) is the one a burst of arrivals breaks first;
-# --dynamic moves the SMs prefill can spare to decode.
+# gets the larger share because its SLO (TTFT) is the one a burst of arrivals breaks first
+# (with this split: 99.6% SLO attainment at 64 req/s on an H200, docs/benchmarks.md).
 DEFAULT_PREFILL_SM, DEFAULT_DECODE_SM = 60, 40
 
 
