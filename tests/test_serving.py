@@ -213,18 +213,21 @@ def test_cli_complete_and_stats(server, reference):
     assert set(stats["workers"]) == {"prefill", "decode"} and stats["workers"]["decode"]["pid"] > 0
 
 
-def test_workers_report_their_step_times(server):
-    """Each worker reports its steps about once a second while it works: wall time per step,
-    mean batch, and GPU time only where there is a GPU."""
+def step_reports(server) -> dict:
+    """Keep the workers busy until each has reported its step times (about once a second of
+    work); the reports by role."""
     work = [(p, 64) for p, _ in workload(8, seed=11)]
     deadline = time.monotonic() + 60
     while True:
         asyncio.run(run_concurrently(server.address, work))
-        workers = server.client.stats()["workers"]
-        if all(w["steps"] for w in workers.values()) or time.monotonic() > deadline:
-            break
-    for role, w in workers.items():
-        steps = w["steps"]
+        steps = {role: w["steps"] for role, w in server.client.stats()["workers"].items()}
+        if all(steps.values()) or time.monotonic() > deadline:
+            return steps
+
+
+def test_workers_report_their_step_times(server):
+    """Wall time per step and mean batch; GPU time only where there is a GPU."""
+    for role, steps in step_reports(server).items():
         assert steps is not None, role
         assert steps["step_ms"] > 0 and steps["mean_batch"] >= 1 and steps["steps_per_s"] > 0, steps
         assert 0 < steps["busy"] <= 1 and steps["gpu_ms"] is None and steps["age_s"] >= 0, steps

@@ -8,7 +8,7 @@ import pytest
 
 from tests.serving import Server
 from tests.test_modes import standbys_ready, wait_for
-from tests.test_serving import model, reference, run_concurrently, workload  # noqa: F401 (fixtures)
+from tests.test_serving import model, reference, run_concurrently, step_reports, workload  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu
 
@@ -49,5 +49,17 @@ def test_switch_under_mps_keeps_outputs_and_pages(model):  # noqa: F811
         assert stats["partition"]["mps"] and (stats["partition"]["prefill_sm"], stats["partition"]["decode_sm"]) == (40, 60)
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         assert all(h["error"] is None for h in stats["partition"]["history"])
+    finally:
+        assert server.stop() == 0
+
+
+def test_step_times_include_gpu_time(model):  # noqa: F811
+    """On CUDA each report also has the GPU time of the forward passes and sampling (CUDA events),
+    which lies within the step's wall time."""
+    server = Server(model, "--dtype", "float32", device="cuda")
+    try:
+        for role, steps in step_reports(server).items():
+            assert steps is not None, role
+            assert 0 < steps["gpu_ms"] <= steps["step_ms"], (role, steps)
     finally:
         assert server.stop() == 0
