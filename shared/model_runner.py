@@ -38,7 +38,9 @@ class ModelRunner:
         self.page_size = page_size
         self.max_pages_per_seq = (max_model_len + page_size - 1) // page_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.gpu_spans: list[tuple] = []  # CUDA event pairs: a forward pass's start, its sampler's end
+        # CUDA event pairs (a forward pass's start, its sampler's end) while a StepTimer reads
+        # them; None: not timed, and no events are made (generate, benchmarks, the monitor)
+        self.gpu_spans: list[tuple] | None = None
         self._forward_started = None
         if self.device.type == "cuda":
             self._warm_up()
@@ -127,8 +129,8 @@ class ModelRunner:
         return tokens.tolist()
 
     def _mark_forward(self) -> None:
-        """On CUDA, an event where the forward pass's kernels start (its inputs already queued)."""
-        if self.device.type == "cuda":
+        """When timed, an event where the forward pass's kernels start (its inputs already queued)."""
+        if self.gpu_spans is not None:
             self._forward_started = torch.cuda.Event(enable_timing=True)
             self._forward_started.record()
 

@@ -124,6 +124,8 @@ class StepTimer:
     def __init__(self, link: ControllerLink, runner: ModelRunner):
         self.link, self.runner = link, runner
         self.cuda = runner.device.type == "cuda"
+        if self.cuda:
+            runner.gpu_spans = []  # the runner records CUDA event pairs from now on
         self._reset()
 
     def _reset(self) -> None:
@@ -137,7 +139,7 @@ class StepTimer:
     def stop(self, num_seqs: int) -> None:
         now = time.perf_counter()
         self.steps, self.seqs, self.busy = self.steps + 1, self.seqs + num_seqs, self.busy + now - self.began
-        spans = self.runner.gpu_spans
+        spans = self.runner.gpu_spans or []
         while spans and spans[0][1].query():
             start, end = spans.pop(0)
             self.gpu += start.elapsed_time(end) / 1e3
