@@ -132,7 +132,7 @@ class Launched:
 
 
 async def _poll_split(address: str, started: float, rate: float, samples: list, done: asyncio.Event) -> None:
-    """Every POLL_S: the server's split, if it reports one."""
+    """Every POLL_S: the server's split, if it reports one, with its workers' step times."""
     async with AsyncClient(address, timeout_s=10) as client:
         while not done.is_set():
             try:
