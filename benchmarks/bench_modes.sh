@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The serving modes against each other on a GPU (llama3-8b preset, bf16, built-in ShareGPT-like
 # workload, SLOs TTFT 0.3 s / TPOT 0.15 s): `semipd bench --launch` starts each mode in turn and
-# sweeps the rates. Semi-PD modes run their workers as MPS clients (--start-mps).
+# sweeps the rates. Semi-PD modes run their workers as MPS clients (--start-mps) under the default
+# split (prefill 60, decode 100: caps; dynamic starts there).
 # Usage: bash benchmarks/bench_modes.sh [unified] [static] [dynamic]   (default: all three)
 # Env: MODEL (llama3-8b), RATES (3,5,7,9), N (120 requests per rate), OUT (out).
 set -uo pipefail

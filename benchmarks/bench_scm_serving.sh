@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cost of moderation on a GPU: `semipd serve` (llama3-8b preset, bf16, default 60/40 split
+# The cost of moderation on a GPU: `semipd serve` (llama3-8b preset, bf16, default split
 # under MPS) beside `semipd scm`
 # (a random monitor of Qwen2.5-0.5B's shape, bf16, on the same GPU), `semipd bench` (built-in
 # ShareGPT-like workload, Poisson arrivals) with every request monitored and without:

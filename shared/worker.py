@@ -76,6 +76,9 @@ class Worker:
         if init.sm_percent is not None:
             # MPS reads the quota when the CUDA context is created, which happens below.
             os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(init.sm_percent)
+            # Where quotas overlap, decode's short steps go first and prefill's long kernels fill
+            # the SMs they leave (MPS client priority 1 is "below normal"; a scheduling hint).
+            os.environ["CUDA_MPS_CLIENT_PRIORITY"] = "1" if role == "prefill" else "0"
         device = torch.device(init.device)
         dtype = DTYPES[init.dtype]
         self.model_config = ModelConfig.from_hf(load_hf_config(init.model))

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from shared.errors import UserError
 
-# The default fixed split. Prefill is bound by compute and its speed follows its share; decode
-# is bound by memory bandwidth, which a minority of the SMs nearly saturates (bench_share, H200:
-# a batch-128 step takes 1.46x its whole-GPU time with 40% of the SMs, 1.18x with 60%). Prefill
-# gets the larger share because its SLO (TTFT) is the one a burst of arrivals breaks first
-# (with this split: 99.6% SLO attainment at 64 req/s on an H200, docs/benchmarks.md).
-DEFAULT_PREFILL_SM, DEFAULT_DECODE_SM = 60, 40
+# The default split. MPS shares are caps: prefill's 60% leaves decode at least 40% of the SMs
+# while both run, and decode may use them all while prefill is idle (a third of the time at 32
+# req/s). Decode, bound by memory bandwidth, gains more from the idle SMs than from a fixed larger
+# share: mean E2E at 32 req/s on an H200 was 2713 ms at 60/100 against 3280 at 60/40 (docs/
+# benchmarks.md). Prefill keeps the larger guaranteed share because its SLO (TTFT) is the one a
+# burst of arrivals breaks first (40/100 was 2% faster, at its TTFT SLO at 48 req/s).
+DEFAULT_PREFILL_SM, DEFAULT_DECODE_SM = 60, 100
 
 
 @dataclass
@@ -30,8 +31,9 @@ def add_mode_args(p) -> None:
     g.add_argument("--mode", choices=["semi-pd", "unified"], default="semi-pd",
                    help="semi-pd: separate prefill and decode workers (default); unified: one worker "
                         "batches both with chunked prefill (the vLLM/SGLang baseline)")
-    g.add_argument("--prefill-sm", type=int, default=DEFAULT_PREFILL_SM, help="prefill's SM percent (MPS quota)")
-    g.add_argument("--decode-sm", type=int, default=DEFAULT_DECODE_SM, help="decode's SM percent (MPS quota)")
+    g.add_argument("--prefill-sm", type=int, default=DEFAULT_PREFILL_SM, help="prefill's SM percent (MPS quota, a cap)")
+    g.add_argument("--decode-sm", type=int, default=DEFAULT_DECODE_SM,
+                   help="decode's SM percent (MPS quota, a cap: the two may add up to over 100)")
     g.add_argument("--dynamic", action="store_true",
                    help="move the split at run time to meet --ttft-slo and --tpot-slo")
     g.add_argument("--ttft-slo", type=float, default=None, help="seconds (with --dynamic)")

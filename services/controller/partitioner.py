@@ -5,7 +5,8 @@ and applies the splits it returns.
 Rule (semi-PD, arXiv 2504.19867): every `window` finished requests, take the `percentile` of TTFT
 and of TPOT over the window. If TTFT misses its SLO, raise x by 1 to `max_steps` steps: the fewest
 the latency model predicts meet the SLO, all of them if none does, one while there is no model.
-Else if TPOT misses, the same for y. A raise past what `max_total` leaves lowers the other share.
+Else if TPOT misses, the same for y. A raise past 100, or past what `max_total` leaves, lowers
+the other share.
 When both miss, TTFT goes first (as in the paper); if x cannot rise, y may. When both are met and
 one phase is below GIVE_BACK of its SLO while the other is not, the comfortable phase gives the
 other a step (else a phase never gives SMs back), unless its model predicts it would then pass
@@ -13,12 +14,14 @@ GIVE_BACK of its SLO: the margin absorbs load changes. With both far inside thei
 moves: giving decode the SMs prefill could spare was tried and measured no lower end-to-end
 latency (docs/benchmarks.md), while it left prefill short when a burst came.
 
-Overlap: `max_total` bounds x + y, default 100. MPS quotas are caps, not reservations: with
-x + y > 100 the phases contend for the overlap exactly when both are busy, which is when latency
-matters; neither then gets its nominal share, and the model, which reads x and y as capacity, is
-wrong. So the default partition is disjoint; up to 200 lets a phase borrow idle SMs (the public
-semi-PD code's [80, 100] clamp is min_share 80, max_total 200). The brief overlap while workers
-switch asynchronously is the controller's business, not a split chosen here.
+Overlap: `max_total` bounds x + y, default 200. MPS quotas are caps, not reservations: with
+x + y > 100 the phases contend for the overlap when both are busy. That is the better default
+in serving (docs/benchmarks.md, H200): prefill is idle a third of the time and decode, bound by
+memory bandwidth, runs faster on the SMs prefill leaves than on a fixed minority; the cap on
+prefill is what keeps decode's floor. A phase already at 100 is raised by lowering the other
+(the semi-PD rule), so where decode holds 100 a TPOT miss lowers prefill's cap. The model reads
+x and y as capacity, which under overlap they are not: fits are only a guide, and a fit needs two
+shares (decode held at 100 has none). max_total 100 makes the partition disjoint.
 
 Latency model, least squares over the last FIT_WINDOWS windows' (split, rate, percentile) points:
   TPOT = a2 / y + b2                linear in 1/y
@@ -36,8 +39,10 @@ uncounted.
 
 No oscillation: each window records its split as visited and, if it missed, which SLO. A miss at
 share s means every share <= s of that phase misses at that load or more (latency falls with SMs
-and rises with load). Evidence seen at rate r holds while the rate stays >= (1 - LOAD_TOLERANCE)
-* r (the lowest r is kept); a larger drop forgets it. A move never enters a split that missed,
+and rises with load). Evidence seen at load r holds while the load stays >= (1 - LOAD_TOLERANCE)
+* r (the lowest r is kept); a larger drop forgets it. The load here is the median rate of the last
+LOAD_WINDOWS windows: one window's rate is noisy (40 arrivals: about 16%), and evidence forgotten
+on noise would let the splits cycle. A move never enters a split that missed,
 never changes a share to one at or below that phase's missed shares, and a give-back never enters
 a visited split. So under one load every miss raises a bound and every give-back visits a new
 split: moves stop, and A->B->A->B cannot happen (A->B->A can: a give-back that missed). A miss
@@ -53,7 +58,8 @@ import numpy as np
 from shared.errors import UserError
 
 GIVE_BACK = 0.5        # a phase below this fraction of its SLO may give a step to the other
-LOAD_TOLERANCE = 0.25  # evidence holds until the rate drops by more than this fraction
+LOAD_TOLERANCE = 0.25  # evidence holds until the load drops by more than this fraction
+LOAD_WINDOWS = 5       # windows whose median rate is the load evidence is compared with
 FIT_WINDOWS = 16       # recent windows the model is fitted over
 MAX_ARRIVALS = 1 << 16  # arrival times kept for measuring the rate
 C_GRID = 64            # candidate values of c for the TTFT fit
@@ -72,7 +78,7 @@ class PartitionConfig:
     step: int = 10           # SM percent per step; shares are multiples of it
     max_steps: int = 3       # most steps one decision moves
     min_share: int = 10      # least SM percent either phase keeps
-    max_total: int = 100     # most that x + y may add up to (over 100: overlapping quotas)
+    max_total: int = 200     # most that x + y may add up to (over 100: overlapping quotas)
 
     def __post_init__(self):
         if not (self.ttft_slo > 0 and self.tpot_slo > 0):
@@ -167,6 +173,8 @@ class Partitioner:
         self._arrivals: list[float] = []                             # every arrival, in order
         self._settled_at = -math.inf
         self._points: deque[tuple] = deque(maxlen=FIT_WINDOWS)
+        self._rates: deque[float] = deque(maxlen=LOAD_WINDOWS)
+        self._load = math.inf                                        # median of _rates
         self._visited: dict[tuple[int, int], float] = {}           # split -> lowest rate seen at
         self._missed: dict[tuple[tuple[int, int], int], float] = {}  # (split, phase) -> lowest rate
 
@@ -213,9 +221,11 @@ class Partitioner:
         observed = (float(np.percentile([t for _, t, _ in self._window], cfg.percentile)),
                     float(np.percentile(tpots, cfg.percentile)) if tpots else None)
         missed = [i for i in (0, 1) if observed[i] is not None and observed[i] > self._slos[i]]
-        _keep_lowest(self._visited, here, rate)
+        self._rates.append(rate)
+        self._load = float(np.median(self._rates))
+        _keep_lowest(self._visited, here, self._load)
         for i in missed:
-            _keep_lowest(self._missed, (here, i), rate)
+            _keep_lowest(self._missed, (here, i), self._load)
         self._points.append((*here, rate, *observed))
         stable = [p for p in self._points if p[3] <= OVERLOADED * cfg.ttft_slo]
         timed = [p for p in self._points if p[4] is not None]
@@ -253,33 +263,35 @@ class Partitioner:
         """Phase i up by the fewest of 1..max_steps steps the model says meet its SLO."""
         cfg, allowed = self.config, []
         for k in range(1, cfg.max_steps + 1):
-            target = self._with(i, min(self.split[i] + k * cfg.step, 100))
+            target = self._with(i, self.split[i] + k * cfg.step)
             if target is None:
                 break
-            if target not in allowed and self._allowed(target, rate, fresh=False):
+            if self._allowed(target, fresh=False):
                 allowed.append(target)
         if not allowed or fit is None:
             return allowed[0] if allowed else None
         return next((t for t in allowed if fit.predict(t[i], rate) <= slo), allowed[-1])
 
     def _give(self, giver: int, rate: float, fit: Fit | None, slo: float) -> tuple[int, int] | None:
-        """One step to the other phase, taken from the giver where max_total requires it."""
+        """One step to the other phase; from the giver where the taker holds 100 or max_total requires."""
         taker = 1 - giver
-        target = self._with(taker, min(self.split[taker] + self.config.step, 100))
-        if target is None or target == self.split or not self._allowed(target, rate, fresh=True):
+        target = self._with(taker, self.split[taker] + self.config.step)
+        if target is None or not self._allowed(target, fresh=True):
             return None
         return None if fit and fit.predict(target[giver], rate) > GIVE_BACK * slo else target
 
     def _with(self, i: int, share: int) -> tuple[int, int] | None:
-        """The split with phase i at share and the other lowered as far as max_total needs."""
-        other = min(self.split[1 - i], self.config.max_total - share)
+        """The split with phase i raised to `share`: what passes 100 comes off the other phase,
+        which is also lowered as far as max_total needs."""
+        raised = min(share, 100)
+        other = min(self.split[1 - i] - (share - raised), self.config.max_total - raised)
         if other < self.config.min_share:
             return None
-        return (share, other) if i == 0 else (other, share)
+        return (raised, other) if i == 0 else (other, raised)
 
-    def _allowed(self, target: tuple[int, int], rate: float, fresh: bool) -> bool:
-        def holds(seen_rate):
-            return seen_rate is not None and rate >= (1 - LOAD_TOLERANCE) * seen_rate
+    def _allowed(self, target: tuple[int, int], fresh: bool) -> bool:
+        def holds(seen_load):
+            return seen_load is not None and self._load >= (1 - LOAD_TOLERANCE) * seen_load
         if any(holds(self._missed.get((target, i))) for i in (0, 1)):
             return False
         for i in (0, 1):
