@@ -12,7 +12,10 @@ a new worker process. The switch for one role (prefill and decode switch indepen
 4. the controller passes the live sequences to the new worker, then its queue: it is open.
 
 The token stream of a moved sequence pauses from the old worker's last step to the new worker's
-first: that gap, the preparation time and the hand-over time are recorded for every switch.
+first: that gap, the preparation time and the hand-over time are recorded for every switch, and
+the gap in three parts (`gap_parts_s`): the old worker's last output to its HandedOver arriving
+(`hand_over`), the controller passing the sequences on (`resend`), and the new worker's first
+step until its output arrives (`first_step`).
 """
 
 import time
@@ -34,6 +37,8 @@ class Switch:
     ready_at: float | None = None
     old: WorkerHandle | None = None
     handover_at: float | None = None
+    handed_over_at: float | None = None   # HandedOver arrived
+    resent_at: float | None = None        # the sequences were sent on to the new worker
 
 
 class Switcher:
@@ -42,7 +47,8 @@ class Switcher:
         self.adopt = adopt                   # adopt(seqs) -> the ones whose requests are alive
         self.active: dict[str, Switch] = {}
         self.history: list[dict] = []
-        self._gap: dict[str, tuple[dict, float, WorkerHandle]] = {}  # role -> (record, last old output, new)
+        # role -> (record, the old worker's last output, sequences resent at, the new worker)
+        self._gap: dict[str, tuple[dict, float, float, WorkerHandle]] = {}
         self.keep_standbys = False           # true once switching is in use
 
     def request(self, role: str, sm_percent: int, reason: str) -> None:
@@ -70,17 +76,20 @@ class Switcher:
         """A PrefillDone or DecodeStep arrived from this worker: track the pause in the stream."""
         now = worker.last_output = time.monotonic()
         gap = self._gap.get(worker.role)
-        if gap is not None and worker is gap[2]:
-            gap[0]["gap_s"] = now - gap[1]
+        if gap is not None and worker is gap[3]:
+            record, last, resent, _ = gap
+            record["gap_s"], record["gap_parts_s"]["first_step"] = now - last, now - resent
             del self._gap[worker.role]
 
     def on_handed_over(self, worker: WorkerHandle, seqs: list[protocol.SeqState]) -> None:
         sw = self.active.get(worker.role)
         if sw is None or worker is not sw.old:
             return
+        sw.handed_over_at = time.monotonic()
         live = self.adopt(seqs)
         if live:
             self.sup.send_to(sw.worker, protocol.RunSeqs(live))
+        sw.resent_at = time.monotonic()
         self._finish(sw, len(live))
 
     def _finish(self, sw: Switch, moved: int | None, error: str | None = None) -> None:
@@ -94,10 +103,12 @@ class Switcher:
                   "reason": sw.reason, "cold_start": sw.cold,
                   "prepare_s": None if sw.ready_at is None else sw.ready_at - sw.requested,
                   "handover_s": None if sw.handover_at is None else now - sw.handover_at,
-                  "moved_seqs": moved, "gap_s": None, "error": error}
+                  "moved_seqs": moved, "gap_s": None, "gap_parts_s": None, "error": error}
         self.history.append(record)
         if moved and sw.old.last_output is not None:
-            self._gap[sw.role] = (record, sw.old.last_output, sw.worker)
+            record["gap_parts_s"] = {"hand_over": sw.handed_over_at - sw.old.last_output,
+                                     "resend": sw.resent_at - sw.handed_over_at}
+            self._gap[sw.role] = (record, sw.old.last_output, sw.resent_at, sw.worker)
         if self.keep_standbys:
             self.sup.ensure_standby(sw.role)
 
