@@ -39,14 +39,16 @@ uncounted.
 
 No oscillation: each window records its split as visited and, if it missed, which SLO. A miss at
 share s means every share <= s of that phase misses at that load or more (latency falls with SMs
-and rises with load). Evidence seen at load r holds while the load stays >= (1 - LOAD_TOLERANCE)
-* r (the lowest r is kept); a larger drop forgets it. The load here is the median rate of the last
+and rises with load). Evidence seen at load r holds while the load stays >= (1 - LOAD_TOLERANCE) *
+r (the lowest r is kept); a larger drop forgets it. The load here is the median rate of the last
 LOAD_WINDOWS windows: one window's rate is noisy (40 arrivals: about 16%), and evidence forgotten
-on noise would let the splits cycle. A move never enters a split that missed,
-never changes a share to one at or below that phase's missed shares, and a give-back never enters
-a visited split. So under one load every miss raises a bound and every give-back visits a new
-split: moves stop, and A->B->A->B cannot happen (A->B->A can: a give-back that missed). A miss
-with no allowed move holds the split as a best effort (action "stuck").
+on noise would let the splits cycle. A move never enters a split that missed, never changes a
+share to one at or below that phase's missed shares, and a give-back never enters a visited split.
+So under one load every miss raises a bound and every give-back visits a new split: moves stop,
+and A->B->A->B cannot happen (A->B->A can: a give-back that missed). Where quotas overlap TPOT
+also rises with x, so a bound on y is not all a TPOT miss says; but no move re-enters a split that
+missed under this load, and there are finitely many: the moves still end. A miss with no allowed
+move holds the split as a best effort (action "stuck").
 """
 import bisect
 import math
