@@ -21,9 +21,6 @@ import sys
 import tempfile
 import time
 
-PAGE = 16
-
-
 def decode_shape(device: str) -> tuple[int, int]:
     """(batch, cached tokens) of the decode step: serving's on a GPU, a small one on a CPU."""
     return (128, 512) if device == "cuda" else (4, 32)
@@ -34,24 +31,13 @@ def child(role: str, model_name: str, device: str, max_tokens: int) -> None:
     back for that long and print `RESULT {"steps": n, "ms": [median, mean]}`."""
     import torch
 
-    from benchmarks.bench_engine import fake_sequences
-    from shared.kv_cache import allocate_kv_pool, pages_for
+    from benchmarks.bench_engine import decode_and_prompt
     from shared.loader import load_model
-    from shared.model_runner import ModelRunner
-    from shared.sampling_params import SamplingParams
-    from shared.sequence import Sequence
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = load_model(model_name, dev, dtype, progress=False)
-    batch, context = decode_shape(device)
-    num_pages = batch * pages_for(context, PAGE) + pages_for(max_tokens, PAGE)
-    k, v = allocate_kv_pool(model.cfg, num_pages, PAGE, dtype, dev)
-    model.bind_kv_cache(k.normal_(), v.normal_())
-    runner = ModelRunner(model, PAGE, max_model_len=max_tokens + PAGE, max_num_seqs=batch)
-    seqs = fake_sequences(batch, context)
-    prompt = Sequence(0, torch.randint(0, model.cfg.vocab_size, (max_tokens,)).tolist(), SamplingParams())
-    prompt.block_table = list(range(num_pages - pages_for(max_tokens, PAGE), num_pages))
+    runner, seqs, prompt = decode_and_prompt(model, dtype, *decode_shape(device), max_tokens)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print("READY", flush=True)
     for line in sys.stdin:
@@ -118,11 +104,10 @@ def main() -> None:
     lengths = [int(t) for t in args.tokens.split(",")]
     if args.child:
         return child(args.child, args.model, args.device, max(lengths))
-    daemon = None
-    if args.device == "cuda":
+    cuda, daemon = args.device == "cuda", None
+    if cuda:
         from services.controller.mps import MpsDaemon
         daemon = MpsDaemon(tempfile.mkdtemp(prefix="semipd-contention-"))
-    cuda = args.device == "cuda"
     decode = Child("decode", args, args.decode_sm if cuda else None, 0)
     prefill = Child("prefill", args, args.prefill_sm if cuda else None, 1)
     rows = []

@@ -51,6 +51,19 @@ def fake_sequences(batch: int, context: int) -> list[Sequence]:
     return seqs
 
 
+def decode_and_prompt(model, dtype, batch: int, context: int, prompt_len: int):
+    """(runner, sequences, prompt) over a random KV pool holding `batch` sequences of `context`
+    cached tokens (fake_sequences) and one random prompt of prompt_len tokens on pages of its own."""
+    cfg = model.cfg
+    num_pages = batch * pages_for(context, PAGE) + pages_for(prompt_len, PAGE)
+    k, v = allocate_kv_pool(cfg, num_pages, PAGE, dtype, model.embed_tokens.weight.device)
+    model.bind_kv_cache(k.normal_(), v.normal_())  # random, never zeros
+    runner = ModelRunner(model, PAGE, max_model_len=prompt_len + PAGE, max_num_seqs=batch)
+    prompt = Sequence(0, torch.randint(0, cfg.vocab_size, (prompt_len,)).tolist(), SamplingParams())
+    prompt.block_table = list(range(num_pages - pages_for(prompt_len, PAGE), num_pages))
+    return runner, fake_sequences(batch, context), prompt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama3-8b")

@@ -27,27 +27,18 @@ def measure(model_name: str) -> dict:
     """Run in the child: every figure for this process's share."""
     import torch
 
-    from benchmarks.bench_engine import attention_flops, fake_sequences, linear_flops_per_token
+    from benchmarks.bench_engine import attention_flops, decode_and_prompt, linear_flops_per_token
     from benchmarks.common import cuda_time_ms, measure_ceilings
     from shared.kernels.triton_sampling import gumbel_max as fused_gumbel_max
-    from shared.kv_cache import allocate_kv_pool, page_bytes, pages_for
+    from shared.kv_cache import page_bytes
     from shared.loader import load_model
-    from shared.model_runner import ModelRunner
     from shared.sampling import gumbel_max, row_hash
-    from shared.sampling_params import SamplingParams
-    from shared.sequence import Sequence
 
     ceil = measure_ceilings()
     dev = torch.device("cuda")
     model = load_model(model_name, dev, torch.bfloat16, progress=False)
     cfg = model.cfg
-    num_pages = BATCH * pages_for(CONTEXT, PAGE) + pages_for(PREFILL, PAGE)
-    k, v = allocate_kv_pool(cfg, num_pages, PAGE, torch.bfloat16, dev)
-    k.normal_(), v.normal_()
-    model.bind_kv_cache(k, v)
-    runner = ModelRunner(model, PAGE, max_model_len=PREFILL + PAGE, max_num_seqs=BATCH)
-
-    seqs = fake_sequences(BATCH, CONTEXT)
+    runner, seqs, prompt = decode_and_prompt(model, torch.bfloat16, BATCH, CONTEXT, PREFILL)
     runner.decode(seqs)
     decode_ms = cuda_time_ms(runner.graphs[BATCH].replay, warmup=5, repeat=30)
     logits = torch.randn(BATCH, cfg.vocab_size, device=dev) * 3
@@ -56,8 +47,6 @@ def measure(model_name: str) -> dict:
     torch_ms = cuda_time_ms(lambda: gumbel_max(logits, ones, zeros, keys), repeat=20)
     fused_ms = cuda_time_ms(lambda: fused_gumbel_max(logits, ones, zeros, keys), repeat=20)
 
-    prompt = Sequence(0, torch.randint(0, cfg.vocab_size, (PREFILL,)).tolist(), SamplingParams())
-    prompt.block_table = list(range(num_pages - pages_for(PREFILL, PAGE), num_pages))
     prefill_ms = cuda_time_ms(lambda: runner.prefill_logits([(prompt, PREFILL)]), warmup=2, repeat=5)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(ceilings=ceil, decode_ms=decode_ms, sample_torch_ms=torch_ms, sample_fused_ms=fused_ms,

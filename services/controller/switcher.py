@@ -47,8 +47,7 @@ class Switcher:
         self.adopt = adopt                   # adopt(seqs) -> the ones whose requests are alive
         self.active: dict[str, Switch] = {}
         self.history: list[dict] = []
-        # role -> (record, the old worker's last output, sequences resent at, the new worker)
-        self._gap: dict[str, tuple[dict, float, float, WorkerHandle]] = {}
+        self._gap: dict[str, tuple[dict, Switch]] = {}  # role -> a finished switch's record, until its first output
         self.keep_standbys = False           # true once switching is in use
 
     def request(self, role: str, sm_percent: int, reason: str) -> None:
@@ -76,9 +75,9 @@ class Switcher:
         """A PrefillDone or DecodeStep arrived from this worker: track the pause in the stream."""
         now = worker.last_output = time.monotonic()
         gap = self._gap.get(worker.role)
-        if gap is not None and worker is gap[3]:
-            record, last, resent, _ = gap
-            record["gap_s"], record["gap_parts_s"]["first_step"] = now - last, now - resent
+        if gap is not None and worker is gap[1].worker:
+            record, sw = gap
+            record["gap_s"], record["gap_parts_s"]["first_step"] = now - sw.old.last_output, now - sw.resent_at
             del self._gap[worker.role]
 
     def on_handed_over(self, worker: WorkerHandle, seqs: list[protocol.SeqState]) -> None:
@@ -108,7 +107,7 @@ class Switcher:
         if moved and sw.old.last_output is not None:
             record["gap_parts_s"] = {"hand_over": sw.handed_over_at - sw.old.last_output,
                                      "resend": sw.resent_at - sw.handed_over_at}
-            self._gap[sw.role] = (record, sw.old.last_output, sw.resent_at, sw.worker)
+            self._gap[sw.role] = (record, sw)
         if self.keep_standbys:
             self.sup.ensure_standby(sw.role)
 
