@@ -74,16 +74,22 @@ def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
     # An SLO no request can meet: every window misses TTFT, so prefill must gain SMs.
     server = Server(model, "--dynamic", "--ttft-slo", "0.000001", "--tpot-slo", "10", "--window", "4")
     try:
-        work = workload(12, seed=7)
-        asyncio.run(run_concurrently(server.address, work))
+        first, during, after = (workload(12, seed=7)[i:i + 4] for i in (0, 4, 8))
+        asyncio.run(run_concurrently(server.address, first))  # a full window: the first decision
+        # These finish while the first switch is under way (a cold one: seconds). Measured on the
+        # old split, they must not make a decision, which would find a switch running and be lost.
+        asyncio.run(run_concurrently(server.address, during))
         stats = wait_for(lambda s: s["partition"]["history"] and not s["partition"]["switching"], server)
         decision = stats["partition"]["decisions"][0]
         assert decision["action"] == "raise_prefill" and decision["ttft_s"] > 0.000001
         assert decision["next_prefill_sm"] > decision["prefill_sm"] == 60
         assert stats["partition"]["history"][0]["reason"].startswith("partitioner")
         assert stats["partition"]["prefill_sm"] > 60 and stats["partition"]["dynamic"]
-        results = asyncio.run(run_concurrently(server.address, work))  # still serving
+        results = asyncio.run(run_concurrently(server.address, after))  # still serving
         assert all(r.finish_reason == "length" for r in results)
+        stats = wait_for(lambda s: len(s["partition"]["decisions"]) > 1 and not s["partition"]["switching"], server)
+        moves = [d["next_prefill_sm"] for d in stats["partition"]["decisions"] if d["action"] == "raise_prefill"]
+        assert moves == [h["to_sm"] for h in stats["partition"]["history"]] == [70, 80]
     finally:
         assert server.stop() == 0
 

@@ -252,7 +252,11 @@ class Controller:
             self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
 
     def _observe(self, req: Request, final: protocol.Final) -> None:
-        """Feed a finished request to the partitioner; log its decision and act on it."""
+        """Feed a finished request to the partitioner; log its decision and act on it. Not while
+        a switch is under way: the request ran on the old split, and a decision now would find
+        the switch running. _settle starts a new window once it is done."""
+        if self.switcher.active:
+            return
         tpot = sum(final.itl_s) / len(final.itl_s) if final.itl_s else None
         decision = self.partitioner.observe(req.arrival, final.ttft_s, tpot, time.monotonic())
         if decision is None:
