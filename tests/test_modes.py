@@ -45,6 +45,8 @@ def test_switch_mid_stream_keeps_outputs_and_pages(model):  # noqa: F811
         work = [(p * 3, 300) for p, _ in workload(12, seed=5)]
         unswitched = asyncio.run(run_concurrently(server.address, work))
         client.partition(70, 30)  # the first switch also starts the standbys
+        # ...and while the called-up ones prepare, their successors already import
+        assert all(w["standby"] for w in server.stats()["workers"].values())
         stats = wait_for(lambda s: not s["partition"]["switching"] and standbys_ready(s), server)
         assert (stats["workers"]["prefill"]["sm_percent"], stats["workers"]["decode"]["sm_percent"]) == (70, 30)
         old_pids = {role: w["pid"] for role, w in stats["workers"].items()}

@@ -59,6 +59,7 @@ class Switcher:
         self.sup.ensure_standby(role)
         worker = self.sup.standby.pop(role)
         cold = worker.identity is None  # still importing: the switch waits for that
+        self.sup.ensure_standby(role)   # the next one imports now: switches can come seconds apart
         self.sup.incoming[role] = worker
         self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold, time.monotonic())
         self.sup.activate(worker, sm_percent)
@@ -108,8 +109,6 @@ class Switcher:
             record["gap_parts_s"] = {"hand_over": sw.handed_over_at - sw.old.last_output,
                                      "resend": sw.resent_at - sw.handed_over_at}
             self._gap[sw.role] = (record, sw)
-        if self.keep_standbys:
-            self.sup.ensure_standby(sw.role)
 
     def on_death(self, where: str, worker: WorkerHandle) -> bool:
         """A worker exited (the supervisor has replaced a current one). True if the requests of
