@@ -65,13 +65,6 @@ class ModelConfig:
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
 
-    def param_bytes(self, dtype_bytes: int) -> int:
-        d, h = self.head_dim, self.hidden_size
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        mlp = 3 * h * self.intermediate_size
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return dtype_bytes * (self.num_layers * (attn + mlp + 2 * h) + embed + h)
-
 
 def _rope_parameters(hf) -> dict:
     # transformers 5 keeps everything under rope_parameters; 4.x used rope_theta + rope_scaling.
