@@ -4,6 +4,9 @@ standby and the pause each switch put in the decode token stream (goal: under 50
 one decode step, which the sequences would have waited anyway).
 
     python -m benchmarks.bench_switch --address ADDR --switches 20 --rate 6 [--json OUT]
+
+The load is Poisson at --rate throughout: runs of --requests-per-run requests, each starting
+when the previous one's arrivals end.
 """
 
 import argparse
@@ -41,13 +44,18 @@ async def switch_loop(address: str, switches: int, done: asyncio.Event) -> None:
 async def main_async(args) -> dict:
     done = asyncio.Event()
     switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, done))
-    loads = 0
-    while not done.is_set():  # keep the load going until the last switch has been asked for
+    runs = []
+    while not done.is_set():  # until the last switch has been asked for, a run starts as the
+        n = len(runs)          # previous one's arrivals end (not its responses): the load never pauses
         load = argparse.Namespace(address=args.address, rate=args.rate, num_requests=args.requests_per_run,
-                                  dataset=None, input_len_mean=None, output_len_mean=None, seed=loads)
-        await run_load(load, np.random.default_rng(loads), desc=f"load run {loads + 1}")
-        loads += 1
+                                  dataset=None, input_len_mean=None, output_len_mean=None, seed=n)
+        runs.append(asyncio.ensure_future(run_load(load, np.random.default_rng(n), desc=f"load run {n + 1}")))
+        try:
+            await asyncio.wait_for(done.wait(), args.requests_per_run / args.rate)
+        except asyncio.TimeoutError:
+            pass
     await switcher
+    await asyncio.gather(*runs)
     async with AsyncClient(args.address) as client:
         while (stats := await client.stats())["partition"]["switching"]:
             await asyncio.sleep(0.1)

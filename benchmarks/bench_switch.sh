@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Switching cost on a GPU: serve llama3-8b (semi-PD, MPS), keep a Poisson load going and move the
+# Switching cost on a GPU: serve llama3-8b (semi-PD, MPS), keep a steady Poisson load going and move the
 # split 22 times (benchmarks/bench_switch.py; the first, cold switch moves both roles, so 21 warm
 # decode switches are measured). Env: MODEL, RATE (6), SWITCHES (22), OUT (out).
 set -uo pipefail
