@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Switching cost on a GPU: serve llama3-8b (semi-PD, MPS), keep a steady Poisson load going and move the
-# split 22 times (benchmarks/bench_switch.py; the first, cold switch moves both roles, so 21 warm
-# decode switches are measured). Env: MODEL, RATE (6), SWITCHES (22), OUT (out).
+# Switching cost on a GPU: serve llama3-8b (semi-PD, MPS), keep a steady Poisson load going and
+# move the split 22 times (benchmarks/bench_switch.py; the first, cold switch moves both roles, so
+# 21 warm decode switches are measured). Env: MODEL, RATE (6), SWITCHES (22), OUT (out).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XDG_RUNTIME_DIR=$(mktemp -d)
