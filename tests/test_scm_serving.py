@@ -168,6 +168,10 @@ def test_silent_monitor_leaves_outputs_identical(flag_none):
         assert final.finish_reason == "length" and final.verdict["monitored"] and not final.verdict["flagged"]
     stats = server.wait_idle()["scm"]
     assert stats["sends"] == "text" and stats["monitored"] == 10 and stats["flagged"] == 0
+    # Immediate mode sends a Final without waiting for the monitor, and scores that arrive later
+    # are not counted: short requests may finish before any score. A long one gets scores.
+    asyncio.run(collect(server.address, [(work[0], True)], max_tokens=300))
+    stats = server.wait_idle()["scm"]
     assert stats["scored_tokens"] > 0 and stats["lag_tokens"]["max"] >= 0
 
 
