@@ -90,10 +90,16 @@ class ModelRunner:
         return self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One step for each sequence's newest token; the head's output [B, ...]."""
+    def decode(self, seqs: list[Sequence], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+        """One step for each sequence's newest token; the head's output [B, ...]. A newest token
+        still PENDING on the GPU comes from `feed`: (a step's sampled tokens on the device, and for
+        each sequence its row there, -1 where its token is known)."""
         bs = len(seqs)
-        ids = [s.token_ids[-1] for s in seqs]
+        ids = self._tensor([s.token_ids[-1] for s in seqs], torch.int64)
+        if feed is not None:
+            tokens, rows = feed
+            rows = self._tensor(rows, torch.int64)
+            ids = torch.where(rows >= 0, tokens[rows.clamp(min=0)], ids)
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
         kv_lens = [s.num_tokens for s in seqs]
@@ -101,11 +107,11 @@ class ModelRunner:
         if graph_bs is None:
             batch = Batch(False, self._tensor(slots, torch.int64), self._tensor(kv_lens), self._block_tables(seqs))
             self._mark_forward()
-            hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
+            hidden = self.model(ids, self._tensor(positions, torch.int64), batch)
             return self.head(hidden)
         pad = graph_bs - bs
         g = self.graph_inputs
-        g["ids"][:graph_bs].copy_(self._tensor(ids + [0] * pad, torch.int64))
+        g["ids"][:bs].copy_(ids)  # padding rows keep earlier (valid) ids: they write and read nothing
         g["positions"][:graph_bs].copy_(self._tensor(positions + [0] * pad, torch.int64))
         g["slots"][:graph_bs].copy_(self._tensor(slots + [-1] * pad, torch.int64))
         g["kv_lens"][:graph_bs].copy_(self._tensor(kv_lens + [0] * pad))
@@ -115,18 +121,23 @@ class ModelRunner:
         return self.graph_out[:bs]
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        return self.sample_on_device(seqs, logits).tolist()
+
+    def sample_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The next tokens [B] where the logits are, without waiting for the GPU."""
         p = [s.params for s in seqs]
         f32 = torch.float32
         tokens = sample(logits, self._tensor([x.temperature for x in p], f32),
                         self._tensor([x.top_k for x in p]), self._tensor([x.top_p for x in p], f32),
                         self._tensor([x.min_p for x in p], f32), self._tensor([s.seed for s in seqs], torch.int64),
-                        self._tensor([s.num_output for s in seqs], torch.int64))
+                        self._tensor([s.num_output for s in seqs], torch.int64),
+                        [i for i, x in enumerate(p) if x.temperature > 0 and (x.top_k > 0 or x.top_p < 1)])
         if self._forward_started is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self.gpu_spans.append((self._forward_started, end))
             self._forward_started = None
-        return tokens.tolist()
+        return tokens
 
     def _mark_forward(self) -> None:
         """When timed, an event where the forward pass's kernels start (its inputs already queued)."""

@@ -36,16 +36,22 @@ def uniform_noise(row: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+           min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+           sorted_rows: list[int] | None = None) -> torch.Tensor:
     """Next token per row of logits [B, V] (float32); all parameters are [B] tensors. Rows with
-    top-k or top-p sort their logits; the rest (greedy, temperature, min-p) need no sort."""
+    top-k or top-p sort their logits; the rest (greedy, temperature, min-p) need no sort. A caller
+    that knows those rows passes them (`sorted_rows`): finding them here waits for the GPU."""
     keys = row_hash(seeds, steps)
     if logits.is_cuda:
         from shared.kernels.triton_sampling import gumbel_max as fused_gumbel_max
         tokens = fused_gumbel_max(logits, temperature, min_p, keys)
     else:
         tokens = gumbel_max(logits, temperature, min_p, keys)
-    rows = ((temperature > 0) & ((top_k > 0) | (top_p < 1))).nonzero().squeeze(1)
+    if sorted_rows is None:
+        rows = ((temperature > 0) & ((top_k > 0) | (top_p < 1))).nonzero().squeeze(1)
+    else:
+        rows = torch.tensor(sorted_rows, dtype=torch.int64, pin_memory=logits.is_cuda).to(logits.device,
+                                                                                         non_blocking=True)
     if rows.numel():
         tokens[rows] = _sample_sorted(logits[rows], temperature[rows], top_k[rows], top_p[rows],
                                       min_p[rows], keys[rows])

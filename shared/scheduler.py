@@ -82,25 +82,35 @@ class PrefillScheduler:
 
 
 class DecodeScheduler:
-    def __init__(self, allocator, page_size: int, max_num_seqs: int):
+    """`release` returns pages to the pool (default: at once; the decode worker defers it while
+    a launched step may still write them)."""
+
+    def __init__(self, allocator, page_size: int, max_num_seqs: int, release=None):
         self.allocator, self.page_size, self.max_num_seqs = allocator, page_size, max_num_seqs
+        self.release = release or allocator.free
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.running.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+    def schedule(self, preempt: bool = True) -> tuple[list[Sequence], list[Sequence]] | None:
         """(batch for this step, preempted sequences). Each sequence in the batch gets a page for
         its newest token; when the pool is short the youngest sequences are preempted: their
-        pages are freed and they go back to prefill to be recomputed."""
-        batch, preempted = [], []
-        while len(batch) < min(len(self.running), self.max_num_seqs):
-            seq = self.running[len(batch)]
-            if grow(seq, seq.num_tokens, self.allocator, self.page_size):
+        pages are freed and they go back to prefill to be recomputed (with preempt False: None).
+        A sequence whose last token is still being sampled (it reached max_tokens) sits out."""
+        batch, preempted, i = [], [], 0
+        while i < len(self.running) and len(batch) < self.max_num_seqs:
+            seq = self.running[i]
+            if seq.num_output >= seq.params.max_tokens:
+                i += 1
+            elif grow(seq, seq.num_tokens, self.allocator, self.page_size):
                 batch.append(seq)
+                i += 1
+            elif not preempt:
+                return None
             else:
                 victim = self.running.pop()
-                self.allocator.free(victim.reset_cache())
+                self.release(victim.reset_cache())
                 preempted.append(victim)
         return batch, preempted
 
@@ -109,18 +119,19 @@ class DecodeScheduler:
 
     def drop(self, seq_ids: set[int]) -> None:
         """Abort these sequences if running here, freeing their pages."""
-        for seq in [s for s in self.running if s.seq_id in seq_ids]:
+        self.remove([s for s in self.running if s.seq_id in seq_ids])
+
+    def remove(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
             self.running.remove(seq)
-            self.allocator.free(seq.reset_cache())
+            self.release(seq.reset_cache())
 
     def finish_step(self, batch: list[Sequence]) -> list[Sequence]:
         """Record one decoded token each (already appended); drop and return finished ones."""
         for seq in batch:
             seq.num_cached += 1
         finished = [s for s in batch if s.finish_reason is not None]
-        for seq in finished:
-            self.running.remove(seq)
-            self.allocator.free(seq.reset_cache())
+        self.remove(finished)
         return finished
 
 

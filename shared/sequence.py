@@ -2,6 +2,8 @@
 
 from shared.sampling_params import SamplingParams
 
+PENDING = -1  # a token still being sampled on the GPU (see Sequence.fill)
+
 
 class Sequence:
     """Invariant between steps: every token but the newest has its K/V in the cache
@@ -35,9 +37,20 @@ class Sequence:
     def append(self, token: int) -> None:
         """Add a sampled token and decide whether the sequence is finished."""
         self.token_ids.append(token)
-        if token in self.stop_ids:
+        self._check(len(self.token_ids) - 1)
+
+    def fill(self, index: int, token: int) -> None:
+        """The sampled token for the PENDING placeholder at `index` (a step launched before the
+        previous one was read). Finishing here drops the placeholders after it."""
+        self.token_ids[index] = token
+        self._check(index)
+        if self.finish_reason is not None:
+            del self.token_ids[index + 1:]
+
+    def _check(self, index: int) -> None:
+        if self.token_ids[index] in self.stop_ids:
             self.finish_reason = "stop"
-        elif self.num_output >= self.params.max_tokens:
+        elif index + 1 - self.num_prompt >= self.params.max_tokens:
             self.finish_reason = "length"
 
     def reset_cache(self) -> list[int]:

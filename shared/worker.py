@@ -90,10 +90,11 @@ class Worker:
                                   init.cuda_graphs and role in ("decode", "unified"))
         self.link.send(protocol.WorkerReady(role=role, pid=os.getpid()))
 
-    def apply_messages(self, timeout_ms: int, sched) -> bool:
+    def apply_messages(self, timeout_ms: int, sched, before_handover=lambda: None) -> bool:
         """Apply the controller's messages to a scheduler (add, drop, held); False once this
-        worker must stop. A Handover comes between steps, so the K/V of every sequence handed
-        over is complete; their pages stay allocated and pass to the successor with them."""
+        worker must stop. A Handover comes between steps (after `before_handover` has finished
+        any step still running), so the K/V of every sequence handed over is complete; their
+        pages stay allocated and pass to the successor with them."""
         for msg in self.link.receive(timeout_ms):
             if isinstance(msg, protocol.RunSeqs):
                 for state in msg.seqs:
@@ -101,6 +102,7 @@ class Worker:
             elif isinstance(msg, protocol.AbortSeqs):
                 sched.drop(set(msg.seq_ids))
             elif isinstance(msg, protocol.Handover):
+                before_handover()
                 self.link.send(protocol.HandedOver([to_state(s) for s in sched.held()]))
                 return False
             elif isinstance(msg, protocol.Shutdown):

@@ -93,6 +93,36 @@ def test_aborts_at_random_points_leak_nothing(server):
     assert stats["running"] == stats["waiting"] == 0
 
 
+def test_seeded_sampling_and_stop_tokens_equal_generate(model, server):
+    """Decode runs a step ahead of reading its tokens: a sequence that stops at one step already
+    has a row in the next, whose token must vanish; and each token's noise index must count the
+    tokens still being sampled. Sampled (seeded) outputs with stop tokens mid-stream must match
+    the in-process engine's."""
+    work = [(p, 40) for p, _ in workload(24, seed=13)]
+    engine = Engine(EngineConfig(model=model, device="cpu", progress=False))
+    try:
+        free = engine.generate([p for p, _ in work], [SamplingParams(temperature=0.9, seed=i, max_tokens=m,
+                                                                     ignore_eos=True) for i, (_, m) in enumerate(work)])
+        # each request stops at the first appearance of a token from the middle of its free run
+        params = [SamplingParams(temperature=0.9, seed=i, max_tokens=m, ignore_eos=True,
+                                 stop_token_ids=[o.token_ids[len(o.token_ids) // 2]])
+                  for i, ((_, m), o) in enumerate(zip(work, free))]
+        expected = engine.generate([p for p, _ in work], params)
+    finally:
+        engine.close()
+    assert any(o.finish_reason == "stop" and len(o.token_ids) > 2 for o in expected)
+
+    async def serve() -> list:
+        async with AsyncClient(server.address) as client:
+            streams = [await client.generate(prompt_ids=p, **vars(sp)) for (p, _), sp in zip(work, params)]
+            return await asyncio.gather(*(s.result() for s in streams))
+    results = asyncio.run(serve())
+    assert [r.token_ids for r in results] == [o.token_ids for o in expected]
+    assert [r.finish_reason for r in results] == [o.finish_reason for o in expected]
+    stats = server.wait_idle()
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
+
+
 def test_small_kv_pool_gives_the_same_outputs(model, reference):
     """Each request fits alone, the load does not: decode preempts and prefill recomputes."""
     server = Server(model, "--num-pages", "12")
