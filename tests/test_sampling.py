@@ -93,6 +93,8 @@ def test_mixed_batch_rows_match_their_own_method():
     for i in range(6):
         one = [x[i:i + 1] for x in (logits, t, k, p, m, seeds, steps)]
         assert mixed[i] == sample(*one)[0], i
+    # the runner names the sorted rows from the host (finding them on the GPU waits for it)
+    assert torch.equal(sample(logits, t, k, p, m, seeds, steps, sorted_rows=[3, 4]), mixed)
 
 
 @pytest.mark.gpu
