@@ -170,7 +170,7 @@ def test_silent_monitor_leaves_outputs_identical(flag_none):
     assert stats["sends"] == "text" and stats["monitored"] == 10 and stats["flagged"] == 0
     # Immediate mode sends a Final without waiting for the monitor, and scores that arrive later
     # are not counted: short requests may finish before any score. A long one gets scores.
-    asyncio.run(collect(server.address, [(work[0], True)], max_tokens=300))
+    asyncio.run(collect(server.address, [(work[0], True)], max_tokens=120))
     stats = server.wait_idle()["scm"]
     assert stats["scored_tokens"] > 0 and stats["lag_tokens"]["max"] >= 0
 
@@ -194,6 +194,7 @@ def test_monitor_answers_bad_input_and_keeps_serving(flag_none):
 def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(flag_none):
     server, monitor, path = flag_none
     work = prompts(6)
+    failures_before = server.stats()["scm"]["failures"]
     start = time.monotonic()
     results = asyncio.run(collect(server.address, [(p, True) for p in work], max_tokens=400, after=monitor.kill))
     assert time.monotonic() - start < 30
@@ -209,7 +210,7 @@ def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(f
         assert final.finish_reason == "length" and final.verdict["monitored"] is True
         stats = server.wait_idle()
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
-        assert stats["scm"]["failures"] == 6
+        assert stats["scm"]["failures"] - failures_before == 6
     finally:
         restarted.stop()
 
