@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+
 def decode_shape(device: str) -> tuple[int, int]:
     """(batch, cached tokens) of the decode step: serving's on a GPU, a small one on a CPU."""
     return (128, 512) if device == "cuda" else (4, 32)

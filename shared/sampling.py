@@ -49,6 +49,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         tokens = gumbel_max(logits, temperature, min_p, keys)
     if sorted_rows is None:
         rows = ((temperature > 0) & ((top_k > 0) | (top_p < 1))).nonzero().squeeze(1)
+    elif not sorted_rows:  # the usual decode step: no copy to make
+        return tokens
     else:
         rows = torch.tensor(sorted_rows, dtype=torch.int64, pin_memory=logits.is_cuda).to(logits.device,
                                                                                          non_blocking=True)
