@@ -16,8 +16,9 @@ from shared.kv_cache import allocate_kv_pool, auto_num_pages, pages_for
 from shared.loader import load_model
 from shared.model_runner import ModelRunner
 from shared.page_allocator import PageAllocator
+from shared.pipeline import StepPipeline
 from shared.sampling_params import SamplingParams
-from shared.scheduler import DecodeScheduler, MixedScheduler, PrefillScheduler
+from shared.scheduler import MixedScheduler, PrefillScheduler
 from shared.sequence import Sequence
 from shared.tokenizer import Detokenizer, load_tokenizer
 
@@ -104,17 +105,18 @@ class Engine:
         for seq in seqs:
             self.sched.add(seq)
         bar = tqdm(total=len(seqs), desc="generating", disable=not progress)
+        pipeline = StepPipeline(self.runner, self.allocator, lambda: self.sched.decode.running)
         unfinished = len(seqs)
         while unfinished:
-            for seq in mixed_step(self.runner, self.sched):
-                detok = detoks[seq.seq_id]
-                if detok.add(seq.output_ids[len(detok.ids):])[1]:
+            for seq, token in mixed_step(self.runner, self.sched, pipeline):
+                if detoks[seq.seq_id].add([token])[1]:
                     if seq.finish_reason is None:
                         self.sched.drop({seq.seq_id})
                     seq.finish_reason = "stop"
                 if seq.finish_reason is not None:
                     unfinished -= 1
                     bar.update(1)
+        pipeline.drain()  # the step launched after the last finish, its tokens unused
         bar.close()
         for detok in detoks.values():
             detok.flush()
@@ -154,31 +156,28 @@ def prefill_step(runner: ModelRunner, sched: PrefillScheduler, allocator, chunks
     return ready
 
 
-def decode_step(runner: ModelRunner, sched: DecodeScheduler, batch: list[Sequence]) -> None:
-    """One token for every sequence of the batch; finished ones leave the scheduler."""
-    for seq, token in zip(batch, runner.sample(batch, runner.decode(batch))):
-        seq.append(token)
-    sched.finish_step(batch)
-
-
-def mixed_step(runner: ModelRunner, sched: MixedScheduler) -> list[Sequence]:
-    """One forward pass over the decode batch (one token each) and the prompt chunks scheduled
-    beside it; returns the sequences that received a token (finished ones already released)."""
-    batch, chunks = sched.schedule()
-    if not chunks:
-        if batch:
-            decode_step(runner, sched.decode, batch)  # the CUDA-graph path
-        return batch
-    logits = runner.prefill_logits([(s, 1) for s in batch] + chunks)
-    done = {s.seq_id for s in sched.prefill.finish_chunks(chunks)}
-    rows = list(range(len(batch))) + [len(batch) + i for i, (s, _) in enumerate(chunks) if s.seq_id in done]
-    ready = [chunks[i - len(batch)][0] for i in rows[len(batch):]]
-    for seq, token in zip(batch + ready, runner.sample(batch + ready, logits[rows])):
-        seq.append(token)
-    sched.decode.finish_step(batch)
-    for seq in ready:
-        if seq.finish_reason is not None:
-            sched.allocator.free(seq.reset_cache())
-        else:
+def mixed_step(runner: ModelRunner, sched: MixedScheduler, pipeline: StepPipeline) -> list[tuple[Sequence, int]]:
+    """Launch one forward pass over the decode batch (one token each) and the prompt chunks
+    scheduled beside it, then read the step launched before: (sequence, new token) pairs, the
+    finished sequences already out of the scheduler."""
+    read = []
+    scheduled = sched.schedule(preempt=pipeline.inflight is None)
+    if scheduled is None:  # the pool is short: preempting needs every token known
+        read = pipeline.drain()
+        scheduled = sched.schedule()
+    batch, chunks = scheduled
+    feed = pipeline.feed(batch)
+    if chunks:
+        logits = runner.prefill_logits([(s, 1) for s in batch] + chunks, feed)
+        done = {s.seq_id for s in sched.prefill.finish_chunks(chunks)}
+        rows = list(range(len(batch))) + [len(batch) + i for i, (s, _) in enumerate(chunks) if s.seq_id in done]
+        ready = [chunks[i - len(batch)][0] for i in rows[len(batch):]]
+        for seq in ready:
             sched.decode.add(seq)
-    return batch + ready
+        read += pipeline.launch(batch + ready, logits[rows])
+    elif batch:
+        read += pipeline.launch(batch, runner.decode(batch, feed))  # the CUDA-graph path
+    else:
+        read += pipeline.drain()
+    sched.decode.remove([s for s, _ in read if s.finish_reason is not None])
+    return read

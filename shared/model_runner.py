@@ -64,15 +64,27 @@ class ModelRunner:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.page_size] * self.page_size + pos % self.page_size
 
+    def _input_ids(self, ids: list[int], feed: tuple[torch.Tensor, list[int]] | None) -> torch.Tensor:
+        """Token ids on the device. Ids still PENDING on the GPU come from `feed`: (a step's
+        sampled tokens on the device, and for each of the first ids its row there, -1 where the
+        id is known)."""
+        out = self._tensor(ids, torch.int64)
+        if feed is not None:
+            tokens, rows = feed
+            rows = self._tensor(rows, torch.int64)
+            out[:len(rows)] = torch.where(rows >= 0, tokens[rows.clamp(min=0)], out[:len(rows)])
+        return out
+
     @torch.inference_mode()
-    def prefill_logits(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Compute the chunks' K/V; logits [B, V] at each chunk's last token."""
-        hidden = self.prefill_hidden(chunks)
+    def prefill_logits(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
+        """Compute the chunks' K/V; logits [B, V] at each chunk's last token. A decode row is a
+        chunk of one token (its newest, which may be PENDING: see _input_ids)."""
+        hidden = self.prefill_hidden(chunks, feed)
         last = self._tensor(list(itertools.accumulate(n for _, n in chunks)), torch.int64) - 1
         return self.model.compute_logits(hidden[last])
 
     @torch.inference_mode()
-    def prefill_hidden(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def prefill_hidden(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
         """Compute the chunks' K/V; final hidden states [T, hidden] of every chunk token, the
         chunks back to back (a content monitor scores each of them)."""
         ids, positions, slots, cu_seqlens, kv_lens = [], [], [], [0], []
@@ -87,19 +99,14 @@ class ModelRunner:
         batch = Batch(is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
                       kv_lens=self._tensor(kv_lens), block_tables=self._block_tables([s for s, _ in chunks]),
                       cu_seqlens_q=self._tensor(cu_seqlens), max_q_len=max(n for _, n in chunks))
-        return self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch)
+        return self.model(self._input_ids(ids, feed), self._tensor(positions, torch.int64), batch)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
-        """One step for each sequence's newest token; the head's output [B, ...]. A newest token
-        still PENDING on the GPU comes from `feed`: (a step's sampled tokens on the device, and for
-        each sequence its row there, -1 where its token is known)."""
+        """One step for each sequence's newest token (PENDING ones from `feed`: see _input_ids);
+        the head's output [B, ...]."""
         bs = len(seqs)
-        ids = self._tensor([s.token_ids[-1] for s in seqs], torch.int64)
-        if feed is not None:
-            tokens, rows = feed
-            rows = self._tensor(rows, torch.int64)
-            ids = torch.where(rows >= 0, tokens[rows.clamp(min=0)], ids)
+        ids = self._input_ids([s.token_ids[-1] for s in seqs], feed)
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
         kv_lens = [s.num_tokens for s in seqs]

@@ -126,14 +126,6 @@ class DecodeScheduler:
             self.running.remove(seq)
             self.release(seq.reset_cache())
 
-    def finish_step(self, batch: list[Sequence]) -> list[Sequence]:
-        """Record one decoded token each (already appended); drop and return finished ones."""
-        for seq in batch:
-            seq.num_cached += 1
-        finished = [s for s in batch if s.finish_reason is not None]
-        self.remove(finished)
-        return finished
-
 
 class MixedScheduler:
     """Both phases in one process, as vLLM and SGLang schedule by default: each step every running
@@ -155,9 +147,13 @@ class MixedScheduler:
         self.decode.drop(seq_ids)
         self.prefill.drop(seq_ids)
 
-    def schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
-        """(decode batch, prompt chunks). Preempted sequences rejoin the prompt queue first."""
-        batch, preempted = self.decode.schedule()
+    def schedule(self, preempt: bool = True) -> tuple[list[Sequence], list[tuple[Sequence, int]]] | None:
+        """(decode batch, prompt chunks). Preempted sequences rejoin the prompt queue first (with
+        preempt False, a needed preemption returns None, as in DecodeScheduler)."""
+        scheduled = self.decode.schedule(preempt)
+        if scheduled is None:
+            return None
+        batch, preempted = scheduled
         for seq in preempted:
             self.prefill.add(seq, front=True)
         return batch, self.prefill.schedule(self.prefill.max_batched_tokens - len(batch),

@@ -154,6 +154,13 @@ class StepTimer:
             self._reset()
 
 
+def send_tokens(link: ControllerLink, read: list[tuple[Sequence, int]]) -> None:
+    """One DecodeStep with a step's new tokens (finished sequences carry their reason)."""
+    if read:
+        link.send(protocol.DecodeStep([s.seq_id for s, _ in read], [t for _, t in read],
+                                      [s.finish_reason for s, _ in read]))
+
+
 def to_state(seq: Sequence) -> protocol.SeqState:
     return protocol.SeqState(seq.seq_id, seq.token_ids, seq.num_prompt, asdict(seq.params), seq.seed,
                              seq.block_table, seq.num_cached)

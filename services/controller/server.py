@@ -304,7 +304,10 @@ class Controller:
                 "decisions": list(self.decisions)}
 
     def health(self) -> dict:
-        return {"status": "ok" if self.supervisor.all_ready() else "starting",
+        # During a switch the role's new worker is closed for the few ms of the handover; its
+        # requests queue and the server is serving, not starting.
+        serving = self.supervisor.all_ready() or bool(self.switcher.active)
+        return {"status": "ok" if serving else "starting",
                 "uptime_s": time.monotonic() - self.started, "model": self.memory.config.model,
                 "scm": self.moderation and self.moderation.health()}
 

@@ -1,12 +1,14 @@
 """Unified loop, the baseline mode: one process runs both phases, each step one forward pass
 over every running sequence's next token and as many prompt chunks as fit the token budget
-(chunked prefill, as vLLM and SGLang do by default). It reports every new token, first tokens
+(chunked prefill, as vLLM and SGLang do by default). Steps are launched one ahead of the host as
+in the decode worker (shared/pipeline.py), as SGLang's overlap scheduler does, so that the
+baseline does not pay host time semi-PD hides. It reports every new token, first tokens
 included, in one DecodeStep per step."""
 
-from shared import protocol
 from shared.engine import mixed_step
+from shared.pipeline import StepPipeline
 from shared.scheduler import MixedScheduler
-from shared.worker import StepTimer, Worker
+from shared.worker import StepTimer, Worker, send_tokens
 
 IDLE_POLL_MS = 100
 
@@ -14,14 +16,17 @@ IDLE_POLL_MS = 100
 def run(worker: Worker) -> None:
     init, link = worker.init, worker.link
     sched = MixedScheduler(worker.allocator, init.page_size, init.max_batched_tokens, init.max_num_seqs)
+    pipeline = StepPipeline(worker.runner, worker.allocator, lambda: sched.decode.running)
     timer = StepTimer(link, worker.runner)
+    def busy() -> bool:
+        return bool(sched.decode.running or sched.prefill.waiting) or pipeline.inflight is not None
+
     while True:
-        busy = sched.decode.running or sched.prefill.waiting
-        if not worker.apply_messages(0 if busy else IDLE_POLL_MS, sched):
+        if not worker.apply_messages(0 if busy() else IDLE_POLL_MS, sched):
             return
+        if not busy():
+            continue
         timer.start()
-        seqs = mixed_step(worker.runner, sched)
-        if seqs:
-            link.send(protocol.DecodeStep([s.seq_id for s in seqs], [s.token_ids[-1] for s in seqs],
-                                          [s.finish_reason for s in seqs]))
-            timer.stop(len(seqs))
+        send_tokens(link, mixed_step(worker.runner, sched, pipeline))
+        if pipeline.inflight is not None:
+            timer.stop(len(pipeline.inflight.seqs))
