@@ -25,8 +25,9 @@ from shared.client import AsyncClient
 SPLITS = ((50, 40), (50, 50))
 
 
-async def switch_loop(address: str, switches: int, done: asyncio.Event) -> None:
-    """Alternate the split, each time once the previous switch is over and both standbys are up."""
+async def switch_loop(address: str, switches: int, done: asyncio.Event, json_path: str | None) -> None:
+    """Alternate the split, each time once the previous switch is over and both standbys are up.
+    The history so far is saved before each switch, so a run cut short still leaves its figures."""
     async with AsyncClient(address) as client:
         for i in range(switches):
             while True:
@@ -35,6 +36,7 @@ async def switch_loop(address: str, switches: int, done: asyncio.Event) -> None:
                 if not stats["partition"]["switching"] and (i == 0 or all(s and s["ready"] for s in standbys)):
                     break
                 await asyncio.sleep(0.1)
+            save(json_path, stats["partition"])
             await client.partition(*SPLITS[i % 2 == 0])
             print(f"switch {i + 1}/{switches} requested", flush=True)
             await asyncio.sleep(0.5)
@@ -43,7 +45,7 @@ async def switch_loop(address: str, switches: int, done: asyncio.Event) -> None:
 
 async def main_async(args) -> dict:
     done = asyncio.Event()
-    switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, done))
+    switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, done, args.json))
     runs = []
     while not done.is_set():  # until the last switch has been asked for, a run starts as the
         n = len(runs)          # previous one's arrivals end (not its responses): the load never pauses
@@ -77,6 +79,14 @@ def summarize(history: list[dict]) -> dict:
             "prefill_gap_s": dist([h["gap_s"] for h in warm if h["role"] == "prefill"])}
 
 
+def save(json_path: str | None, partition: dict) -> dict:
+    summary = summarize(partition["history"])
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"summary": summary, "partition": partition}, f, indent=1)
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", required=True)
@@ -87,10 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     started = time.monotonic()
     partition = asyncio.run(main_async(args))
-    summary = summarize(partition["history"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": summary, "partition": partition}, f, indent=1)
+    summary = save(args.json, partition)
     print(f"\n{summary['switches']} role switches in {time.monotonic() - started:.0f} s, "
           f"{summary['errors']} failed (MPS: {partition['mps']})")
     print("| measure (warm standby) | n | p50 ms | p99 ms | max ms | goal / floor |\n|---|---:|---:|---:|---:|---|")

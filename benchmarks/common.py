@@ -1,4 +1,7 @@
-"""What every GPU benchmark needs: the machine's measured ceilings and CUDA-event timing."""
+"""What every GPU benchmark needs: the machine's measured ceilings, CUDA-event timing and the
+host's time to issue work."""
+
+import time
 
 import torch
 
@@ -15,6 +18,19 @@ def cuda_time_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def host_time_ms(fn, repeat: int = 5) -> float:
+    """Median milliseconds the host spends in fn() issuing its work, the GPU idle when it starts:
+    a GPU time no longer than this means the host, not the GPU, sets the pace."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
     return sorted(times)[len(times) // 2]
 
 
