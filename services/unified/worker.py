@@ -18,6 +18,7 @@ def run(worker: Worker) -> None:
     sched = MixedScheduler(worker.allocator, init.page_size, init.max_batched_tokens, init.max_num_seqs)
     pipeline = StepPipeline(worker.runner, worker.allocator, lambda: sched.decode.running)
     timer = StepTimer(link, worker.runner)
+
     def busy() -> bool:
         return bool(sched.decode.running or sched.prefill.waiting) or pipeline.inflight is not None
 
