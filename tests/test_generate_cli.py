@@ -57,6 +57,8 @@ def test_stop_strings_and_stop_ids(llama):
         stop_text = engine.tokenizer.decode([stop_token])
         by_text = greedy(engine, [5, 6, 7], max_tokens=10, ignore_eos=True, stop=[stop_text])
         assert by_text.finish_reason == "stop"
+        # the step launched after the stop leaves no placeholder behind
+        assert by_text.token_ids == full.token_ids[:len(by_text.token_ids)]
         assert by_text.text == full.text[:full.text.index(stop_text)]
         assert stop_text not in by_text.text
 
