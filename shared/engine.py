@@ -160,10 +160,10 @@ def mixed_step(runner: ModelRunner, sched: MixedScheduler, pipeline: StepPipelin
     """Launch one forward pass over the decode batch (one token each) and the prompt chunks
     scheduled beside it, then read the step launched before: (sequence, new token) pairs, the
     finished sequences already out of the scheduler."""
-    read = []
+    read, finish = [], sched.decode.finish
     scheduled = sched.schedule(preempt=pipeline.inflight is None)
     if scheduled is None:  # the pool is short: preempting needs every token known
-        read = pipeline.drain()
+        read = finish(pipeline.drain())
         scheduled = sched.schedule()
     batch, chunks = scheduled
     feed = pipeline.feed(batch)
@@ -174,10 +174,7 @@ def mixed_step(runner: ModelRunner, sched: MixedScheduler, pipeline: StepPipelin
         ready = [chunks[i - len(batch)][0] for i in rows[len(batch):]]
         for seq in ready:
             sched.decode.add(seq)
-        read += pipeline.launch(batch + ready, logits[rows])
-    elif batch:
-        read += pipeline.launch(batch, runner.decode(batch, feed))  # the CUDA-graph path
-    else:
-        read += pipeline.drain()
-    sched.decode.remove([s for s, _ in read if s.finish_reason is not None])
-    return read
+        return read + finish(pipeline.launch(batch + ready, logits[rows]))
+    if batch:
+        return read + finish(pipeline.launch(batch, runner.decode(batch, feed)))  # the CUDA-graph path
+    return read + finish(pipeline.drain())

@@ -121,6 +121,11 @@ class DecodeScheduler:
         """Abort these sequences if running here, freeing their pages."""
         self.remove([s for s in self.running if s.seq_id in seq_ids])
 
+    def finish(self, read: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Drop the sequences that a step's (sequence, token) pairs finished; returns the pairs."""
+        self.remove([s for s, _ in read if s.finish_reason is not None])
+        return read
+
     def remove(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self.running.remove(seq)

@@ -21,12 +21,8 @@ def run(worker: Worker) -> None:
     sched = DecodeScheduler(worker.allocator, init.page_size, init.max_num_seqs, pipeline.free)
     timer = StepTimer(link, runner)
 
-    def report(read) -> None:
-        sched.remove([s for s, _ in read if s.finish_reason is not None])
-        send_tokens(link, read)
-
     def drain() -> None:
-        report(pipeline.drain())
+        send_tokens(link, sched.finish(pipeline.drain()))
 
     def busy() -> bool:
         return bool(sched.running) or pipeline.inflight is not None
@@ -45,7 +41,7 @@ def run(worker: Worker) -> None:
         if preempted:
             link.send(protocol.Preempted([to_state(s) for s in preempted]))
         if batch:
-            report(pipeline.launch(batch, runner.decode(batch, pipeline.feed(batch))))
+            send_tokens(link, sched.finish(pipeline.launch(batch, runner.decode(batch, pipeline.feed(batch)))))
             timer.stop(len(batch))
         else:
             drain()
