@@ -2,6 +2,8 @@
 a switch in the middle of streaming, and the dynamic partitioner acting on its own."""
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,8 +54,15 @@ def test_switch_mid_stream_keeps_outputs_and_pages(model):  # noqa: F811
         old_pids = {role: w["pid"] for role, w in stats["workers"].items()}
 
         streams = [client.generate(prompt_ids=p, temperature=0, max_tokens=m, ignore_eos=True) for p, m in work]
-        next(streams[0])  # decoding is under way
-        client.partition(40, 60)
+        next(streams[0]), next(streams[0])  # decoding is under way: the second token came from decode
+        os.kill(old_pids["decode"], signal.SIGSTOP)  # hold the hand-over open
+        try:
+            client.partition(40, 60)
+            wait_for(lambda s: s["workers"]["decode"]["pid"] != old_pids["decode"], server)
+            assert not server.stats()["workers"]["decode"]["ready"]  # the successor waits, closed
+            assert client.health()["status"] == "ok"  # the server is serving, not starting
+        finally:
+            os.kill(old_pids["decode"], signal.SIGCONT)
         results = [s.result() for s in streams]
         assert [r.token_ids for r in results] == [r.token_ids for r in unswitched]
         assert all(r.finish_reason == "length" for r in results)
