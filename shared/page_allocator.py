@@ -5,12 +5,14 @@ them taken" must be one atomic step across processes (semi-PD's allocation hazar
 one shared-memory segment:
 
     header  int64[2]            num_pages, top (number of free pages)
-    owner   int64[num_pages]    request id holding each page, -1 when free
+    owner   int64[num_pages]    request id holding each page, -1 when free, -2 (RELEASING) when
+                                let go by a worker whose launched GPU step may still write it
     stack   int32[num_pages]    free page ids in stack[:top]; alloc pops from the top
 
 The lock is flock() on a file beside the segment: the kernel drops it when its holder dies, even by
 SIGKILL, so a crashed worker cannot wedge the pool. Pages carry their owner so that the controller
-can reclaim a dead worker's requests with free_owner().
+can reclaim a dead worker's requests with free_owner(), and with free_owner(RELEASING) the pages
+it was still holding back for a step in flight (shared/pipeline.py), whose requests are gone.
 """
 
 import fcntl
@@ -26,6 +28,7 @@ from shared.runtime import runtime_dir
 from shared.shared_memory import attach_segment, unlink_segment
 
 FREE = -1
+RELEASING = -2
 
 
 def _lock_path(name: str) -> str:
@@ -111,12 +114,22 @@ class PageAllocator:
             self._owner[pages] = FREE
             self._header[1] = top + pages.size
 
+    def release_later(self, pages: list[int]) -> None:
+        """Tag held pages RELEASING: their request is gone, free() comes once they are safe."""
+        pages = self._check_pages(pages)
+        with self._locked():
+            if (self._owner[pages] == FREE).any():
+                raise ValueError(f"page(s) {pages[self._owner[pages] == FREE].tolist()} are free")
+            self._owner[pages] = RELEASING
+
     def free_owner(self, owner: int) -> int:
-        """Free every page tagged with owner (e.g. the requests of a dead worker); returns the count.
+        """Free every page tagged with owner (e.g. the requests of a dead worker, or RELEASING);
+        returns the count.
 
         The owner tags are the truth: this rebuilds the free stack from them, which also restores
         the pool after a process was killed inside alloc() or free() (freeing its owners)."""
-        self._check_owner(owner)
+        if owner != RELEASING:
+            self._check_owner(owner)
         with self._locked():
             held = self._owner == owner
             self._owner[held] = FREE

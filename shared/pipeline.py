@@ -8,8 +8,9 @@ until read. What running ahead costs:
   whose token is thrown away (max_tokens is known in advance: such a sequence sits out);
 - pages of a finished, aborted or preempted sequence may still be written by a launched step.
   Where another process allocates from the same pool (the decode worker of semi-PD) they go back
-  only once that step is done (`free`); within one process the next writer queues behind it on
-  the same CUDA stream, so pages can go back at once;
+  only once that step is done (`free`), tagged RELEASING meanwhile so that the controller can
+  reclaim them if this process dies; within one process the next writer queues behind it on the
+  same CUDA stream, so pages can go back at once;
 - before a preemption or a Handover the step in flight is read first (`drain`), so sequences
   leave with every token known.
 On the CPU every step completes when launched and the pipeline is simply synchronous."""
@@ -94,7 +95,8 @@ class StepPipeline:
         """Return pages to the pool once no launched step can write them."""
         if self.inflight is None:
             self.allocator.free(pages)
-        else:
+        elif pages:
+            self.allocator.release_later(pages)
             self.unsafe_pages.append((self.launched, pages))
 
     def _pages_safe_after(self, number: int) -> None:

@@ -26,6 +26,7 @@ from services.controller.switcher import Switcher
 from shared import protocol
 from shared.engine import EngineConfig, check_request
 from shared.errors import UserError
+from shared.page_allocator import RELEASING
 from shared.sampling_params import SamplingParams
 from shared.tokenizer import Detokenizer
 
@@ -242,6 +243,8 @@ class Controller:
     def recover(self, role: str) -> None:
         """A worker died: reclaim the pages of everything it held and resume it through prefill
         (recomputing the K/V), or end it with an error if it has already survived a crash."""
+        if role == "decode":  # pages it held back for its last step, of requests already ended
+            self.memory.allocator.free_owner(RELEASING)
         for req in [r for r in self.requests.values() if r.where == role]:
             self.memory.allocator.free_owner(req.seq_id)
             req.restarts += 1
