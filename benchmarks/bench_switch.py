@@ -3,7 +3,7 @@ the SM split back and forth; then report, from the server's switch history, the 
 standby and the pause each switch put in the decode token stream (goal: under 50 ms; the floor is
 one decode step, which the sequences would have waited anyway).
 
-    python -m benchmarks.bench_switch --address ADDR --switches 20 --rate 6 [--json OUT]
+    python -m benchmarks.bench_switch --address ADDR --switches 22 --rate 24 [--json OUT]
 
 The load is Poisson at --rate throughout: runs of --requests-per-run requests, each starting
 when the previous one's arrivals end.
@@ -91,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", required=True)
     ap.add_argument("--switches", type=int, default=22, help="split changes to ask for")
-    ap.add_argument("--rate", type=float, default=6.0, help="load, requests per second")
+    ap.add_argument("--rate", type=float, default=24.0, help="load, requests per second")
     ap.add_argument("--requests-per-run", type=int, default=100)
     ap.add_argument("--json", help="write the history and summary here")
     args = ap.parse_args()

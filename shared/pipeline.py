@@ -26,7 +26,6 @@ from shared.sequence import PENDING, Sequence
 
 @dataclass
 class Step:
-    number: int
     seqs: list[Sequence]
     slots: list[int]                 # where each sequence's PENDING placeholder is
     tokens: torch.Tensor             # sampled, on the device (feeds the next step)
@@ -42,8 +41,7 @@ class StepPipeline:
         self.runner, self.allocator, self.alive = runner, allocator, alive
         self.cuda = runner.device.type == "cuda"
         self.inflight: Step | None = None
-        self.launched = 0
-        self.unsafe_pages: list[tuple[int, list[int]]] = []  # (last step that may write, pages)
+        self.held_back: list[list[int]] = []  # pages freed while the step in flight may write them
 
     def feed(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]] | None:
         """For the runner: the in-flight step's tokens and, per sequence, its row there (-1 where
@@ -68,9 +66,8 @@ class StepPipeline:
             seq.num_cached = seq.num_tokens
             slots.append(seq.num_tokens)
             seq.token_ids.append(PENDING)
-        self.launched += 1
         read = self.drain()
-        self.inflight = Step(self.launched, seqs, slots, tokens, host, done)
+        self.inflight = Step(seqs, slots, tokens, host, done)
         return read
 
     def drain(self) -> list[tuple[Sequence, int]]:
@@ -81,7 +78,9 @@ class StepPipeline:
             return []
         if step.done is not None:
             step.done.synchronize()
-        self._pages_safe_after(step.number)
+        for pages in self.held_back:  # freed before this step's successor was scheduled
+            self.allocator.free(pages)
+        self.held_back = []
         alive, out = {id(s) for s in self.alive()}, []
         for seq, slot, token in zip(step.seqs, step.slots, step.host.tolist()):
             if id(seq) in alive:
@@ -92,14 +91,11 @@ class StepPipeline:
         return out
 
     def free(self, pages: list[int]) -> None:
-        """Return pages to the pool once no launched step can write them."""
+        """Return pages to the pool once no launched step can write them: at once with no step in
+        flight, else when it is read (one step at most is ever in flight, and the next one is
+        scheduled after these pages' sequence has left, so it cannot write them)."""
         if self.inflight is None:
             self.allocator.free(pages)
         elif pages:
             self.allocator.release_later(pages)
-            self.unsafe_pages.append((self.launched, pages))
-
-    def _pages_safe_after(self, number: int) -> None:
-        for _, pages in [w for w in self.unsafe_pages if w[0] <= number]:
-            self.allocator.free(pages)
-        self.unsafe_pages = [w for w in self.unsafe_pages if w[0] > number]
+            self.held_back.append(pages)
