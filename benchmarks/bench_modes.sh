@@ -4,8 +4,9 @@
 # sweeps the rates. Semi-PD modes run their workers as MPS clients (--start-mps) under the default
 # split (prefill 60, decode 100: caps; dynamic starts there).
 # Usage: bash benchmarks/bench_modes.sh [unified] [static] [dynamic]   (default: all three)
-# Env: MODEL (llama3-8b), RATES (32,36,40,44: around unified's limit on an H200), N (240 requests
-# per rate), OUT (out).
+# Env: MODEL (llama3-8b), RATES (28,32,36,40: around unified's limit on an H200), N (600 requests
+# per rate: 15-21 s of arrivals, several E2E latencies, so the backlog column can tell a rate kept
+# up with from a burst absorbed), OUT (out).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -18,7 +19,7 @@ declare -A flags=(
 modes=("$@"); [ ${#modes[@]} -eq 0 ] && modes=(unified static dynamic)
 launch=(); for m in "${modes[@]}"; do launch+=(--launch "$m=${flags[$m]}"); done
 name=$(IFS=-; echo "${modes[*]}")
-python3 -m shared.cli bench --model "${MODEL:-llama3-8b}" --rates "${RATES:-32,36,40,44}" \
-  --num-requests "${N:-240}" $slo --seed 0 --out "$out/sweep-$name" "${launch[@]}" \
+python3 -m shared.cli bench --model "${MODEL:-llama3-8b}" --rates "${RATES:-28,32,36,40}" \
+  --num-requests "${N:-600}" $slo --seed 0 --out "$out/sweep-$name" "${launch[@]}" \
   > "$out/sweep-$name.log" 2>&1
 echo "sweep exit $?"; grep -v "req/s\]\|it/s\]" "$out/sweep-$name.log" | tail -n 30

@@ -20,6 +20,9 @@ Per request, at the client: TTFT (send to first token), E2E (send to Final), TPO
 (output tokens - 1) and ITL, every gap between successive tokens (a message carrying k tokens
 splits its wait into k equal gaps). SLO attainment is the fraction of all requests, failed ones
 counting as misses, with TTFT <= --ttft-slo and TPOT <= --tpot-slo; goodput is their rate.
+Whether the server kept up with the rate, or only absorbed a burst as long as the run, shows in
+the backlog trend (`backlog_trend`): a queue that grows for as long as requests arrive can leave
+attainment high over a short run.
 
 Sweeps over rates and serving modes, with plots, are in bench_sweep.py; they reuse run_load.
 """
@@ -168,6 +171,25 @@ def distribution(values: list[float]) -> dict:
     return {"mean": float(a.mean()), **{f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}}
 
 
+def backlog_trend(records: list[RequestRecord]) -> float | None:
+    """Mean number of requests in the server (sent, not yet ended) over the last quarter of the
+    arrivals, over that mean in their second quarter: about 1 where the server keeps up with the
+    rate (Little's law: rate x E2E), near 2 where a queue grows for as long as requests arrive.
+    The server fills up over about one E2E latency, so this reads true once the arrivals last
+    four or more of them."""
+    spans = [(r.send_s, r.send_s + r.e2e_s) for r in records if r.e2e_s is not None]
+    if len(spans) < 8:
+        return None
+    sends = np.array([a for a, _ in spans])
+    ends = np.array([b for _, b in spans])
+    window = sends.max() - sends.min()
+    def in_flight(q0: float, q1: float) -> float:  # sampled on a fine grid over that span of arrivals
+        ts = sends.min() + window * np.linspace(q0, q1, 100)
+        return float(((sends[None, :] <= ts[:, None]) & (ts[:, None] < ends[None, :])).sum(1).mean())
+    second = in_flight(0.25, 0.5)
+    return in_flight(0.75, 1.0) / second if second else None
+
+
 def meets_slo(r: RequestRecord, ttft_slo: float | None, tpot_slo: float | None) -> bool:
     return r.ok and (ttft_slo is None or (r.ttft_s is not None and r.ttft_s <= ttft_slo)) \
         and (tpot_slo is None or r.tpot_s is None or r.tpot_s <= tpot_slo)
@@ -189,6 +211,7 @@ def summarize(records: list[RequestRecord], duration_s: float, ttft_slo: float |
         "e2e_s": distribution([r.e2e_s for r in done]),
         "server_ttft_s": distribution([r.server_ttft_s for r in done if r.server_ttft_s is not None]),
         "server_tpot_s": distribution([r.server_tpot_s for r in done if r.server_tpot_s is not None]),
+        "backlog_trend": backlog_trend(done),
         "ttft_slo_s": ttft_slo, "tpot_slo_s": tpot_slo, "slo_attainment": None, "goodput": None,
     }
     if records and (ttft_slo is not None or tpot_slo is not None):
@@ -203,11 +226,17 @@ def build_report(config: dict, records: list[RequestRecord], summary: dict) -> d
             "requests": [asdict(r) | {"tpot_s": r.tpot_s} for r in records]}
 
 
+def trend(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def format_summary(s: dict) -> str:
     def ms(v):
         return "-" if v is None else f"{v * 1e3:.1f}"
     lines = [f"requests: {s['completed']} completed, {s['failed']} failed in {s['duration_s']:.2f} s",
              f"throughput: {s['request_throughput']:.2f} req/s, {s['output_token_throughput']:.1f} output tok/s",
+             f"backlog trend: {trend(s.get('backlog_trend'))} (requests in the server, last quarter of the "
+             f"arrivals over the second; ~1: kept up)",
              f"{'(ms)':<6}" + "".join(f"{h:>10}" for h in ("mean", "p50", "p90", "p99"))]
     for name in ("ttft", "tpot", "itl", "e2e"):
         d = s[f"{name}_s"]

@@ -1,6 +1,8 @@
 """`semipd bench` sweeps: bench.py's single-rate run repeated over --rates against one running
 server, several, or servers launched here one mode at a time; then a JSON report, PNG plots
-(shared/plots.py) and a table with each mode's highest rate at >= 90% SLO attainment.
+(shared/plots.py) and a table with each mode's highest rate at >= 90% SLO attainment. The
+table's backlog column (bench.backlog_trend) says which rates the server kept up with; a rate
+above ~1 was met only for as long as the run lasted.
 
 While a run goes, the server's stats are polled every POLL_S seconds for its SM split
 (`partition.prefill_sm` / `decode_sm`; absent on servers that do not partition), so a dynamic
@@ -24,7 +26,7 @@ import time
 
 import numpy as np
 
-from shared.bench import check_load_args, run_load, summarize
+from shared.bench import check_load_args, run_load, summarize, trend
 from shared.client import AsyncClient, Client, ClientError
 from shared.errors import UserError, first_line
 
@@ -201,14 +203,15 @@ def format_table(report: dict) -> str:
         steps = run.get("steps") or {}
         d = steps.get("decode") or steps.get("unified")
         return "-" if d is None else "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("step_ms", "gpu_ms"))
-    head = ("rate req/s", "done req/s", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms", "SLO met", "step/GPU ms")
+    head = ("rate req/s", "done req/s", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms", "SLO met", "backlog",
+            "step/GPU ms")
     lines = []
     for name, mode in report["modes"].items():
         lines += [f"{name}:", "  " + "".join(f"{h:>13}" for h in head)]
         for run in mode["runs"]:
             s = run["summary"]
             cells = (f"{run['rate']:g}", f"{s['request_throughput']:.2f}", ms(s["e2e_s"]["mean"]),
-                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}", step(run))
+                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}", trend(s.get("backlog_trend")), step(run))
             lines.append("  " + "".join(f"{c:>13}" for c in cells))
     lines.append(f"highest rate with >= {ATTAINMENT_GOAL:.0%} SLO attainment:")
     for name, mode in report["modes"].items():

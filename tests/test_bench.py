@@ -8,7 +8,8 @@ import pytest
 
 from shared.bench import (INPUT_MEAN, INPUT_RANGE, OUTPUT_MEAN, OUTPUT_RANGE, SIGMA, RequestRecord,
                           arrival_times, build_report, clipped_lognormal_mean, load_sharegpt,
-                          lognormal_lengths, plan_lengths, summarize, token_timing)
+                          lognormal_lengths, plan_lengths, summarize, token_timing,
+                          backlog_trend)
 from shared.errors import UserError
 
 
@@ -86,8 +87,8 @@ def test_token_timing_spreads_multi_token_messages():
     assert token_timing([(0.5, 0)]) == (None, [])
 
 
-def record(i, ttft, e2e, tokens, **kw) -> RequestRecord:
-    return RequestRecord(i, 10, tokens, 0.0, ttft_s=ttft, e2e_s=e2e, output_tokens=tokens,
+def record(i, ttft, e2e, tokens, send_s=0.0, **kw) -> RequestRecord:
+    return RequestRecord(i, 10, tokens, send_s, ttft_s=ttft, e2e_s=e2e, output_tokens=tokens,
                          itl_s=[(e2e - ttft) / (tokens - 1)] * (tokens - 1), finish_reason="length", **kw)
 
 
@@ -117,6 +118,20 @@ def test_summary_percentiles_attainment_and_goodput():
     loose = summarize(hand_made_records(), 5.0, ttft_slo=0.5)
     assert loose["slo_attainment"] == pytest.approx(4 / 5) and loose["goodput"] == pytest.approx(0.8)
     assert summarize(hand_made_records(), 5.0)["slo_attainment"] is None
+
+
+def test_backlog_trend_tells_a_kept_up_rate_from_a_growing_queue():
+    # 400 arrivals at 10 req/s. Kept up: every request takes 2 s, so about 20 are in the server
+    # all along. Falling behind: each waits 0.05 s longer than the one before it (the server
+    # finishes 1 request per 0.1 + 0.05 s), so the queue grows for as long as requests arrive.
+    kept_up = [record(i, 0.1, 2.0, 11, send_s=i / 10) for i in range(400)]
+    behind = [record(i, 0.1, 2.0 + 0.05 * i, 11, send_s=i / 10) for i in range(400)]
+    assert backlog_trend(kept_up) == pytest.approx(1.0, abs=0.03)
+    # request i ends at 2 + 0.15 i s, so at time t about 13.3 + 3.33 t are in flight: 63 on
+    # average over the second quarter of the arrivals (10-20 s), 130 over the last (30-40 s)
+    assert backlog_trend(behind) == pytest.approx(2.05, abs=0.05)
+    assert backlog_trend(kept_up[:5]) is None  # too few to say
+    assert summarize(behind, 60.0)["backlog_trend"] == pytest.approx(backlog_trend(behind))
 
 
 def test_report_keys_and_json():
