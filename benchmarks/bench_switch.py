@@ -3,7 +3,7 @@ the SM split back and forth; then report, from the server's switch history, the 
 standby and the pause each switch put in the decode token stream (goal: under 50 ms; the floor is
 one decode step, which the sequences would have waited anyway).
 
-    python -m benchmarks.bench_switch --address ADDR --switches 22 --rate 24 [--json OUT]
+    python -m benchmarks.bench_switch --address ADDR --switches 22 --rate 24 [--splits 50/50,50/40] [--json OUT]
 
 The load is Poisson at --rate throughout: runs of --requests-per-run requests, each starting
 when the previous one's arrivals end.
@@ -19,25 +19,39 @@ import numpy as np
 from shared.bench import distribution, run_load
 from shared.client import AsyncClient
 
-# The prefill share stays put after the first switch, so each later one moves decode alone:
-# the decode token stream is what a switch can pause, and one standby to replace per switch
-# keeps the run short.
-SPLITS = ((50, 40), (50, 50))
+# By default the prefill share stays put after the first switch, so each later one moves decode
+# alone: the decode token stream is what a switch can pause, and one standby to replace per
+# switch keeps the run short.
+DEFAULT_SPLITS = "50/50,50/40"
 
 
-async def switch_loop(address: str, switches: int, done: asyncio.Event, json_path: str | None) -> None:
-    """Alternate the split, each time once the previous switch is over and both standbys are up.
-    The history so far is saved before each switch, so a run cut short still leaves its figures."""
+def splits_arg(text: str) -> list[tuple[int, int]]:
+    try:
+        splits = [tuple(int(x) for x in s.split("/")) for s in text.split(",")]
+    except ValueError:
+        splits = []
+    if not splits or any(len(s) != 2 or not all(1 <= x <= 100 for x in s) for s in splits):
+        raise argparse.ArgumentTypeError(f"expected PREFILL/DECODE shares in [1, 100], comma-separated, got {text!r}")
+    return splits
+
+
+async def switch_loop(address: str, switches: int, splits: list[tuple[int, int]], done: asyncio.Event,
+                      json_path: str | None) -> None:
+    """Go round the splits, each time once the previous switch is over and every role the next
+    one moves has a standby up (the first switch finds none: it is cold). The history so far is
+    saved before each switch, so a run cut short still leaves its figures."""
     async with AsyncClient(address) as client:
         for i in range(switches):
+            target = dict(zip(("prefill", "decode"), splits[i % len(splits)]))
             while True:
                 stats = await client.stats()
-                standbys = [w["standby"] for w in stats["workers"].values()]
-                if not stats["partition"]["switching"] and (i == 0 or all(s and s["ready"] for s in standbys)):
+                moving = [r for r, share in target.items() if stats["partition"][f"{r}_sm"] != share]
+                ready = all((stats["workers"][r]["standby"] or {}).get("ready") for r in moving)
+                if not stats["partition"]["switching"] and (i == 0 or ready):
                     break
                 await asyncio.sleep(0.1)
             save(json_path, stats["partition"])
-            await client.partition(*SPLITS[i % 2 == 0])
+            await client.partition(target["prefill"], target["decode"])
             print(f"switch {i + 1}/{switches} requested", flush=True)
             await asyncio.sleep(0.5)
     done.set()
@@ -45,7 +59,7 @@ async def switch_loop(address: str, switches: int, done: asyncio.Event, json_pat
 
 async def main_async(args) -> dict:
     done = asyncio.Event()
-    switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, done, args.json))
+    switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, args.splits, done, args.json))
     runs = []
     while not done.is_set():  # until the last switch has been asked for, a run starts as the
         n = len(runs)          # previous one's arrivals end (not its responses): the load never pauses
@@ -93,6 +107,8 @@ def main() -> None:
     ap.add_argument("--switches", type=int, default=22, help="split changes to ask for")
     ap.add_argument("--rate", type=float, default=24.0, help="load, requests per second")
     ap.add_argument("--requests-per-run", type=int, default=100)
+    ap.add_argument("--splits", type=splits_arg, default=splits_arg(DEFAULT_SPLITS),
+                    help=f"PREFILL/DECODE SM shares to go round, comma-separated (default {DEFAULT_SPLITS})")
     ap.add_argument("--json", help="write the history and summary here")
     args = ap.parse_args()
     started = time.monotonic()
