@@ -211,7 +211,8 @@ def format_table(report: dict) -> str:
         for run in mode["runs"]:
             s = run["summary"]
             cells = (f"{run['rate']:g}", f"{s['request_throughput']:.2f}", ms(s["e2e_s"]["mean"]),
-                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}", trend(s.get("backlog_trend")), step(run))
+                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}",
+                     trend(s.get("backlog_trend")), step(run))
             lines.append("  " + "".join(f"{c:>13}" for c in cells))
     lines.append(f"highest rate with >= {ATTAINMENT_GOAL:.0%} SLO attainment:")
     for name, mode in report["modes"].items():

@@ -148,7 +148,8 @@ class PrefillDone:
 
 @dataclass
 class DecodeStep:
-    """Decode -> controller: one batched message per step."""
+    """Decode -> controller: one batched message per step. Controller -> decode: a retiring
+    predecessor's last step (HandedOver.last_step_follows)."""
     seq_ids: list[int]
     tokens: list[int]
     finished: list[str | None]
@@ -183,8 +184,12 @@ class Handover:
 
 @dataclass
 class HandedOver:
-    """Worker -> controller: everything it held (pages stay allocated) for its successor."""
+    """Worker -> controller: everything it held (pages stay allocated) for its successor. With
+    last_step_follows, the worker had a step in flight: the sequences in it end in a PENDING
+    token, and that step's DecodeStep, the worker's last message, follows. The controller passes
+    it on to the successor, which holds those sequences until then (DecodeScheduler.add)."""
     seqs: list[SeqState]
+    last_step_follows: bool = False
 
 
 @dataclass

@@ -5,7 +5,7 @@
 from collections import deque
 
 from shared.kv_cache import pages_for
-from shared.sequence import Sequence
+from shared.sequence import PENDING, Sequence
 
 
 def grow(seq: Sequence, num_tokens: int, allocator, page_size: int) -> bool:
@@ -89,9 +89,25 @@ class DecodeScheduler:
         self.allocator, self.page_size, self.max_num_seqs = allocator, page_size, max_num_seqs
         self.release = release or allocator.free
         self.running: list[Sequence] = []
+        # Handed over with their newest token still in a retiring predecessor's step in flight:
+        # held until the controller passes that step on (inherit), before anything else it sends
+        self.inherited: dict[int, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
-        self.running.append(seq)
+        if seq.token_ids[-1] == PENDING:
+            self.inherited[seq.seq_id] = seq
+        else:
+            self.running.append(seq)
+
+    def inherit(self, step) -> None:
+        """The predecessor's last step (a DecodeStep): fill in the inherited sequences' newest
+        tokens and let them run. Those it finished are gone (the predecessor freed their pages);
+        it also carries those that ended on their way here (the controller frees their pages)."""
+        for seq_id, token, finished in zip(step.seq_ids, step.tokens, step.finished):
+            seq = self.inherited.pop(seq_id, None)
+            if seq is not None and finished is None:
+                seq.fill(seq.num_tokens - 1, token)
+                self.running.append(seq)
 
     def schedule(self, preempt: bool = True) -> tuple[list[Sequence], list[Sequence]] | None:
         """(batch for this step, preempted sequences). Each sequence in the batch gets a page for
@@ -115,7 +131,7 @@ class DecodeScheduler:
         return batch, preempted
 
     def held(self) -> list[Sequence]:
-        return list(self.running)
+        return self.running + list(self.inherited.values())
 
     def drop(self, seq_ids: set[int]) -> None:
         """Abort these sequences if running here, freeing their pages."""

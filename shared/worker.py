@@ -18,7 +18,7 @@ from shared.loader import build_model
 from shared.model_runner import ModelRunner
 from shared.page_allocator import PageAllocator
 from shared.sampling_params import SamplingParams
-from shared.sequence import Sequence
+from shared.sequence import PENDING, Sequence
 from shared.shared_memory import SharedArena
 
 
@@ -90,20 +90,26 @@ class Worker:
                                   init.cuda_graphs and role in ("decode", "unified"))
         self.link.send(protocol.WorkerReady(role=role, pid=os.getpid()))
 
-    def apply_messages(self, timeout_ms: int, sched, before_handover=lambda: None) -> bool:
-        """Apply the controller's messages to a scheduler (add, drop, held); False once this
-        worker must stop. A Handover comes between steps (after `before_handover` has finished
-        any step still running), so the K/V of every sequence handed over is complete; their
-        pages stay allocated and pass to the successor with them."""
+    def apply_messages(self, timeout_ms: int, sched, read_last_step=lambda: None) -> bool:
+        """Apply the controller's messages to a scheduler (add, drop, held, inherit); False once
+        this worker must stop. A Handover comes between steps. What the worker holds goes at
+        once, pages and all, sequences in a step still in flight with their newest token PENDING;
+        then `read_last_step` waits for that step and sends its tokens (a DecodeStep that the
+        controller passes on: DecodeScheduler.inherit). The successor thus has its sequences
+        while the last step runs, and needs only their tokens when it ends."""
         for msg in self.link.receive(timeout_ms):
             if isinstance(msg, protocol.RunSeqs):
                 for state in msg.seqs:
                     sched.add(self.to_sequence(state))
             elif isinstance(msg, protocol.AbortSeqs):
                 sched.drop(set(msg.seq_ids))
+            elif isinstance(msg, protocol.DecodeStep):
+                sched.inherit(msg)
             elif isinstance(msg, protocol.Handover):
-                before_handover()
-                self.link.send(protocol.HandedOver([to_state(s) for s in sched.held()]))
+                held = sched.held()
+                follows = any(s.token_ids[-1] == PENDING for s in held)
+                self.link.send(protocol.HandedOver([to_state(s) for s in held], follows))
+                read_last_step()
                 return False
             elif isinstance(msg, protocol.Shutdown):
                 return False

@@ -1,8 +1,11 @@
-"""The step pipeline on the CPU: placeholders, the feed, and pages held while a step may write them."""
+"""The step pipeline on the CPU: placeholders, the feed, pages held while a step may write them,
+and a step in flight handed over to a successor."""
 
+from shared import protocol
 from shared.engine import Engine, EngineConfig, mixed_step
 from shared.page_allocator import RELEASING
 from shared.pipeline import StepPipeline
+from shared.scheduler import DecodeScheduler
 from shared.sampling_params import SamplingParams
 from shared.sequence import PENDING, Sequence
 
@@ -35,5 +38,31 @@ def test_placeholders_feed_and_deferred_pages():
         assert allocator.num_free() == free and not any(PENDING in s.token_ids for s in seqs)
         pipeline.free(allocator.alloc(1, 97))  # nothing in flight: back at once
         assert allocator.num_free() == free
+    finally:
+        engine.close()
+
+
+def test_a_successor_holds_the_sequences_of_a_step_in_flight_until_it_is_passed_on():
+    engine = Engine(EngineConfig(model="tiny", progress=False))
+    try:
+        allocator = engine.allocator
+        sched = DecodeScheduler(allocator, engine.config.page_size, max_num_seqs=8)
+        params = SamplingParams(temperature=0, max_tokens=10)
+        known, running, ending = (Sequence(i, [1, 2, 3], params) for i in range(3))
+        running.token_ids.append(PENDING)  # in the predecessor's last step, as handed over
+        ending.token_ids.append(PENDING)
+        for seq in (known, running, ending):
+            seq.block_table, seq.num_cached = allocator.alloc(1, seq.seq_id), 3
+            sched.add(seq)
+        assert sorted(s.seq_id for s in sched.held()) == [0, 1, 2]  # a Handover would pass all on
+        assert sched.schedule()[0] == [known]  # no token to feed the others yet
+
+        free = allocator.num_free()
+        # the last step: sequence 2 finished there (its pages are the predecessor's to free);
+        # sequence 7 ended on its way here, so the controller never passed it on
+        sched.inherit(protocol.DecodeStep([1, 2, 7], [42, 5, 9], [None, "stop", None]))
+        assert running.token_ids == [1, 2, 3, 42] and sched.running == [known, running]
+        assert sorted(s.seq_id for s in sched.held()) == [0, 1] and allocator.num_free() == free
+        assert sched.schedule()[0] == [known, running]
     finally:
         engine.close()

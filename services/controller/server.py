@@ -67,7 +67,8 @@ class Controller:
             raise UserError(f"cannot bind {address}: {e}") from None
         self.supervisor = Supervisor(worker_address, self._send_worker,
                                      lambda sm: replace(init_msg, sm_percent=sm), self.mode.shares)
-        self.switcher = Switcher(self.supervisor, self._adopt)
+        self.switcher = Switcher(self.supervisor, lambda seq_id: seq_id in self.by_seq,
+                                 self.memory.allocator.free_owner)
         self.moderation = moderation and Moderation(moderation, self.ctx, self.memory.tokenizer,
                                                     self._send_client, self._abort)
         self.requests: dict[tuple[bytes, str], Request] = {}
@@ -188,10 +189,11 @@ class Controller:
         elif isinstance(msg, protocol.DecodeStep):
             self.switcher.on_output(worker)
             self.on_decode_step(msg)
+            self.switcher.on_last_step(worker, msg)
         elif isinstance(msg, protocol.StepTimes):
             worker.step_times = (msg, time.monotonic())
         elif isinstance(msg, protocol.HandedOver):
-            self.switcher.on_handed_over(worker, msg.seqs)
+            self.switcher.on_handed_over(worker, msg)
             self._settle()
         elif isinstance(msg, protocol.Preempted):
             for state in msg.seqs:
@@ -199,15 +201,6 @@ class Controller:
                 if req is not None:
                     req.where = self.prefill_role
                     self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
-
-    def _adopt(self, seqs: list[protocol.SeqState]) -> list[protocol.SeqState]:
-        """Sequences a retiring worker handed over: those still wanted go on to its successor;
-        the pages of the rest (aborted on the way) are freed here."""
-        live = [s for s in seqs if s.seq_id in self.by_seq]
-        for state in seqs:
-            if state.seq_id not in self.by_seq:
-                self.memory.allocator.free_owner(state.seq_id)
-        return live
 
     def on_prefill_done(self, msg: protocol.PrefillDone) -> None:
         """First tokens. Until the hand-off reaches decode, the controller holds these pages."""

@@ -7,15 +7,20 @@ a new worker process. The switch for one role (prefill and decode switch indepen
    it opens the IPC handles and captures its CUDA graphs while the old worker keeps serving;
 2. once it is ready it becomes the role's current worker, closed for now: new messages for the
    role wait in its queue; the old worker gets a Handover;
-3. at its next step boundary the old worker sends everything it holds (HandedOver: sequences with
-   their block tables; the pages stay allocated and the K/V stays in place) and exits;
-4. the controller passes the live sequences to the new worker, then its queue: it is open.
+3. between two steps the old worker sends everything it holds (HandedOver: sequences with their
+   block tables; the pages stay allocated and the K/V stays in place). The controller passes the
+   live sequences to the new worker, then its queue: it is open;
+4. a decode worker has a step in flight then (last_step_follows): the sequences in it go with
+   their newest token PENDING and wait in the new worker until the old one's last DecodeStep,
+   passed on, fills them in. Sending the sequences (every token id) overlaps that last step,
+   and only its tokens stand between it and the new worker's first step. The old worker exits.
 
-The token stream of a moved sequence pauses from the old worker's last step to the new worker's
-first: that gap, the preparation time and the hand-over time are recorded for every switch, and
-the gap in three parts (`gap_parts_s`): the old worker's last output to its HandedOver arriving
-(`hand_over`), the controller passing the sequences on (`resend`), and the new worker's first
-step until its output arrives (`first_step`).
+The token stream of a moved sequence pauses from the old worker's last output to the new
+worker's first: that gap, the preparation time and the hand-over time are recorded for every
+switch, and the gap in two parts (`gap_parts_s`): until the new worker has all it needs
+(`hand_over`: the sequences and their last tokens passed on) and its first step until its output
+arrives (`first_step`). Pages of sequences that ended while they were handed over are freed
+once no step of the old worker can write them.
 """
 
 import time
@@ -38,13 +43,16 @@ class Switch:
     old: WorkerHandle | None = None
     handover_at: float | None = None
     handed_over_at: float | None = None   # HandedOver arrived
-    resent_at: float | None = None        # the sequences were sent on to the new worker
+    resent_at: float | None = None        # the new worker had all it needs: sequences, last tokens
+    moved: list[protocol.SeqState] | None = None  # the live sequences passed on
+    ended: list[int] | None = None        # ended in transit: pages freed when the old worker is done
 
 
 class Switcher:
-    def __init__(self, supervisor: Supervisor, adopt):
+    def __init__(self, supervisor: Supervisor, alive, free_owner):
         self.sup = supervisor
-        self.adopt = adopt                   # adopt(seqs) -> the ones whose requests are alive
+        self.alive = alive                   # alive(seq_id): its request still wants it
+        self.free_owner = free_owner         # free_owner(seq_id): free the pages it holds
         self.active: dict[str, Switch] = {}
         self.history: list[dict] = []
         self._gap: dict[str, tuple[dict, Switch]] = {}  # role -> a finished switch's record, until its first output
@@ -81,20 +89,33 @@ class Switcher:
             record["gap_s"], record["gap_parts_s"]["first_step"] = now - sw.old.last_output, now - sw.resent_at
             del self._gap[worker.role]
 
-    def on_handed_over(self, worker: WorkerHandle, seqs: list[protocol.SeqState]) -> None:
+    def on_handed_over(self, worker: WorkerHandle, msg: protocol.HandedOver) -> None:
         sw = self.active.get(worker.role)
         if sw is None or worker is not sw.old:
             return
         sw.handed_over_at = time.monotonic()
-        live = self.adopt(seqs)
-        if live:
-            self.sup.send_to(sw.worker, protocol.RunSeqs(live))
-        sw.resent_at = time.monotonic()
-        self._finish(sw, len(live))
+        sw.moved = [s for s in msg.seqs if self.alive(s.seq_id)]
+        sw.ended = [s.seq_id for s in msg.seqs if not self.alive(s.seq_id)]
+        if sw.moved:
+            self.sup.send_to(sw.worker, protocol.RunSeqs(sw.moved))
+        if not msg.last_step_follows:
+            sw.resent_at = time.monotonic()
+            self._finish(sw, len(sw.moved))
+
+    def on_last_step(self, worker: WorkerHandle, msg: protocol.DecodeStep) -> None:
+        """A DecodeStep arrived: the last one of a worker that has handed over is passed on."""
+        sw = self.active.get(worker.role)
+        if sw is not None and worker is sw.old and sw.handed_over_at is not None:
+            self.sup.send_to(sw.worker, msg)
+            sw.resent_at = time.monotonic()
+            self._finish(sw, len(sw.moved))
 
     def _finish(self, sw: Switch, moved: int | None, error: str | None = None) -> None:
+        """The old worker is done (or dead): no step of it writes pages any more."""
         now = time.monotonic()
         del self.active[sw.role]
+        for seq_id in sw.ended or ():
+            self.free_owner(seq_id)
         if self.sup.workers.get(sw.role) is sw.worker:
             self.sup.open(sw.worker)
         shares = {role: w.sm_percent for role, w in self.sup.workers.items()}
@@ -106,8 +127,7 @@ class Switcher:
                   "moved_seqs": moved, "gap_s": None, "gap_parts_s": None, "error": error}
         self.history.append(record)
         if moved and sw.old.last_output is not None:
-            record["gap_parts_s"] = {"hand_over": sw.handed_over_at - sw.old.last_output,
-                                     "resend": sw.resent_at - sw.handed_over_at}
+            record["gap_parts_s"] = {"hand_over": sw.resent_at - sw.old.last_output}
             self._gap[sw.role] = (record, sw)
 
     def on_death(self, where: str, worker: WorkerHandle) -> bool:
@@ -123,9 +143,12 @@ class Switcher:
         if where == "incoming":       # died while preparing: the old worker simply stays
             self._finish(sw, None, f"new {worker.role} worker exited while starting")
             return False
-        if where == "retiring" and worker is sw.old:  # died before handing over
-            sw.worker.queue.clear()   # recovery resends everything the role held
-            self._finish(sw, 0, f"old {worker.role} worker exited before handing over")
+        if where == "retiring" and worker is sw.old:  # died before its hand-over was complete
+            sw.worker.queue.clear()   # recovery resends everything the role held...
+            if sw.handed_over_at is not None:  # ...some of which the new worker already holds
+                self.sup.kill(sw.worker)
+            when = "before handing over" if sw.handed_over_at is None else "during its last step"
+            self._finish(sw, 0, f"old {worker.role} worker exited {when}")
             return True
         if where == "current" and worker is sw.worker:  # the successor died mid-switch
             # The old worker may still be writing into pages that recovery is about to free.
