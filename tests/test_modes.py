@@ -81,6 +81,34 @@ def test_switch_mid_stream_keeps_outputs_and_pages(model):  # noqa: F811
         assert server.stop() == 0
 
 
+@pytest.mark.parametrize("dies", ["old", "new"])
+def test_a_worker_dying_mid_switch_loses_nothing(model, dies):  # noqa: F811
+    server = Server(model, "--max-num-seqs", "16")
+    try:
+        client = server.client
+        client.partition(70, 30)  # the first switch starts the standbys
+        old = wait_for(lambda s: not s["partition"]["switching"] and standbys_ready(s), server)
+        old = old["workers"]["decode"]["pid"]
+        streams = [client.generate(prompt_ids=p * 3, temperature=0, max_tokens=200, ignore_eos=True)
+                   for p, _ in workload(12, seed=5)]
+        next(streams[0]), next(streams[0])  # decoding is under way
+        os.kill(old, signal.SIGSTOP)  # the hand-over waits for the old worker...
+        client.partition(40, 60)
+        new = wait_for(lambda s: s["workers"]["decode"]["pid"] != old, server)["workers"]["decode"]["pid"]
+        os.kill(old if dies == "old" else new, signal.SIGKILL)  # ...which dies, or its successor does
+        results = [s.result() for s in streams]  # raises if any stream gets no Final
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 200 for r in results)
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+        switch = [h for h in stats["partition"]["history"] if h["role"] == "decode"][-1]
+        assert switch["error"] == {"old": "old decode worker exited before handing over",
+                                   "new": "new decode worker exited during the hand-over"}[dies]
+        assert stats["partition"]["decode_sm"] == 60  # the new share holds either way
+        assert len(client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result().token_ids) == 5
+    finally:
+        assert server.stop() == 0
+
+
 def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
     # An SLO no request can meet: every window misses TTFT, so prefill must gain SMs.
     server = Server(model, "--dynamic", "--ttft-slo", "0.000001", "--tpot-slo", "10", "--window", "4")
