@@ -6,7 +6,8 @@
 # Usage: bash benchmarks/bench_modes.sh [unified] [static] [dynamic]   (default: all three)
 # Env: MODEL (llama3-8b), RATES (28,32,36,40: around unified's limit on an H200), N (600 requests
 # per rate: 15-21 s of arrivals, several E2E latencies, so the backlog column can tell a rate kept
-# up with from a burst absorbed), OUT (out).
+# up with from a burst absorbed), SERVE_FLAGS (more `semipd serve` flags for every mode, e.g.
+# "--max-num-seqs 256"), OUT (out).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -17,7 +18,7 @@ declare -A flags=(
   [dynamic]="--mode semi-pd --start-mps --dynamic $slo --window 30"
 )
 modes=("$@"); [ ${#modes[@]} -eq 0 ] && modes=(unified static dynamic)
-launch=(); for m in "${modes[@]}"; do launch+=(--launch "$m=${flags[$m]}"); done
+launch=(); for m in "${modes[@]}"; do launch+=(--launch "$m=${flags[$m]} ${SERVE_FLAGS:-}"); done
 name=$(IFS=-; echo "${modes[*]}")
 python3 -m shared.cli bench --model "${MODEL:-llama3-8b}" --rates "${RATES:-28,32,36,40}" \
   --num-requests "${N:-600}" $slo --seed 0 --out "$out/sweep-$name" "${launch[@]}" \
