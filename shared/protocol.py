@@ -123,7 +123,8 @@ class WorkerReady:
 
 @dataclass
 class SeqState:
-    """A sequence as handed between processes: metadata only, the K/V stays in the pool."""
+    """A sequence as handed between processes: metadata only, the K/V stays in the pool. Its last
+    token id is PENDING (-1) where a decode worker hands it over from a step still in flight."""
     seq_id: int
     token_ids: list[int]
     num_prompt: int
