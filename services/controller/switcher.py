@@ -44,7 +44,7 @@ class Switch:
     handover_at: float | None = None
     handed_over_at: float | None = None   # HandedOver arrived
     resent_at: float | None = None        # the new worker had all it needs: sequences, last tokens
-    moved: list[protocol.SeqState] | None = None  # the live sequences passed on
+    moved: int = 0                        # live sequences passed on
     ended: list[int] | None = None        # ended in transit: pages freed when the old worker is done
 
 
@@ -94,13 +94,13 @@ class Switcher:
         if sw is None or worker is not sw.old:
             return
         sw.handed_over_at = time.monotonic()
-        sw.moved = [s for s in msg.seqs if self.alive(s.seq_id)]
-        sw.ended = [s.seq_id for s in msg.seqs if not self.alive(s.seq_id)]
-        if sw.moved:
-            self.sup.send_to(sw.worker, protocol.RunSeqs(sw.moved))
+        live = [s for s in msg.seqs if self.alive(s.seq_id)]
+        sw.moved, sw.ended = len(live), [s.seq_id for s in msg.seqs if not self.alive(s.seq_id)]
+        if live:
+            self.sup.send_to(sw.worker, protocol.RunSeqs(live))
         if not msg.last_step_follows:
             sw.resent_at = time.monotonic()
-            self._finish(sw, len(sw.moved))
+            self._finish(sw, sw.moved)
 
     def on_last_step(self, worker: WorkerHandle, msg: protocol.DecodeStep) -> None:
         """A DecodeStep arrived: the last one of a worker that has handed over is passed on."""
@@ -108,7 +108,7 @@ class Switcher:
         if sw is not None and worker is sw.old and sw.handed_over_at is not None:
             self.sup.send_to(sw.worker, msg)
             sw.resent_at = time.monotonic()
-            self._finish(sw, len(sw.moved))
+            self._finish(sw, sw.moved)
 
     def _finish(self, sw: Switch, moved: int | None, error: str | None = None) -> None:
         """The old worker is done (or dead): no step of it writes pages any more."""
