@@ -11,8 +11,8 @@ until read. What running ahead costs:
   only once that step is done (`free`), tagged RELEASING meanwhile so that the controller can
   reclaim them if this process dies; within one process the next writer queues behind it on the
   same CUDA stream, so pages can go back at once;
-- before a preemption or a Handover the step in flight is read first (`drain`), so sequences
-  leave with every token known.
+- before a preemption the step in flight is read first (`drain`), so sequences leave with every
+  token known; a Handover sends them at once and that step's tokens after them (shared/worker.py).
 On the CPU every step completes when launched and the pipeline is simply synchronous."""
 
 from dataclasses import dataclass

@@ -94,8 +94,13 @@ class Switcher:
         if sw is None or worker is not sw.old:
             return
         sw.handed_over_at = time.monotonic()
-        live = [s for s in msg.seqs if self.alive(s.seq_id)]
-        sw.moved, sw.ended = len(live), [s.seq_id for s in msg.seqs if not self.alive(s.seq_id)]
+        live, sw.ended = [], []
+        for state in msg.seqs:
+            if self.alive(state.seq_id):
+                live.append(state)
+            else:
+                sw.ended.append(state.seq_id)
+        sw.moved = len(live)
         if live:
             self.sup.send_to(sw.worker, protocol.RunSeqs(live))
         if not msg.last_step_follows:
