@@ -7,7 +7,7 @@
 # Env: MODEL (llama3-8b), RATES (28,32,36,40: around unified's limit on an H200), N (600 requests
 # per rate: 15-21 s of arrivals, several E2E latencies, so the backlog column can tell a rate kept
 # up with from a burst absorbed), SERVE_FLAGS (more `semipd serve` flags for every mode, e.g.
-# "--max-num-seqs 256"), OUT (out).
+# "--max-num-seqs 128"), OUT (out).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -32,7 +32,7 @@ class EngineConfig:
     dtype: str = "auto"                 # auto (bfloat16 on CUDA, float32 on CPU) or a DTYPES key
     page_size: int = 16
     num_pages: int | None = None        # None: as many as fit (kv_cache.auto_num_pages)
-    max_num_seqs: int = 128
+    max_num_seqs: int = 256             # as vLLM
     max_batched_tokens: int = 8192
     max_model_len: int | None = None    # None: the model's max_position_embeddings
     cuda_graphs: bool = True
