@@ -73,7 +73,7 @@ def test_plot_redraws_a_saved_report_with_the_split_over_time(tmp_path, capsys):
                         "max_rate_at_goal": None, "split_samples": [], "partition": None},
             "dynamic": {"runs": [{"rate": 2.0, "summary": summary_at(0.1, True)},
                                  {"rate": 8.0, "summary": summary_at(0.2, True)}],
-                        "max_rate_at_goal": 8.0, "started_unix": start,
+                        "max_rate_at_goal": 2.0, "started_unix": start,  # stale, as in a report joined by hand
                         "split_samples": [{"time_s": t / 2, "rate": 2.0 if t < 6 else 8.0,
                                            "prefill_sm": 50 if t < 8 else 70,
                                            "decode_sm": 50 if t < 8 else 30} for t in range(12)],
