@@ -216,7 +216,7 @@ def format_table(report: dict) -> str:
             lines.append("  " + "".join(f"{c:>13}" for c in cells))
     lines.append(f"highest rate with >= {ATTAINMENT_GOAL:.0%} SLO attainment:")
     for name, mode in report["modes"].items():
-        best = max_rate_at_goal(mode["runs"])  # from the runs: a report joined by hand has no stale figure
+        best = max_rate_at_goal(mode["runs"])  # from the runs, so a report joined by hand is right too
         lines.append(f"  {name}: " + ("none of the rates swept" if best is None else f"{best:g} req/s"))
     return "\n".join(lines)
 
