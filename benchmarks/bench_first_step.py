@@ -7,13 +7,15 @@ this process has never stepped that size, then once warm. Printed per run: the h
 first launch; the time from the first launch until the first tokens are read, the part of a
 switch's gap that the new worker's first step takes (less its messages); and the steady step, the
 median launch-to-launch time once running, which is one step's GPU time where the GPU sets the
-pace. A first-tokens time well above one steady step is first-use work in a fresh process.
+pace. A first-tokens time well above one steady step is first-use work in a fresh process; the
+time Python's garbage collector took during those steps is printed beside it.
 
 Usage: python -m benchmarks.bench_first_step [--model llama3-8b] [--batches 85,40,120]
 (run it under an MPS quota to see a share: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=40 ...).
 """
 
 import argparse
+import gc
 import time
 
 import torch
@@ -28,6 +30,23 @@ STEPS = 12
 CONTEXT = 500  # tokens per sequence: 32 pages of 16, room for STEPS more
 
 
+class GcClock:
+    """Milliseconds Python's garbage collector has run since `reset` (through gc.callbacks)."""
+
+    def __init__(self):
+        self.ms, self._start = 0.0, 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._start) * 1e3
+
+    def reset(self) -> None:
+        self.ms = 0.0
+
+
 class KeepPages:
     """The benchmark's sequences never end, so no page goes back to a pool."""
 
@@ -37,11 +56,12 @@ class KeepPages:
     release_later = free
 
 
-def first_steps(runner: ModelRunner, batch: int) -> dict:
+def first_steps(runner: ModelRunner, batch: int, gc_clock: GcClock) -> dict:
     seqs = fake_sequences(batch, CONTEXT)
     pipeline = StepPipeline(runner, KeepPages(), lambda: seqs)
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else lambda: None
     sync()
+    gc_clock.reset()
     began, launched, first_host, first_tokens = time.perf_counter(), [], None, None
     for _ in range(STEPS):
         start = time.perf_counter()
@@ -53,7 +73,7 @@ def first_steps(runner: ModelRunner, batch: int) -> dict:
     pipeline.drain()
     gaps = sorted(b - a for a, b in zip(launched[3:], launched[4:]))
     return {"batch": batch, "first_launch_host_ms": first_host * 1e3, "first_tokens_ms": first_tokens * 1e3,
-            "steady_step_ms": gaps[len(gaps) // 2] * 1e3}
+            "steady_step_ms": gaps[len(gaps) // 2] * 1e3, "gc_ms": gc_clock.ms}
 
 
 def main() -> None:
@@ -69,13 +89,16 @@ def main() -> None:
     k, v = allocate_kv_pool(model.cfg, max(batches) * pages_for(CONTEXT, PAGE), PAGE, dtype, device)
     model.bind_kv_cache(k.normal_(), v.normal_())  # random, never zeros
     runner = ModelRunner(model, PAGE, max_model_len=model.cfg.max_position, max_num_seqs=128)
-    print("| batch | run | first launch, host ms | first tokens read, ms | steady step ms | first tokens / step |")
-    print("|---:|---|---:|---:|---:|---:|")
+    gc_clock = GcClock()
+    print("| batch | run | first launch, host ms | first tokens read, ms | steady step ms | first tokens / step "
+          "| GC ms in the steps |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for run in ("new size", "warm"):
         for batch in batches:
-            r = first_steps(runner, batch)
+            r = first_steps(runner, batch, gc_clock)
             print(f"| {batch} | {run} | {r['first_launch_host_ms']:.2f} | {r['first_tokens_ms']:.2f} | "
-                  f"{r['steady_step_ms']:.2f} | {r['first_tokens_ms'] / r['steady_step_ms']:.2f} |", flush=True)
+                  f"{r['steady_step_ms']:.2f} | {r['first_tokens_ms'] / r['steady_step_ms']:.2f} | {r['gc_ms']:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

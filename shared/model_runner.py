@@ -5,9 +5,10 @@ served model, P(harmful) per token for a content monitor. On CUDA it replays CUD
 included) captured for a ladder of batch sizes; a batch is padded up to the next captured size
 with rows that write nowhere (slot -1) and attend to nothing (kv_len 0).
 
-On CUDA a new runner also runs the prefill and sampling paths once on throwaway input, so that a
-worker called up by an SM switch does not pay for kernel loading and Triton's first-launch work
-inside the switch.
+On CUDA a new runner also runs the prefill, sampling and feed paths once on throwaway input and
+launches each graph once, so that a worker called up by an SM switch does not pay for kernel
+loading (CUDA loads a module when a kernel in it first runs), graph uploads and Triton's
+first-launch work inside the switch (benchmarks/bench_first_step.py measures what is left).
 """
 
 import itertools
@@ -166,6 +167,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[self._tensor(cu[1:], torch.int64) - 1])
             for params in WARM_UP_SAMPLING:  # greedy, plain sampling, the top-k/top-p/min-p path
                 self.sample([Sequence(0, [0], params, seed=0) for _ in lens], logits)
+        # token ids taken from the step in flight (the pipeline's feed): on an H200 the first
+        # clamp alone loads its kernels for some 20 ms, which a switch's second step would pay
+        self._input_ids([0, 0], (torch.zeros(1, dtype=torch.int64, device=self.device), [0, -1]))
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:
@@ -191,4 +195,5 @@ class ModelRunner:
                 run()
             pool = graph.pool()
             self.graphs[bs] = graph
+            graph.replay()  # a graph's first launch uploads it (the process's first, some 15 ms)
         torch.cuda.synchronize(dev)
