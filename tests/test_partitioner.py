@@ -165,6 +165,17 @@ def test_where_decode_holds_all_sms_a_tpot_miss_lowers_prefills_cap():
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_a_comfortable_decode_gives_prefill_no_deeper_overlap(seed):
+    """Decode at 100 beside prefill at 60, TTFT at 60% of its SLO and TPOT at 15%: a give to
+    prefill would only raise its cap into SMs both contend for, taking nothing from decode's."""
+    load = Load(rate=10, contention=0.5, sigma=0.15)
+    ttft, tpot = load.truth((60, 100), 90)
+    cfg = PartitionConfig(ttft / 0.6, tpot / 0.15, window=25)
+    decisions = Sim(Partitioner(cfg, 60, 100), seed).run(load, 30)
+    assert [d.action for d in decisions] == ["hold"] * 30
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_the_model_sets_how_many_steps_to_take(seed):
     cfg = PartitionConfig(0.2, 0.05, window=30)
     p = Partitioner(cfg, 20, 50)
