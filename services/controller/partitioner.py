@@ -10,9 +10,10 @@ the other share.
 When both miss, TTFT goes first (as in the paper); if x cannot rise, y may. When both are met and
 one phase is below GIVE_BACK of its SLO while the other is not, the comfortable phase gives the
 other a step (else a phase never gives SMs back), unless its model predicts it would then pass
-GIVE_BACK of its SLO (the margin absorbs load changes) or the step deepens the overlap (below). With both far inside their SLOs nothing
-moves: giving decode the SMs prefill could spare was tried and measured no lower end-to-end
-latency (docs/benchmarks.md), while it left prefill short when a burst came.
+GIVE_BACK of its SLO (the margin absorbs load changes) or the step deepens the overlap (below).
+With both far inside their SLOs nothing moves: giving decode the SMs prefill could spare was
+tried and measured no lower end-to-end latency (docs/benchmarks.md), while it left prefill short
+when a burst came.
 
 Overlap: `max_total` bounds x + y, default 200. MPS quotas are caps, not reservations: with
 x + y > 100 the phases contend for the overlap when both are busy. That is the better default
@@ -21,7 +22,10 @@ memory bandwidth, runs faster on the SMs prefill leaves than on a fixed minority
 prefill is what keeps decode's floor. A phase already at 100 is raised by lowering the other
 (the semi-PD rule), so where decode holds 100 a TPOT miss lowers prefill's cap. The model reads
 x and y as capacity, which under overlap they are not: fits are only a guide, and a fit needs two
-shares (decode held at 100 has none). max_total 100 makes the partition disjoint.
+shares (decode held at 100 has none). A give never deepens the overlap: there the taker's raised
+cap takes nothing from the giver's, only more of the SMs both contend for (beside decode at 100,
+such gives raised prefill from 60 to 90 at 48-56 req/s on an H200, and end-to-end latency rose
+7-42% over static 60/100's). max_total 100 makes the partition disjoint.
 
 Latency model, least squares over the last FIT_WINDOWS windows' (split, rate, percentile) points:
   TPOT = a2 / y + b2                linear in 1/y
@@ -275,10 +279,8 @@ class Partitioner:
         return next((t for t in allowed if fit.predict(t[i], rate) <= slo), allowed[-1])
 
     def _give(self, giver: int, rate: float, fit: Fit | None, slo: float) -> tuple[int, int] | None:
-        """One step to the other phase; from the giver where the taker holds 100 or max_total requires.
-        Never into a deeper overlap: there a raised cap takes nothing from the giver but a share of
-        the SMs both contend for (such gives raised prefill from 60 to 90 beside decode at 100 at
-        48-56 req/s on an H200, and that run's E2E was 7-42% over static 60/100's)."""
+        """One step to the other phase; from the giver where the taker holds 100 or max_total
+        requires. None where it would deepen the overlap of the caps (module docstring)."""
         taker = 1 - giver
         target = self._with(taker, self.split[taker] + self.config.step)
         if (target is None or _overlap(target) > max(_overlap(self.split), 0)
