@@ -91,8 +91,10 @@ def summarize(history: list[dict], steps_before: list[dict]) -> dict:
         values = [v for v in values if v is not None]
         return {"n": len(values), **distribution(values), "max": max(values, default=None)}
     warm = [h for h in history if not h["cold_start"] and h["error"] is None]
+    parts = [h.get("prepare_parts_s") or {} for h in warm]  # as the new workers report them
     return {"switches": len(history), "errors": sum(h["error"] is not None for h in history),
             "prepare_s": dist([h["prepare_s"] for h in warm]),
+            **{f"prepare_{part}_s": dist([p.get(part) for p in parts]) for part in sorted(set().union(*parts))},
             "handover_s": dist([h["handover_s"] for h in warm]),
             "decode_gap_s": dist([h["gap_s"] for h in warm if h["role"] == "decode"]),
             **{f"decode_gap_{part}_s": dist([h["gap_parts_s"][part] for h in warm
@@ -131,8 +133,9 @@ def main() -> None:
                       ("decode_gap_hand_over_s", "old worker's last output -> new worker has it all"),
                       ("decode_gap_first_step_s", "new worker's first step; floor: one decode step"),
                       ("decode_step_before_s", "the floor: old worker's mean step, last report before"),
-                      ("prefill_gap_s", "none (no stream pauses)"),
-                      ("prepare_s", "none"), ("handover_s", "one step")):
+                      ("prefill_gap_s", "none (no stream pauses)"), ("prepare_s", "none"),
+                      *[(k, "part of preparing") for k in summary if k.startswith("prepare_") and k != "prepare_s"],
+                      ("handover_s", "one step")):
         d = summary[key]
         cells = [f"{d[k] * 1e3:.1f}" if d.get(k) is not None else "-" for k in ("p50", "p99", "max")]
         print(f"| {key} | {d['n']} | " + " | ".join(cells) + f" | {goal} |")

@@ -12,6 +12,7 @@ first-launch work inside the switch (benchmarks/bench_first_step.py measures wha
 """
 
 import itertools
+import time
 from typing import Callable
 
 import torch
@@ -43,10 +44,17 @@ class ModelRunner:
         # them; None: not timed, and no events are made (generate, benchmarks, the monitor)
         self.gpu_spans: list[tuple] | None = None
         self._forward_started = None
+        self.setup_s: dict[str, float] = {}  # how long the warm-up and the graph capture took
         if self.device.type == "cuda":
-            self._warm_up()
+            self._timed("warm_up", self._warm_up)
             if cuda_graphs:
-                self._capture(graph_batch_sizes(max_num_seqs))
+                self._timed("cuda_graphs", lambda: self._capture(graph_batch_sizes(max_num_seqs)))
+
+    def _timed(self, part: str, work: Callable[[], None]) -> None:
+        began = time.perf_counter()
+        work()
+        torch.cuda.synchronize(self.device)
+        self.setup_s[part] = time.perf_counter() - began
 
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         pinned = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
@@ -196,4 +204,3 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[bs] = graph
             graph.replay()  # a graph's first launch uploads it (the process's first, some 15 ms)
-        torch.cuda.synchronize(dev)

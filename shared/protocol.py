@@ -119,6 +119,7 @@ class WorkerInit:
 class WorkerReady:
     role: str
     pid: int
+    prepare_parts_s: dict = field(default_factory=dict)  # part of its preparation -> seconds
 
 
 @dataclass

@@ -79,6 +79,7 @@ class Worker:
             # Where quotas overlap, decode's short steps go first and prefill's long kernels fill
             # the SMs they leave (MPS client priority 1 is "below normal"; a scheduling hint).
             os.environ["CUDA_MPS_CLIENT_PRIORITY"] = "1" if role == "prefill" else "0"
+        began = time.perf_counter()
         device = torch.device(init.device)
         dtype = DTYPES[init.dtype]
         self.model_config = ModelConfig.from_hf(load_hf_config(init.model))
@@ -86,9 +87,11 @@ class Worker:
         model = build_model(self.model_config, device, dtype, self.arenas[0].tensor)
         model.bind_kv_cache(self.arenas[1].view(dtype, init.kv_shape), self.arenas[2].view(dtype, init.kv_shape))
         self.allocator = PageAllocator.attach(init.allocator)
+        mapped = time.perf_counter()  # the CUDA context is made and the controller's memory mapped
         self.runner = ModelRunner(model, init.page_size, init.max_model_len, init.max_num_seqs,
                                   init.cuda_graphs and role in ("decode", "unified"))
-        self.link.send(protocol.WorkerReady(role=role, pid=os.getpid()))
+        parts = {"context_and_map": mapped - began, **self.runner.setup_s}
+        self.link.send(protocol.WorkerReady(role=role, pid=os.getpid(), prepare_parts_s=parts))
 
     def apply_messages(self, timeout_ms: int, sched, read_last_step=lambda: None) -> bool:
         """Apply the controller's messages to a scheduler (add, drop, held, inherit); False once

@@ -76,6 +76,9 @@ def test_switch_mid_stream_keeps_outputs_and_pages(model):  # noqa: F811
         assert set(parts) == {"hand_over", "first_step"} and min(parts.values()) >= 0
         assert sum(parts.values()) == pytest.approx(last["decode"]["gap_s"])
         assert not last["decode"]["cold_start"] and last["decode"]["error"] is None
+        prepared = last["decode"]["prepare_parts_s"]  # the new worker's own account: on the CPU, no
+        assert set(prepared) == {"context_and_map"}  # warm-up or graphs; within the controller's time
+        assert 0 < prepared["context_and_map"] < last["decode"]["prepare_s"]
         assert (stats["partition"]["prefill_sm"], stats["partition"]["decode_sm"]) == (40, 60)
     finally:
         assert server.stop() == 0

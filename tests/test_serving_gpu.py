@@ -49,6 +49,9 @@ def test_switch_under_mps_keeps_outputs_and_pages(model):  # noqa: F811
         assert stats["partition"]["mps"] and (stats["partition"]["prefill_sm"], stats["partition"]["decode_sm"]) == (40, 60)
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         assert all(h["error"] is None for h in stats["partition"]["history"])
+        decode = [h for h in stats["partition"]["history"] if h["role"] == "decode"][-1]
+        assert set(decode["prepare_parts_s"]) == {"context_and_map", "warm_up", "cuda_graphs"}
+        assert sum(decode["prepare_parts_s"].values()) < decode["prepare_s"]
     finally:
         assert server.stop() == 0
 

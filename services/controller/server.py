@@ -180,7 +180,7 @@ class Controller:
             return  # a dead worker's last words: its requests were already recovered
         if isinstance(msg, protocol.WorkerReady):
             if worker is self.supervisor.incoming.get(worker.role):
-                self.switcher.on_ready(worker)
+                self.switcher.on_ready(worker, msg.prepare_parts_s)
             else:
                 self.supervisor.open(worker)
         elif isinstance(msg, protocol.PrefillDone):

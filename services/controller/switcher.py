@@ -17,9 +17,10 @@ a new worker process. The switch for one role (prefill and decode switch indepen
 
 The token stream of a moved sequence pauses from the old worker's last output to the new
 worker's first: that gap, the preparation time and the hand-over time are recorded for every
-switch, and the gap in two parts (`gap_parts_s`): until the new worker has all it needs
-(`hand_over`: the sequences and their last tokens passed on) and its first step until its output
-arrives (`first_step`). Pages of sequences that ended while they were handed over are freed
+switch. The preparation is also given in the parts the new worker reports (`prepare_parts_s`),
+and the gap in two parts (`gap_parts_s`): until the new worker has all it needs (`hand_over`:
+the sequences and their last tokens passed on) and its first step until its output arrives
+(`first_step`). Pages of sequences that ended while they were handed over are freed
 once no step of the old worker can write them.
 """
 
@@ -40,6 +41,7 @@ class Switch:
     cold: bool                          # the standby had not finished starting
     requested: float                    # time.monotonic() throughout
     ready_at: float | None = None
+    prepare_parts: dict | None = None     # the new worker's own account of its preparation
     old: WorkerHandle | None = None
     handover_at: float | None = None
     handed_over_at: float | None = None   # HandedOver arrived
@@ -72,10 +74,10 @@ class Switcher:
         self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold, time.monotonic())
         self.sup.activate(worker, sm_percent)
 
-    def on_ready(self, worker: WorkerHandle) -> None:
+    def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> None:
         """The new worker has mapped the memory and captured its graphs: retire the old one."""
         sw = self.active[worker.role]
-        sw.ready_at = time.monotonic()
+        sw.ready_at, sw.prepare_parts = time.monotonic(), prepare_parts
         sw.old = self.sup.promote(worker)
         sw.handover_at = time.monotonic()
         self.sup.send_to(sw.old, protocol.Handover())
@@ -128,6 +130,7 @@ class Switcher:
                   "prefill_sm": shares.get("prefill"), "decode_sm": shares.get("decode"),
                   "reason": sw.reason, "cold_start": sw.cold,
                   "prepare_s": None if sw.ready_at is None else sw.ready_at - sw.requested,
+                  "prepare_parts_s": sw.prepare_parts,
                   "handover_s": None if sw.handover_at is None else now - sw.handover_at,
                   "moved_seqs": moved, "gap_s": None, "gap_parts_s": None, "error": error}
         self.history.append(record)
