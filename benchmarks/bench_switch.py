@@ -1,8 +1,8 @@
 """Switching cost under load: against a running semi-PD server, keep a Poisson load going and move
 the SM split back and forth; then report, from the server's switch history, the time to prepare a
 standby and the pause each switch put in the decode token stream (goal: under 50 ms; the floor is
-one decode step, which the sequences would have waited anyway: the old decode worker's mean step
-in its last report before each switch is recorded beside it).
+one decode step, which the sequences would have waited anyway: each switch record has the old
+worker's mean step as it handed over).
 
     python -m benchmarks.bench_switch --address ADDR --switches 22 --rate 24 [--splits 50/50,50/40] [--json OUT]
 
@@ -24,7 +24,6 @@ from shared.client import AsyncClient
 # alone: the decode token stream is what a switch can pause, and one standby to replace per
 # switch keeps the run short.
 DEFAULT_SPLITS = "50/50,50/40"
-FRESH_S = 2.0  # a worker's step report older than this says nothing about its current step
 
 
 def splits_arg(text: str) -> list[tuple[int, int]]:
@@ -38,11 +37,10 @@ def splits_arg(text: str) -> list[tuple[int, int]]:
 
 
 async def switch_loop(address: str, switches: int, splits: list[tuple[int, int]], done: asyncio.Event,
-                      json_path: str | None, steps_before: list[dict]) -> None:
+                      json_path: str | None) -> None:
     """Go round the splits, each time once the previous switch is over and every role the next
-    one moves has a standby up (the first switch finds none: it is cold). Before each switch that
-    moves decode, the old decode worker's last step report goes to `steps_before`. The history so
-    far is saved before each switch, so a run cut short still leaves its figures."""
+    one moves has a standby up (the first switch finds none: it is cold). The history so far is
+    saved before each switch, so a run cut short still leaves its figures."""
     async with AsyncClient(address) as client:
         for i in range(switches):
             target = dict(zip(("prefill", "decode"), splits[i % len(splits)]))
@@ -53,21 +51,16 @@ async def switch_loop(address: str, switches: int, splits: list[tuple[int, int]]
                 if not stats["partition"]["switching"] and (i == 0 or ready):
                     break
                 await asyncio.sleep(0.1)
-            steps = stats["workers"]["decode"]["steps"]
-            if "decode" in moving and i > 0 and steps and steps["age_s"] < FRESH_S:
-                steps_before.append({"switch": i + 1, "step_ms": steps["step_ms"],
-                                     "mean_batch": steps["mean_batch"]})
-            save(json_path, stats["partition"], steps_before)
+            save(json_path, stats["partition"])
             await client.partition(target["prefill"], target["decode"])
             print(f"switch {i + 1}/{switches} requested", flush=True)
             await asyncio.sleep(0.5)
     done.set()
 
 
-async def main_async(args, steps_before: list[dict]) -> dict:
+async def main_async(args) -> dict:
     done = asyncio.Event()
-    switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, args.splits, done, args.json,
-                                                 steps_before))
+    switcher = asyncio.ensure_future(switch_loop(args.address, args.switches, args.splits, done, args.json))
     runs = []
     while not done.is_set():  # until the last switch has been asked for, a run starts as the
         n = len(runs)          # previous one's arrivals end (not its responses): the load never pauses
@@ -86,7 +79,7 @@ async def main_async(args, steps_before: list[dict]) -> dict:
     return stats["partition"]
 
 
-def summarize(history: list[dict], steps_before: list[dict]) -> dict:
+def summarize(history: list[dict]) -> dict:
     def dist(values):
         values = [v for v in values if v is not None]
         return {"n": len(values), **distribution(values), "max": max(values, default=None)}
@@ -100,15 +93,15 @@ def summarize(history: list[dict], steps_before: list[dict]) -> dict:
             **{f"decode_gap_{part}_s": dist([h["gap_parts_s"][part] for h in warm
                                              if h["role"] == "decode" and h["gap_s"] is not None])
                for part in ("hand_over", "first_step")},
-            "decode_step_before_s": dist([s["step_ms"] / 1e3 for s in steps_before]),
+            "decode_step_before_s": dist([h.get("old_step_s") for h in warm if h["role"] == "decode"]),
             "prefill_gap_s": dist([h["gap_s"] for h in warm if h["role"] == "prefill"])}
 
 
-def save(json_path: str | None, partition: dict, steps_before: list[dict]) -> dict:
-    summary = summarize(partition["history"], steps_before)
+def save(json_path: str | None, partition: dict) -> dict:
+    summary = summarize(partition["history"])
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"summary": summary, "partition": partition, "decode_steps_before": steps_before}, f, indent=1)
+            json.dump({"summary": summary, "partition": partition}, f, indent=1)
     return summary
 
 
@@ -123,16 +116,15 @@ def main() -> None:
     ap.add_argument("--json", help="write the history and summary here")
     args = ap.parse_args()
     started = time.monotonic()
-    steps_before = []
-    partition = asyncio.run(main_async(args, steps_before))
-    summary = save(args.json, partition, steps_before)
+    partition = asyncio.run(main_async(args))
+    summary = save(args.json, partition)
     print(f"\n{summary['switches']} role switches in {time.monotonic() - started:.0f} s, "
           f"{summary['errors']} failed (MPS: {partition['mps']})")
     print("| measure (warm standby) | n | p50 ms | p99 ms | max ms | goal / floor |\n|---|---:|---:|---:|---:|---|")
     for key, goal in (("decode_gap_s", "< 50 ms; floor: one decode step (below)"),
                       ("decode_gap_hand_over_s", "old worker's last output -> new worker has it all"),
                       ("decode_gap_first_step_s", "new worker's first step; floor: one decode step"),
-                      ("decode_step_before_s", "the floor: old worker's mean step, last report before"),
+                      ("decode_step_before_s", "the floor: old worker's mean step as it handed over"),
                       ("prefill_gap_s", "none (no stream pauses)"), ("prepare_s", "none"),
                       *[(k, "part of preparing") for k in summary if k.startswith("prepare_") and k != "prepare_s"],
                       ("handover_s", "one step")):

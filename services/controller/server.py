@@ -312,7 +312,7 @@ class Controller:
         return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
                 "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent, "ready": w.ready,
-                                   "standby": self._standby_stats(role), "steps": step_stats(w.step_times)}
+                                   "standby": self._standby_stats(role), "steps": w.step_stats()}
                             for role, w in self.supervisor.workers.items()},
                 "partition": self.partition_stats(),
                 "worker_restarts": self.supervisor.restarts, "page_size": self.memory.config.page_size,
@@ -371,12 +371,3 @@ class Controller:
         self.ctx.term()
         self.memory.close()
 
-
-def step_stats(report: tuple | None) -> dict | None:
-    """A worker's last StepTimes as means per step; None before its first report."""
-    if report is None:
-        return None
-    t, received = report
-    return {"age_s": time.monotonic() - received, "steps_per_s": t.steps / t.span_s,
-            "busy": t.busy_s / t.span_s, "mean_batch": t.seqs / t.steps, "step_ms": t.busy_s / t.steps * 1e3,
-            "gpu_ms": None if t.gpu_s is None else t.gpu_s / t.steps * 1e3}

@@ -28,6 +28,15 @@ class WorkerHandle:
     step_times: tuple | None = None    # (its last StepTimes, when it came)
     queue: list = field(default_factory=list)
 
+    def step_stats(self) -> dict | None:
+        """Its last StepTimes as means per step; None before its first report."""
+        if self.step_times is None:
+            return None
+        t, received = self.step_times
+        return {"age_s": time.monotonic() - received, "steps_per_s": t.steps / t.span_s,
+                "busy": t.busy_s / t.span_s, "mean_batch": t.seqs / t.steps, "step_ms": t.busy_s / t.steps * 1e3,
+                "gpu_ms": None if t.gpu_s is None else t.gpu_s / t.steps * 1e3}
+
 
 class Supervisor:
     def __init__(self, worker_address: str, send, init, shares: dict[str, int | None]):

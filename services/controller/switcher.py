@@ -17,11 +17,12 @@ a new worker process. The switch for one role (prefill and decode switch indepen
 
 The token stream of a moved sequence pauses from the old worker's last output to the new
 worker's first: that gap, the preparation time and the hand-over time are recorded for every
-switch. The preparation is also given in the parts the new worker reports (`prepare_parts_s`),
-and the gap in two parts (`gap_parts_s`): until the new worker has all it needs (`hand_over`:
-the sequences and their last tokens passed on) and its first step until its output arrives
-(`first_step`). Pages of sequences that ended while they were handed over are freed
-once no step of the old worker can write them.
+switch, with the old worker's mean step as it hands over (`old_step_s`: the gap's floor). The
+preparation is also given in the parts the new worker reports (`prepare_parts_s`), and the gap
+in two parts (`gap_parts_s`): until the new worker has all it needs (`hand_over`: the sequences
+and their last tokens passed on) and its first step until its output arrives (`first_step`).
+Pages of sequences that ended while they were handed over are freed once no step of the old
+worker can write them.
 """
 
 import time
@@ -29,6 +30,10 @@ from dataclasses import dataclass
 
 from services.controller.supervisor import Supervisor, WorkerHandle
 from shared import protocol
+
+# A worker reports its steps about once a second while it works: an older report says nothing
+# about its current step.
+FRESH_STEPS_S = 2.0
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Switch:
     requested: float                    # time.monotonic() throughout
     ready_at: float | None = None
     prepare_parts: dict | None = None     # the new worker's own account of its preparation
+    old_step_s: float | None = None       # the old worker's mean step when handing over: the gap's floor
     old: WorkerHandle | None = None
     handover_at: float | None = None
     handed_over_at: float | None = None   # HandedOver arrived
@@ -78,6 +84,9 @@ class Switcher:
         """The new worker has mapped the memory and captured its graphs: retire the old one."""
         sw = self.active[worker.role]
         sw.ready_at, sw.prepare_parts = time.monotonic(), prepare_parts
+        steps = self.sup.workers[worker.role].step_stats()
+        if steps and steps["age_s"] < FRESH_STEPS_S:
+            sw.old_step_s = steps["step_ms"] / 1e3
         sw.old = self.sup.promote(worker)
         sw.handover_at = time.monotonic()
         self.sup.send_to(sw.old, protocol.Handover())
@@ -132,7 +141,7 @@ class Switcher:
                   "prepare_s": None if sw.ready_at is None else sw.ready_at - sw.requested,
                   "prepare_parts_s": sw.prepare_parts,
                   "handover_s": None if sw.handover_at is None else now - sw.handover_at,
-                  "moved_seqs": moved, "gap_s": None, "gap_parts_s": None, "error": error}
+                  "moved_seqs": moved, "old_step_s": sw.old_step_s, "gap_s": None, "gap_parts_s": None, "error": error}
         self.history.append(record)
         if moved and sw.old.last_output is not None:
             record["gap_parts_s"] = {"hand_over": sw.resent_at - sw.old.last_output}
