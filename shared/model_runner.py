@@ -143,11 +143,11 @@ class ModelRunner:
         """The next tokens [B] where the logits are, without waiting for the GPU."""
         p = [s.params for s in seqs]
         f32 = torch.float32
-        tokens = sample(logits, self._tensor([x.temperature for x in p], f32),
+        tokens = sample(logits, self._tensor([0.0 if x.greedy else x.temperature for x in p], f32),
                         self._tensor([x.top_k for x in p]), self._tensor([x.top_p for x in p], f32),
                         self._tensor([x.min_p for x in p], f32), self._tensor([s.seed for s in seqs], torch.int64),
                         self._tensor([s.num_output for s in seqs], torch.int64),
-                        [i for i, x in enumerate(p) if x.temperature > 0 and (x.top_k > 0 or x.top_p < 1)])
+                        [i for i, x in enumerate(p) if not x.greedy and (x.top_k > 0 or x.top_p < 1)])
         if self._forward_started is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()

@@ -6,10 +6,14 @@ from dataclasses import dataclass, field
 
 from shared.errors import UserError
 
+# Temperatures below this sample greedily (vLLM draws the line at the same place): the noise then
+# only decides near-exact ties, and far smaller ones overflow float32 when they divide the logits.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0        # 0 means greedy
+    temperature: float = 1.0        # 0 (below GREEDY_BELOW) means greedy
     top_k: int = 0                  # 0 or -1: off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -48,6 +52,10 @@ class SamplingParams:
             raise UserError(f"stop_token_ids must be token ids in [0, {vocab_size}), got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise UserError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     def resolved_seed(self) -> int:
         return random.getrandbits(63) if self.seed is None else self.seed

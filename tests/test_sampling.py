@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from shared.engine import Engine, EngineConfig
 from shared.errors import UserError
 from shared.sampling import gumbel_max, row_hash, sample, uniform_noise
 from shared.sampling_params import SamplingParams
@@ -32,6 +33,21 @@ def test_greedy_is_argmax():
 def test_extreme_filters_reduce_to_greedy(kw):
     logits = random_logits()
     assert torch.equal(run(logits, **kw), logits.argmax(-1))
+
+
+def test_a_vanishing_temperature_samples_greedily():
+    """1e-40 passes validation; dividing the logits by it overflowed, masked every token and
+    gave token 0 at each step (with top-k: arbitrary tokens)."""
+    engine = Engine(EngineConfig(model="tiny", progress=False, num_pages=64))
+    try:
+        def tokens(**kw):
+            params = SamplingParams(max_tokens=8, ignore_eos=True, seed=1, **kw)  # generate validates
+            return engine.generate([[10, 20, 30, 40]], params)[0].token_ids
+        greedy = tokens(temperature=0.0)
+        assert len(set(greedy)) > 1
+        assert tokens(temperature=1e-40) == greedy and tokens(temperature=1e-40, top_k=5) == greedy
+    finally:
+        engine.close()
 
 
 def test_same_seed_same_tokens_whatever_the_batch():
