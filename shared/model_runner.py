@@ -53,8 +53,13 @@ class ModelRunner:
     def _timed(self, part: str, work: Callable[[], None]) -> None:
         began = time.perf_counter()
         work()
-        torch.cuda.synchronize(self.device)
+        self.wait()
         self.setup_s[part] = time.perf_counter() - began
+
+    def wait(self) -> None:
+        """Wait for every kernel this process has queued (on the CPU there is nothing to wait for)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
         pinned = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")

@@ -1,9 +1,12 @@
 """Prefill loop: take prompts from the controller, compute them in token-budget batches (long
 prompts in chunks), sample each first token and hand the sequence back as metadata.
 
-The K/V written here is complete before the hand-off leaves: sampling copies the tokens to the
-host (`tolist()`), which waits for every kernel queued before it on this process's stream, the
-attention layers' cache writes included. Decode only learns of a sequence after that.
+The K/V written here is complete before any of its pages leave this process. Sampling copies the
+tokens to the host (`tolist()`), which waits for every kernel queued before it on this process's
+stream, the attention layers' cache writes included; decode only learns of a sequence after that.
+A step that completes no prompt (a long prompt's chunk) samples nothing, so the loop waits for it:
+its pages may leave next, freed on an abort or a short pool or handed over in a switch, and their
+next writer is another process on another stream.
 """
 
 from shared import protocol
@@ -31,4 +34,6 @@ def run(worker: Worker) -> None:
             ready = prefill_step(worker.runner, sched, allocator, chunks)
             if ready:
                 link.send(protocol.PrefillDone([to_state(s) for s in ready], [s.finish_reason for s in ready]))
+            else:
+                worker.runner.wait()
             timer.stop(len(chunks))
