@@ -84,8 +84,11 @@ def test_switch_mid_stream_keeps_outputs_and_pages(model):  # noqa: F811
         assert server.stop() == 0
 
 
-@pytest.mark.parametrize("dies", ["old", "new"])
+@pytest.mark.parametrize("dies", ["old", "new", "both", "before"])
 def test_a_worker_dying_mid_switch_loses_nothing(model, dies):  # noqa: F811
+    """The old decode worker dies during its hand-over, or its successor does, or both; or it
+    dies just before the switch is asked for, so that the warm standby is ready before the
+    replacement (still importing) that should hand over to it."""
     server = Server(model, "--max-num-seqs", "16")
     try:
         client = server.client
@@ -95,17 +98,27 @@ def test_a_worker_dying_mid_switch_loses_nothing(model, dies):  # noqa: F811
         streams = [client.generate(prompt_ids=p * 3, temperature=0, max_tokens=200, ignore_eos=True)
                    for p, _ in workload(12, seed=5)]
         next(streams[0]), next(streams[0])  # decoding is under way
-        os.kill(old, signal.SIGSTOP)  # the hand-over waits for the old worker...
-        client.partition(40, 60)
-        new = wait_for(lambda s: s["workers"]["decode"]["pid"] != old, server)["workers"]["decode"]["pid"]
-        os.kill(old if dies == "old" else new, signal.SIGKILL)  # ...which dies, or its successor does
+        if dies == "before":
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda s: s["workers"]["decode"]["pid"] != old, server)
+            client.partition(40, 60)
+        else:
+            os.kill(old, signal.SIGSTOP)  # the hand-over waits for the old worker...
+            client.partition(40, 60)
+            new = wait_for(lambda s: s["workers"]["decode"]["pid"] != old, server)["workers"]["decode"]["pid"]
+            for pid in {"old": [old], "new": [new], "both": [new, old]}[dies]:
+                os.kill(pid, signal.SIGKILL)  # ...which dies, or its successor does, or both
         results = [s.result() for s in streams]  # raises if any stream gets no Final
         assert all(r.finish_reason == "length" and len(r.token_ids) == 200 for r in results)
         stats = server.wait_idle()
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         switch = [h for h in stats["partition"]["history"] if h["role"] == "decode"][-1]
         assert switch["error"] == {"old": "old decode worker exited before handing over",
-                                   "new": "new decode worker exited during the hand-over"}[dies]
+                                   "new": "new decode worker exited during the hand-over",
+                                   "both": "new decode worker exited during the hand-over",
+                                   "before": None}[dies]
+        # a current worker that dies is replaced, once: a death is handled once
+        assert stats["worker_restarts"] == (0 if dies == "old" else 1)
         assert stats["partition"]["decode_sm"] == 60  # the new share holds either way
         assert len(client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result().token_ids) == 5
     finally:

@@ -103,13 +103,19 @@ class Supervisor:
     def send_to(self, worker: WorkerHandle, msg) -> None:
         self._send(worker.identity, msg)
 
-    def promote(self, worker: WorkerHandle) -> WorkerHandle:
-        """Make an incoming worker current (closed until the handover ends); returns the old one."""
+    def promote(self, worker: WorkerHandle) -> WorkerHandle | None:
+        """Make an incoming worker current (closed until the handover ends); returns the old one.
+        None if the old one never opened (a replacement for a dead worker, still starting): it
+        holds nothing but its queue, which passes to the new worker, and it is stopped."""
         old = self.workers[worker.role]
         del self.incoming[worker.role]
+        self.workers[worker.role] = worker
+        if not old.ready:
+            worker.queue = old.queue + worker.queue
+            self.kill(old)
+            return None
         self.retiring.append(old)
         worker.ready = False
-        self.workers[worker.role] = worker
         return old
 
     def dead(self) -> list[tuple[str, WorkerHandle]]:
@@ -126,16 +132,25 @@ class Supervisor:
             events.append(("retiring", w))
         for where, w in events:
             if where == "current":
-                print(f"semipd: {w.role} worker (pid {w.proc.pid}) exited with {w.proc.returncode}; "
-                      "starting a new one", file=sys.stderr, flush=True)
-                self.restarts += 1
-                self.workers[w.role] = self._spawn(w.role)
-                self.activate(self.workers[w.role], w.sm_percent)
+                self._replace(w, f"exited with {w.proc.returncode}")
         return events
 
     def kill(self, worker: WorkerHandle) -> None:
+        """Kill a worker now. Unlike a death, dead() will not report it: the caller deals with
+        what it held. A current worker is replaced at once, with the same quota."""
         worker.proc.kill()
         worker.proc.wait()
+        if worker in self.retiring:
+            self.retiring.remove(worker)
+        if self.workers.get(worker.role) is worker:
+            self._replace(worker, "was stopped")
+
+    def _replace(self, worker: WorkerHandle, why: str) -> None:
+        print(f"semipd: {worker.role} worker (pid {worker.proc.pid}) {why}; starting a new one",
+              file=sys.stderr, flush=True)
+        self.restarts += 1
+        self.workers[worker.role] = self._spawn(worker.role)
+        self.activate(self.workers[worker.role], worker.sm_percent)
 
     def all_ready(self) -> bool:
         return all(w.ready for w in self.workers.values())

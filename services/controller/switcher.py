@@ -88,6 +88,8 @@ class Switcher:
         if steps and steps["age_s"] < FRESH_STEPS_S:
             sw.old_step_s = steps["step_ms"] / 1e3
         sw.old = self.sup.promote(worker)
+        if sw.old is None:  # the old worker never started: nothing to hand over
+            return self._finish(sw, 0)
         sw.handover_at = time.monotonic()
         self.sup.send_to(sw.old, protocol.Handover())
 
@@ -162,15 +164,14 @@ class Switcher:
             return False
         if where == "retiring" and worker is sw.old:  # died before its hand-over was complete
             sw.worker.queue.clear()   # recovery resends everything the role held...
-            if sw.handed_over_at is not None:  # ...some of which the new worker already holds
-                self.sup.kill(sw.worker)
+            if sw.handed_over_at is not None:  # ...some of which the new worker already holds:
+                self.sup.kill(sw.worker)       # a fresh one (same share) takes its place
             when = "before handing over" if sw.handed_over_at is None else "during its last step"
             self._finish(sw, 0, f"old {worker.role} worker exited {when}")
             return True
         if where == "current" and worker is sw.worker:  # the successor died mid-switch
             # The old worker may still be writing into pages that recovery is about to free.
             self.sup.kill(sw.old)
-            self.sup.retiring.remove(sw.old)
             self._finish(sw, 0, f"new {worker.role} worker exited during the hand-over")
             return True
         return where == "current"
