@@ -1,6 +1,7 @@
 """Where a user's semipd runtime files live: ipc:// sockets and allocator lock files."""
 
 import os
+import socket
 import tempfile
 
 
@@ -15,3 +16,16 @@ def runtime_dir() -> str:
 def ipc_address(name: str) -> str:
     """An ipc:// endpoint for socket file `name` in the runtime folder."""
     return "ipc://" + os.path.join(runtime_dir(), name)
+
+
+def ipc_listening(address: str) -> bool:
+    """Whether a process accepts connections on this ipc:// socket file. A file nobody listens on
+    is left behind by a process that was killed; binding anew silently takes over a live one."""
+    path = address.removeprefix("ipc://")
+    path = "\0" + path[1:] if path.startswith("@") else path  # Linux's abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False

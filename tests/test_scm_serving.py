@@ -222,3 +222,34 @@ def test_bad_moderation_flags_are_one_clear_error(flags, message):
     r = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "--model", "tiny", "--device", "cpu",
                         "--address", socket_address(), *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_verdict_the_controller_cannot_place_fails_that_stream_only():
+    """A monitor peer (a raw socket: the real monitor does not send this) whose verdict lacks its
+    token_index. That stream ends by the failure policy; the controller keeps serving."""
+    address = socket_address()
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    server = Server("tiny", "--scm", address, "--moderate", "all", "--scm-failure", "closed")
+    try:
+        assert sock.poll(30_000)
+        peer, _ = sock.recv_multipart()  # a hello
+        sock.send_multipart([peer, protocol.encode(protocol.ScmReady("other", 0.5, 1, 100))])
+        wait_connected(server)
+        stream = server.client.generate(prompt_ids=[5, 6], temperature=0, max_tokens=5)
+        while True:
+            assert sock.poll(30_000)
+            peer, data = sock.recv_multipart()
+            msg = protocol.decode(data)
+            if isinstance(msg, protocol.ScmBatch) and msg.appends:
+                a = msg.appends[0]
+                sock.send_multipart([peer, protocol.encode(protocol.ScmScored([a.stream_id], [a.upto],
+                                                                              [{"score": 0.99}], [None]))])
+                break
+        with pytest.raises(ServerError, match="a verdict without a token_index"):
+            stream.result()
+        assert server.client.health()["status"] == "ok"
+    finally:
+        assert server.stop() == 0
+        sock.close()

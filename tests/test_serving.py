@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from shared import protocol
-from shared.client import AsyncClient, Client
+from shared.client import AsyncClient, Client, ServerError
 from shared.engine import Engine, EngineConfig
 from shared.sampling_params import SamplingParams
 from tests.conftest import make_checkpoint
@@ -196,13 +196,26 @@ def test_oversized_message_drops_only_that_connection(server):
 
 
 def test_duplicate_request_id_is_rejected(server):
+    """With a Reply, not a Final: the live stream of that id still ends with exactly one Final."""
     sock = raw_socket(server.address)
-    sock.send(generate("dup", prompt_ids=[5], params={"max_tokens": 200, "ignore_eos": True}))
-    second = ask(sock, generate("dup", prompt_ids=[6]))
-    while not isinstance(second, protocol.Final) or second.error is None:
-        second = protocol.decode(sock.recv())
-    assert "already in use" in second.error
+    sock.send(generate("dup", prompt_ids=[5], params={"max_tokens": 40, "ignore_eos": True}))
+    sock.send(generate("dup", prompt_ids=[6]))
+    answers = []
+    while not any(isinstance(m, protocol.Final) for m in answers):
+        assert sock.poll(30_000), answers
+        answers.append(protocol.decode(sock.recv()))
+    replies = [m for m in answers if isinstance(m, protocol.Reply)]
+    assert len(replies) == 1 and not replies[0].ok and "already in use" in replies[0].error
+    assert answers[-1].finish_reason == "length" and not sock.poll(500)  # no second Final
     sock.close()
+
+
+def test_a_second_server_on_a_live_address_is_refused(server, model):
+    """Binding an ipc:// address anew would take it over from the live server, silently."""
+    second = subprocess.run([sys.executable, "-m", "services.controller", "--model", model, "--device", "cpu",
+                             "--address", server.address], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "already listening" in second.stderr
+    assert server.client.generate(prompt_ids=[5], temperature=0, max_tokens=2).result().token_ids
 
 
 @pytest.mark.parametrize("role", ["decode", "prefill"])
@@ -222,6 +235,25 @@ def test_worker_killed_mid_stream(model, role):
         after = client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result()
         assert len(after.token_ids) == 5
     finally:
+        assert server.stop() == 0
+
+
+def test_stopping_the_server_ends_every_stream(model):
+    """SIGTERM (systemctl stop, Ctrl-C under honcho) sends each open stream its Final at once:
+    its client is not left to time out."""
+    server = Server(model)
+    decode = server.stats()["workers"]["decode"]["pid"]
+    try:
+        stream = server.client.generate(prompt_ids=[5, 6, 7], temperature=0, max_tokens=400, ignore_eos=True)
+        next(stream)
+        os.kill(decode, signal.SIGSTOP)  # the stream cannot end on its own
+        server.proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        with pytest.raises(ServerError, match="the server is shutting down"):
+            stream.result()
+        assert time.monotonic() - began < 10  # the Final, not the client's 60 s timeout
+    finally:
+        os.kill(decode, signal.SIGCONT)
         assert server.stop() == 0
 
 

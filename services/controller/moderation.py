@@ -181,6 +181,8 @@ class Moderation:
                 w = self.watches.get(stream_id)
                 if w is None:
                     continue  # ended or given up here already
+                if verdict is not None and not isinstance(verdict.get("token_index"), int):
+                    error = f"a verdict without a token_index: {verdict!r}"
                 if error is not None:
                     self._fail(w, f"the content monitor refused the stream: {error}")
                     continue
@@ -242,6 +244,8 @@ class Moderation:
                                "p90": quantile(0.9), "p99": quantile(0.99), "max": lags[-1][0] if lags else None}}
 
     def close(self) -> None:
+        """Streams still waiting for scores end by the failure policy, as if the monitor were lost."""
+        self._fail_all("the server is shutting down")
         self.sock.disable_monitor()
         self.events.close(linger=0)
         self.sock.close(linger=0)
@@ -322,6 +326,9 @@ class Moderation:
         self._warn(f"{reason}; applying --scm-failure {self.config.failure} and reconnecting")
         self.ready = False
         self._batch, self._appends, self._last_hello = protocol.ScmBatch(), {}, -HELLO_EVERY_S
+        self._fail_all(reason)
+
+    def _fail_all(self, reason: str) -> None:
         for w in list(self.watches.values()):
             self._fail(w, reason, tell_monitor=False)
 

@@ -32,6 +32,7 @@ from shared.tokenizer import Detokenizer
 
 POLL_MS = 50
 MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
+CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
 
 
 def bind(ctx: zmq.Context, address: str) -> zmq.Socket:
@@ -140,8 +141,9 @@ class Controller:
     def on_generate(self, client: bytes, msg: protocol.GenerateRequest) -> None:
         def reject(error: str):
             self._send_client(client, protocol.Final(msg.request_id, "error", error=error))
-        if (client, msg.request_id) in self.requests:
-            return reject(f"request id {msg.request_id!r} is already in use")
+        if (client, msg.request_id) in self.requests:  # not a Final: that id's stream is live
+            return self._send_client(client, protocol.Reply(msg.request_id, False,
+                                                            error=f"request id {msg.request_id!r} is already in use"))
         try:
             params = SamplingParams(**msg.params)
         except TypeError as e:
@@ -363,10 +365,12 @@ class Controller:
                 self._send_client(frames[0], protocol.Reply("", False, error="send one frame per message"))
 
     def close(self) -> None:
+        for req in list(self.requests.values()):  # every stream ends with one Final, now too
+            self._finish(req, req.final("error", error="the server is shutting down"))
         if self.moderation is not None:
             self.moderation.close()
         self.supervisor.stop()
-        self.front.close()
+        self.front.close(linger=CLOSE_LINGER_MS)
         self.back.close()
         self.ctx.term()
         self.memory.close()
