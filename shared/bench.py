@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -328,6 +329,13 @@ def cmd_bench(args) -> None:
     if args.rate is None:
         raise UserError("give --rate, or --rates for a sweep, or --plot REPORT")
     check_load_args(args)
+    if args.out:  # before the run, so that a bad path does not cost its results
+        if os.path.isdir(args.out) or not os.path.basename(args.out):
+            raise UserError(f"--out {args.out} is a folder; one rate writes its report to a file")
+        try:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {args.out}: cannot create its folder ({first_line(e)})") from None
     try:
         config, records, duration = asyncio.run(run_load(args, np.random.default_rng(args.seed)))
     except ClientError as e:

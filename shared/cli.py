@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from shared.errors import UserError
@@ -14,9 +15,28 @@ def prompt_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
+def at_least(convert, lowest, what: str):
+    """An argparse type: convert the text, then require lowest or more (NaN is not)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= lowest:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = at_least(int, 1, "a positive integer")
+
+
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    p.add_argument("--prompt-ids", action="append", default=[], type=prompt_ids,
+    """Both flags append (kind, value) to args.prompts, so prompts keep their command-line order."""
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   type=lambda text: ("prompt", text), help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", dest="prompts", action="append", metavar="IDS",
+                   type=lambda text: ("prompt_ids", prompt_ids(text)),
                    help="prompt as comma-separated token ids (repeatable)")
 
 
@@ -50,12 +70,12 @@ def print_completions(completions, args, extra=None) -> None:
 
 def cmd_generate(args) -> None:
     from shared.engine import Engine, EngineConfig
-    if not args.prompt and not args.prompt_ids:
+    if not args.prompts:
         raise UserError("give at least one --prompt or --prompt-ids")
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  progress=not args.json))
     try:
-        prompts = [engine.tokenizer.encode(t) for t in args.prompt] + args.prompt_ids
+        prompts = [engine.tokenizer.encode(v) if kind == "prompt" else v for kind, v in args.prompts]
         print_completions(engine.generate(prompts, sampling_params(args)), args)
     finally:
         engine.close()
@@ -65,10 +85,14 @@ def add_serve_args(p) -> None:
     p.add_argument("--model", required=True, help="Hugging Face directory or preset name")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: what fits)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--num-pages", type=positive_int, default=None,
+                   help="KV pool size in pages (default: what fits)")
+    p.add_argument("--page-size", type=positive_int, default=16,
+                   help="tokens per KV page (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256,
+                   help="most sequences in a batch (default %(default)s)")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="most prompt and output tokens together (default and cap: the model's context length)")
 
 
 def cmd_serve(args) -> None:
@@ -110,9 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe raises below and not at exit
     except UserError as e:
         print(f"semipd: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`semipd stats | head -1`): no traceback, but status 1 as a
+        # tool killed by SIGPIPE fails, since not all output was written (it shows only under
+        # pipefail). Python flushes stdout again at exit: point it at devnull so that cannot raise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 
-from shared.runtime import ipc_address
+from shared.runtime import ipc_address, ipc_listening
 from shared.protocol import (MAX_MESSAGE_BYTES, AbortRequest, Delta, Final, GenerateRequest,
                              HealthRequest, PartitionRequest, ProtocolError, Reply, StatsRequest, decode, encode)
 
@@ -39,7 +39,7 @@ class ClientError(Exception):
 
 
 class ServerUnavailable(ClientError):
-    """Nothing to connect to (an ipc:// socket file that does not exist, a malformed address)."""
+    """Nothing to connect to (an ipc:// socket nobody listens on, a malformed address)."""
 
 
 class ServerTimeout(ClientError):
@@ -63,9 +63,16 @@ class Result:
 
 
 def _connect(ctx, address: str):
-    path = address.removeprefix("ipc://")
-    if address.startswith("ipc://") and not path.startswith("@") and not os.path.exists(path):
-        raise ServerUnavailable(f"no server at {address} (no such socket file)")
+    # ZeroMQ waits for an ipc:// server to appear, so a missing one would show only as a
+    # ServerTimeout after timeout_s; check first and fail at once. Callers that wait for a
+    # starting server retry (client_cli.wait_ready).
+    if address.startswith("ipc://"):
+        path = address.removeprefix("ipc://")
+        if not path.startswith("@") and not os.path.exists(path):
+            raise ServerUnavailable(f"no server at {address} (no such socket file)")
+        if not ipc_listening(address):
+            raise ServerUnavailable(f"no server at {address} (nothing listens on that socket; "
+                                    f"a killed server leaves its file behind)")
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)

@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from shared.cli import add_prompt_args, add_sampling_args, print_completions, sampling_params
+from shared.cli import add_prompt_args, add_sampling_args, at_least, print_completions, sampling_params
 from shared.client import AsyncClient, Client, ClientError, ServerError, default_address
 from shared.errors import UserError, first_line
 
@@ -23,7 +23,7 @@ def add_parsers(sub) -> None:
     add_sampling_args(comp)
     comp.add_argument("--moderate", action="store_true",
                       help="have the content monitor watch the outputs and stop harmful ones")
-    comp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+    comp.add_argument("--wait", type=at_least(float, 0, "a number of seconds, 0 or more"), default=0, metavar="SECONDS",
                       help="wait up to this long for the server to be ready (it may still be loading)")
     comp.set_defaults(func=cmd_complete)
     stats = sub.add_parser("stats", help="print a running server's KV cache, queue and worker state")
@@ -39,7 +39,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_complete(args) -> None:
-    prompts = [{"prompt": t} for t in args.prompt] + [{"prompt_ids": ids} for ids in args.prompt_ids]
+    prompts = [{kind: value} for kind, value in args.prompts]
     if not prompts:
         raise UserError("give at least one --prompt or --prompt-ids")
     params = asdict(sampling_params(args))
