@@ -15,7 +15,11 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
 import msgpack
 
-MAX_MESSAGE_BYTES = 16 << 20  # also set as ZMQ_MAXMSGSIZE on every receiving socket
+# Also set as ZMQ_MAXMSGSIZE on every receiving socket. Clients and the content monitor:
+MAX_MESSAGE_BYTES = 16 << 20
+# The controller and its own workers, over a private socket: a switch hands over every sequence a
+# worker holds, token ids and all (256 of 32k tokens take some 40 MB).
+MAX_WORKER_MESSAGE_BYTES = 1 << 30
 
 
 class ProtocolError(ValueError):
@@ -269,9 +273,9 @@ def _fields(msg) -> dict:
     return {f.name: getattr(msg, f.name) for f in fields(msg)}
 
 
-def decode(data: bytes):
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES):
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {max_bytes}")
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several exception types for bad input

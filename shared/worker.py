@@ -31,7 +31,7 @@ class ControllerLink:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"{role}-{os.getpid()}".encode())
-        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_WORKER_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(address)
         self.parent = os.getppid()
@@ -45,7 +45,7 @@ class ControllerLink:
         if self.sock.poll(timeout_ms):
             while True:
                 try:
-                    out.append(protocol.decode(self.sock.recv(zmq.NOBLOCK)))
+                    out.append(protocol.decode(self.sock.recv(zmq.NOBLOCK), protocol.MAX_WORKER_MESSAGE_BYTES))
                 except zmq.Again:
                     break
         if os.getppid() != self.parent:  # the controller died: nothing left to serve

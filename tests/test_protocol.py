@@ -58,3 +58,27 @@ def test_nested_message_is_checked_too():
 def test_only_messages_and_plain_data_can_be_sent():
     with pytest.raises(TypeError, match="cannot send a set"):
         protocol.encode(protocol.Reply("r", True, data={"x": {1, 2}}))
+
+
+def test_a_worker_link_carries_a_hand_over_past_the_client_bound(tmp_path):
+    """Clients and the monitor stay bound to 16 MiB; a switch hands over everything a worker
+    holds (here 20 MB of token ids), which the controller's own worker links must carry."""
+    import zmq
+
+    from services.controller.server import bind
+    from shared.worker import ControllerLink
+    seqs = [protocol.SeqState(i, list(range(100_000, 140_000)), 20_000, {}, seed=1) for i in range(100)]
+    assert len(protocol.encode(protocol.RunSeqs(seqs))) > protocol.MAX_MESSAGE_BYTES
+    address = f"ipc://{tmp_path}/workers.sock"
+    back = bind(zmq.Context.instance(), address, protocol.MAX_WORKER_MESSAGE_BYTES)
+    link = ControllerLink(address, "decode")
+    try:
+        link.send(protocol.HandedOver(seqs, False))
+        assert back.poll(30_000)
+        worker, data = back.recv_multipart()
+        assert protocol.decode(data, protocol.MAX_WORKER_MESSAGE_BYTES).seqs == seqs
+        back.send_multipart([worker, protocol.encode(protocol.RunSeqs(seqs))])
+        assert link.receive(30_000) == [protocol.RunSeqs(seqs)]
+    finally:
+        link.sock.close(linger=0)
+        back.close()

@@ -35,9 +35,9 @@ MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an
 CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
 
 
-def bind(ctx: zmq.Context, address: str) -> zmq.Socket:
+def bind(ctx: zmq.Context, address: str, max_bytes: int = protocol.MAX_MESSAGE_BYTES) -> zmq.Socket:
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises: a disconnect
     sock.setsockopt(zmq.SNDHWM, 0)  # a slow peer queues; only a vanished one makes send fail
     sock.setsockopt(zmq.LINGER, 0)
@@ -61,7 +61,7 @@ class Controller:
         self.ctx = zmq.Context()
         try:
             self.front = bind(self.ctx, address)
-            self.back = bind(self.ctx, worker_address)
+            self.back = bind(self.ctx, worker_address, protocol.MAX_WORKER_MESSAGE_BYTES)
         except zmq.ZMQError as e:
             self.ctx.destroy()
             self.memory.close()
@@ -174,7 +174,7 @@ class Controller:
     # ---- workers ------------------------------------------------------------------------
 
     def on_worker(self, identity: bytes, data: bytes) -> None:
-        msg = protocol.decode(data)
+        msg = protocol.decode(data, protocol.MAX_WORKER_MESSAGE_BYTES)
         if isinstance(msg, protocol.WorkerHello):
             return self.supervisor.hello(identity, msg)
         worker = self.supervisor.handle_of(identity)
