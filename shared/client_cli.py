@@ -23,7 +23,8 @@ def add_parsers(sub) -> None:
     add_sampling_args(comp)
     comp.add_argument("--moderate", action="store_true",
                       help="have the content monitor watch the outputs and stop harmful ones")
-    comp.add_argument("--wait", type=at_least(float, 0, "a number of seconds, 0 or more"), default=0, metavar="SECONDS",
+    comp.add_argument("--wait", type=at_least(float, 0, "a number of seconds, 0 or more"), default=0,
+                      metavar="SECONDS",
                       help="wait up to this long for the server to be ready (it may still be loading)")
     comp.set_defaults(func=cmd_complete)
     stats = sub.add_parser("stats", help="print a running server's KV cache, queue and worker state")

@@ -245,6 +245,20 @@ class ScmBatch:
     appends: list[ScmAppend] = field(default_factory=list)
     closes: list[int] = field(default_factory=list)
 
+    def encoded(self, max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+        """This batch as one message, or as several of at most max_bytes each (a burst of long
+        prompts) that the monitor applies in turn to the same effect: the items keep their
+        order, opens before appends before closes, as within one batch."""
+        data = encode(self)
+        items = [("opens", x) for x in self.opens] + [("appends", x) for x in self.appends] + \
+                [("closes", x) for x in self.closes]
+        if len(data) <= max_bytes or len(items) == 1:
+            return [data]
+        halves = ScmBatch(), ScmBatch()
+        for i, (kind, item) in enumerate(items):
+            getattr(halves[i >= len(items) // 2], kind).append(item)
+        return halves[0].encoded(max_bytes) + halves[1].encoded(max_bytes)
+
 
 @dataclass
 class ScmScored:

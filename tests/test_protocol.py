@@ -82,3 +82,16 @@ def test_a_worker_link_carries_a_hand_over_past_the_client_bound(tmp_path):
     finally:
         link.sock.close(linger=0)
         back.close()
+
+
+def test_a_monitor_batch_over_the_bound_goes_as_several_in_order():
+    """A burst of long prompts in one turn of the controller's loop: one message over the bound
+    would make the monitor drop the connection, and every stream would go unmonitored."""
+    batch = protocol.ScmBatch(opens=[protocol.ScmOpen(i, prompt="x" * (1000 + i)) for i in range(40)],
+                              appends=[protocol.ScmAppend(i, 3, text="abc") for i in range(40)], closes=[7, 8])
+    parts = [protocol.decode(data) for data in batch.encoded(max_bytes=8000)]
+    assert len(parts) > 5 and all(len(protocol.encode(p)) <= 8000 for p in parts)
+    items = [(kind, x) for p in parts for kind in ("opens", "appends", "closes") for x in getattr(p, kind)]
+    assert items == [("opens", x) for x in batch.opens] + [("appends", x) for x in batch.appends] + \
+        [("closes", x) for x in batch.closes]
+    assert [protocol.decode(data) for data in batch.encoded()] == [batch]  # within the bound: one

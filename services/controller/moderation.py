@@ -211,7 +211,7 @@ class Moderation:
         if not self.ready:
             if now - self._last_hello >= HELLO_EVERY_S:
                 self._last_hello = now
-                self._try_send(protocol.ScmHello(os.getpid()))
+                self._try_send(protocol.encode(protocol.ScmHello(os.getpid())))
             return
         if any(w.waiting_since is not None and now - w.waiting_since > self.config.timeout_s
                for w in self.watches.values()):
@@ -219,7 +219,7 @@ class Moderation:
         b = self._batch
         if b.opens or b.appends or b.closes:
             self._batch, self._appends = protocol.ScmBatch(), {}
-            if not self._try_send(b):
+            if not all(self._try_send(data) for data in b.encoded()):
                 self._lost("the content monitor is not reachable")
 
     def health(self) -> str:
@@ -350,9 +350,9 @@ class Moderation:
         return {"monitored": True, "flagged": False, "scored_tokens": w.scored,
                 "lag_tokens_mean": w.lag_sum / w.scored if w.scored else None, "lag_tokens_max": w.lag_max}
 
-    def _try_send(self, msg) -> bool:
+    def _try_send(self, data: bytes) -> bool:
         try:
-            self.sock.send(protocol.encode(msg), zmq.NOBLOCK)
+            self.sock.send(data, zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
