@@ -215,6 +215,11 @@ class Controller:
                 continue
             req.where = "decode"
             handoff.append(state)
+        # A failed send to one client aborts all its requests, those already in handoff too
+        # (their AbortSeqs went to decode ahead of them): keep them out and free their pages here.
+        for state in [s for s in handoff if s.seq_id not in self.by_seq]:
+            handoff.remove(state)
+            self.memory.allocator.free_owner(state.seq_id)
         if handoff:
             self.supervisor.send("decode", protocol.RunSeqs(handoff))
 
