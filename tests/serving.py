@@ -13,9 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
-    def __init__(self, model: str, *args: str, device: str = "cpu"):
+    def __init__(self, model: str, *args: str, device: str = "cpu", address: str | None = None):
         folder = os.path.join("/tmp", f"semipd-test-{uuid.uuid4().hex[:8]}")
-        self.address = f"ipc://{folder}/front.sock"
+        self.address = address or f"ipc://{folder}/front.sock"
         env = dict(os.environ, XDG_RUNTIME_DIR=folder)  # worker sockets there too
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.controller", "--model", model, "--address", self.address,

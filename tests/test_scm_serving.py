@@ -253,3 +253,30 @@ def test_a_verdict_the_controller_cannot_place_fails_that_stream_only():
     finally:
         assert server.stop() == 0
         sock.close()
+
+
+def test_a_restarted_server_frees_its_streams_in_the_monitor(tmp_path_factory):
+    """The monitor holds streams per controller and drops them at that controller's hello. A
+    server killed mid-stream and started again on its address must find them gone, not a full
+    monitor (here 2 streams) that leaves every new request unmonitored."""
+    served = served_model(tmp_path_factory, "qwen2")
+    monitor = MonitorProcess(monitor_checkpoint(tmp_path_factory, served, FLAG_NONE, True), socket_address(),
+                             "--max-streams", "2")
+    try:
+        server = Server(served, "--scm", monitor.address, "--moderate", "all")
+        wait_connected(server)
+        streams = [server.client.generate(prompt_ids=p, temperature=0, max_tokens=400, ignore_eos=True)
+                   for p in prompts(2)]
+        for stream in streams:
+            next(stream)  # both watched now: the monitor is full
+        server.proc.kill()
+        server.proc.wait()
+        server = Server(served, "--scm", monitor.address, "--moderate", "all", address=server.address)
+        try:
+            wait_connected(server)
+            [(_, final)] = asyncio.run(collect(server.address, [([5, 6], True)], 8))
+            assert final.finish_reason == "length" and final.verdict["monitored"] is True, final.verdict
+        finally:
+            assert server.stop() == 0
+    finally:
+        monitor.stop()

@@ -48,6 +48,7 @@ from shared import protocol
 from shared.errors import UserError
 
 HELLO_EVERY_S = 0.5
+CLOSE_LINGER_MS = 1000  # on shutdown, time for the last closes to reach the monitor
 
 
 @dataclass
@@ -100,10 +101,14 @@ class Watch:
 
 
 class Moderation:
-    def __init__(self, config: ModerationConfig, ctx: zmq.Context, tokenizer, send_client, abort):
+    def __init__(self, config: ModerationConfig, ctx: zmq.Context, tokenizer, send_client, abort, name: str):
         self.config, self.tokenizer = config, tokenizer
         self._send_client, self._abort = send_client, abort  # the controller's
         self.sock = ctx.socket(zmq.DEALER)
+        # The monitor keeps streams per peer identity and drops a peer's streams at its hello.
+        # ZeroMQ would give each connection a new one, so a reconnect or a restart of this server
+        # (name: its address) would leave its old streams held in the monitor for good.
+        self.sock.setsockopt(zmq.IDENTITY, f"semipd-controller {name}".encode()[:255])
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no connection: send fails at once, nothing queues
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -244,11 +249,15 @@ class Moderation:
                                "p90": quantile(0.9), "p99": quantile(0.99), "max": lags[-1][0] if lags else None}}
 
     def close(self) -> None:
-        """Streams still waiting for scores end by the failure policy, as if the monitor were lost."""
-        self._fail_all("the server is shutting down")
+        """Streams still waiting for scores end by the failure policy, as if the monitor were lost;
+        the monitor is told to drop every stream (best effort: a restart's hello does it too)."""
+        for w in list(self.watches.values()):
+            self._fail(w, "the server is shutting down")
+        for data in self._batch.encoded() if self.ready else ():
+            self._try_send(data)
         self.sock.disable_monitor()
         self.events.close(linger=0)
-        self.sock.close(linger=0)
+        self.sock.close(linger=CLOSE_LINGER_MS)
 
     # ---- inside -------------------------------------------------------------------------
 
@@ -326,9 +335,6 @@ class Moderation:
         self._warn(f"{reason}; applying --scm-failure {self.config.failure} and reconnecting")
         self.ready = False
         self._batch, self._appends, self._last_hello = protocol.ScmBatch(), {}, -HELLO_EVERY_S
-        self._fail_all(reason)
-
-    def _fail_all(self, reason: str) -> None:
         for w in list(self.watches.values()):
             self._fail(w, reason, tell_monitor=False)
 

@@ -71,7 +71,7 @@ class Controller:
         self.switcher = Switcher(self.supervisor, lambda seq_id: seq_id in self.by_seq,
                                  self.memory.allocator.free_owner)
         self.moderation = moderation and Moderation(moderation, self.ctx, self.memory.tokenizer,
-                                                    self._send_client, self._abort)
+                                                    self._send_client, self._abort, address)
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.by_seq: dict[int, Request] = {}
         self._seq_ids = itertools.count()

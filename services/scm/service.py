@@ -38,6 +38,9 @@ class ScmService:
         self.ctx = zmq.Context()
         try:
             self.sock = bind(self.ctx, address)
+            # A controller that reconnects (or restarts) keeps its identity (moderation.py):
+            # its new connection takes the identity over, and its hello drops its old streams.
+            self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         except zmq.ZMQError as e:
             self.ctx.destroy()
             raise UserError(f"cannot bind {address}: {e}") from None
