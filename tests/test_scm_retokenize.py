@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from services.scm.retokenize import Retokenizer, last_cut
+from services.scm.retokenize import MAX_HELD_CHARS, Retokenizer, last_cut
 from tests.scm_checkpoints import QWEN2_SPLIT, bpe_tokenizer, sample_text
 
 
@@ -41,3 +41,19 @@ def test_each_token_is_credited_to_the_piece_that_completed_it(encode):
                                        ("word", 0), ("trailing ", 0), ("x\n y", 2)])
 def test_cuts_only_where_a_pre_token_must_begin(text, cut):
     assert last_cut(text) == cut
+
+
+
+@pytest.mark.parametrize("split", [QWEN2_SPLIT, None], ids=["qwen2", "gpt2"])
+def test_a_long_run_without_cut_points_is_scored_as_it_comes(split):
+    """CJK text has no spaces: held back to the end, it went unscored until the controller gave
+    up on the monitor. Cut after MAX_HELD_CHARS, it is scored as it comes, in pieces that still
+    decode to the text."""
+    tok = bpe_tokenizer(split)
+    text = "日本語のテキスト" * 40
+    retok, got = Retokenizer(lambda t: tok.encode(t, add_special_tokens=False)), []
+    for end in range(2, len(text) + 1, 2):
+        got += retok.add(text[end - 2:end], end // 2)
+    assert max(u for _, u in got) >= (len(text) - MAX_HELD_CHARS) // 2 - 1  # all but the tail
+    got += retok.flush(len(text) // 2)
+    assert tok.decode([t for t, _ in got]) == text

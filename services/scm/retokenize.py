@@ -8,12 +8,16 @@ follows a non-space character (after a longer run of white space GPT-2's `\s+(?!
 run depending on what comes next); text cut at such a point tokenizes the same in two pieces as
 whole. So the retokenizer keeps back the text after the last
 such point (the word still being written) and hands out the tokens of the text before it. The
-price is latency: a word is scored once the next one begins, or when the stream ends.
+price is latency: a word is scored once the next one begins, or when the stream ends. Text with
+no such point for long (a run of CJK, a URL, base64) is cut anyway after MAX_HELD_CHARS: its
+tokens there may differ from the whole text's, but scoring goes on (the controller gives up on
+a monitor that leaves sent tokens unscored for seconds).
 """
 
 import re
 
 CUT = re.compile(r" (?=\S)|(?<=\S\n)\S")
+MAX_HELD_CHARS = 64
 
 
 def last_cut(text: str) -> int:
@@ -33,7 +37,8 @@ class Retokenizer:
         that can be scored now."""
         self._text += text
         self._marks.append((len(self._text), upto))
-        return self._commit(last_cut(self._text))
+        cut = last_cut(self._text)
+        return self._commit(len(self._text) if len(self._text) - cut > MAX_HELD_CHARS else cut)
 
     def flush(self, upto: int) -> list[tuple[int, int]]:
         """The stream has ended: the tokens of everything kept back."""
