@@ -145,6 +145,11 @@ def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
         stats = wait_for(lambda s: len(s["partition"]["decisions"]) > 1 and not s["partition"]["switching"], server)
         moves = [d["next_prefill_sm"] for d in stats["partition"]["decisions"] if d["action"] == "raise_prefill"]
         assert moves == [h["to_sm"] for h in stats["partition"]["history"]] == [70, 80]
+        # A split off the partitioner's grid, asked for by hand, once stopped the server when the
+        # switch was over and the partitioner was told of it.
+        with pytest.raises(Exception, match=r"moves the split itself \(--dynamic\): split \(55, 100\) needs"):
+            server.client.partition(55, 100)
+        assert server.client.health()["status"] == "ok"
     finally:
         assert server.stop() == 0
 

@@ -173,7 +173,7 @@ class Partitioner:
     def __init__(self, config: PartitionConfig, prefill_sm: int, decode_sm: int):
         self.config = config
         self._slos = (config.ttft_slo, config.tpot_slo)
-        self._check((prefill_sm, decode_sm))
+        self.check((prefill_sm, decode_sm))
         self.split = (prefill_sm, decode_sm)
         self._window: list[tuple[float, float, float | None]] = []  # (arrived, TTFT, TPOT)
         self._arrivals: list[float] = []                             # every arrival, in order
@@ -184,7 +184,7 @@ class Partitioner:
         self._visited: dict[tuple[int, int], float] = {}           # split -> lowest rate seen at
         self._missed: dict[tuple[tuple[int, int], int], float] = {}  # (split, phase) -> lowest rate
 
-    def _check(self, split: tuple[int, int]) -> None:
+    def check(self, split: tuple[int, int]) -> None:
         cfg = self.config
         if sum(split) > cfg.max_total or not all(cfg.min_share <= s <= 100 and s % cfg.step == 0
                                                  for s in split):
@@ -194,7 +194,7 @@ class Partitioner:
     def switched(self, prefill_sm: int, decode_sm: int, now: float) -> None:
         """The split in effect from `now` (call once the workers have switched, or failed to):
         requests that arrived earlier ran partly under the old split and are left out."""
-        self._check((prefill_sm, decode_sm))
+        self.check((prefill_sm, decode_sm))
         self.split, self._settled_at = (prefill_sm, decode_sm), now
         self._window.clear()
 

@@ -191,7 +191,8 @@ class Controller:
         elif isinstance(msg, protocol.DecodeStep):
             self.switcher.on_output(worker)
             self.on_decode_step(msg)
-            self.switcher.on_last_step(worker, msg)
+            if self.switcher.on_last_step(worker, msg):
+                self._settle()
         elif isinstance(msg, protocol.StepTimes):
             worker.step_times = (msg, time.monotonic())
         elif isinstance(msg, protocol.HandedOver):
@@ -284,6 +285,11 @@ class Controller:
         bad = next((v for v in shares.values() if not 1 <= v <= 100), None)
         if bad is not None:
             return f"SM shares are percentages in [1, 100], got {bad}"
+        if self.partitioner is not None:  # it plans on a grid; a split off it is not one it can hold
+            try:
+                self.partitioner.check((shares["prefill"], shares["decode"]))
+            except UserError as e:
+                return f"this server moves the split itself (--dynamic): {e}"
         busy = [r for r, v in shares.items() if r in self.switcher.active and self.supervisor.workers[r].sm_percent != v]
         if busy:
             return f"the {busy[0]} worker is already switching; try again when it is done"

@@ -120,13 +120,16 @@ class Switcher:
             sw.resent_at = time.monotonic()
             self._finish(sw, sw.moved)
 
-    def on_last_step(self, worker: WorkerHandle, msg: protocol.DecodeStep) -> None:
-        """A DecodeStep arrived: the last one of a worker that has handed over is passed on."""
+    def on_last_step(self, worker: WorkerHandle, msg: protocol.DecodeStep) -> bool:
+        """A DecodeStep arrived: the last one of a worker that has handed over is passed on, and
+        the switch is over (True)."""
         sw = self.active.get(worker.role)
-        if sw is not None and worker is sw.old and sw.handed_over_at is not None:
-            self.sup.send_to(sw.worker, msg)
-            sw.resent_at = time.monotonic()
-            self._finish(sw, sw.moved)
+        if sw is None or worker is not sw.old or sw.handed_over_at is None:
+            return False
+        self.sup.send_to(sw.worker, msg)
+        sw.resent_at = time.monotonic()
+        self._finish(sw, sw.moved)
+        return True
 
     def _finish(self, sw: Switch, moved: int | None, error: str | None = None) -> None:
         """The old worker is done (or dead): no step of it writes pages any more."""
