@@ -164,6 +164,20 @@ def test_where_decode_holds_all_sms_a_tpot_miss_lowers_prefills_cap():
     assert meets(load, cfg, p.split) and settled(decisions[-5:])
 
 
+@pytest.mark.parametrize("start", [(80, 30), (80, 50), (90, 40), (90, 60)])
+def test_a_model_that_cannot_see_a_step_does_not_take_it(start):
+    """Decode's TPOT model sees decode's share only: where decode reaches 100, further steps come
+    off prefill's cap and all predict the same TPOT. When that misses, they cut prefill by every
+    step at once (80 -> 50, where 70 met both SLOs), and TTFT missed next."""
+    load = Load(rate=20, a1=2.0, b1=0.02, c=2.0, a2=1.5, b2=0.01, contention=0.8)
+    cfg = PartitionConfig(0.2, 0.052, window=50)
+    for seed in range(6):
+        decisions = Sim(Partitioner(cfg, *start), seed).run(load, 14)
+        for d in decisions:
+            if d.action == "raise_decode" and d.next_decode_sm == 100:
+                assert d.prefill_sm - d.next_prefill_sm <= max(0, d.decode_sm + 10 - 100), d
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_comfortable_decode_gives_prefill_no_deeper_overlap(seed):
     """Decode at 100 beside prefill at 60, TTFT at 60% of its SLO and TPOT at 15%: a give to

@@ -6,7 +6,8 @@ Rule (semi-PD, arXiv 2504.19867): every `window` finished requests, take the `pe
 and of TPOT over the window. If TTFT misses its SLO, raise x by 1 to `max_steps` steps: the fewest
 the latency model predicts meet the SLO, all of them if none does, one while there is no model.
 Else if TPOT misses, the same for y. A raise past 100, or past what `max_total` leaves, lowers
-the other share.
+the other share; the model, which sees the raised phase's share only, never justifies a step
+that leaves that share as it is (a phase at 100 is raised one step at a time).
 When both miss, TTFT goes first (as in the paper); if x cannot rise, y may. When both are met and
 one phase is below GIVE_BACK of its SLO while the other is not, the comfortable phase gives the
 other a step (else a phase never gives SMs back), unless its model predicts it would then pass
@@ -272,7 +273,9 @@ class Partitioner:
             target = self._with(i, self.split[i] + k * cfg.step)
             if target is None:
                 break
-            if self._allowed(target, fresh=False):
+            # The model sees phase i's share only: a step past 100, which comes off the other
+            # phase, changes nothing it can predict, so it never justifies one.
+            if self._allowed(target, fresh=False) and all(t[i] < target[i] for t in allowed):
                 allowed.append(target)
         if not allowed or fit is None:
             return allowed[0] if allowed else None
