@@ -35,6 +35,7 @@ its score arrived; per request in the Final's verdict, for all requests in stats
 
 import collections
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -107,8 +108,8 @@ class Moderation:
         self.sock = ctx.socket(zmq.DEALER)
         # The monitor keeps streams per peer identity and drops a peer's streams at its hello.
         # ZeroMQ would give each connection a new one, so a reconnect or a restart of this server
-        # (name: its address) would leave its old streams held in the monitor for good.
-        self.sock.setsockopt(zmq.IDENTITY, f"semipd-controller {name}".encode()[:255])
+        # (name: its address, on this host) would leave its old streams held in the monitor.
+        self.sock.setsockopt(zmq.IDENTITY, f"semipd-controller {socket.gethostname()} {name}".encode()[:255])
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no connection: send fails at once, nothing queues
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
