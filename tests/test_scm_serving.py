@@ -191,6 +191,23 @@ def test_monitor_answers_bad_input_and_keeps_serving(flag_none):
     assert isinstance(hello(address), protocol.ScmReady)
 
 
+def test_a_second_open_of_a_stream_drops_it(flag_none):
+    """An error means the stream is dropped: after a duplicate open, nothing of it is scored."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(flag_none[1].address)
+    try:
+        opens = [protocol.ScmOpen(7, prompt_ids=[5, 6])] * 2
+        sock.send(protocol.encode(protocol.ScmBatch(opens=opens)))
+        assert sock.poll(10_000)
+        reply = protocol.decode(sock.recv())
+        assert reply.stream_ids == [7] and reply.errors == ["stream 7 was already open (both dropped)"]
+        sock.send(protocol.encode(protocol.ScmBatch(appends=[protocol.ScmAppend(7, 1, token_ids=[9])])))
+        assert not sock.poll(2_000)  # an open stream would have its token scored by now
+    finally:
+        sock.close()
+
+
 def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(flag_none):
     server, monitor, path = flag_none
     work = prompts(6)

@@ -73,9 +73,12 @@ class StreamMonitor:
         self.allocator.close()
 
     def open(self, key: tuple, prompt: str | None, prompt_ids: list[int] | None) -> None:
-        """Start a stream; ValueError (with the reason) if it cannot be watched."""
+        """Start a stream; ValueError (with the reason) if it cannot be watched. An error drops
+        the stream, so a second open of one drops the first too: which one later appends belong
+        to cannot be known."""
         if key in self.streams:
-            raise ValueError(f"stream {key[-1]} is already open")
+            self.drop(key)
+            raise ValueError(f"stream {key[-1]} was already open (both dropped)")
         if len(self.streams) >= self.max_streams:
             raise ValueError(f"the monitor is full ({self.max_streams} streams)")
         if (prompt is None) == (prompt_ids is None):
