@@ -113,10 +113,11 @@ def test_a_worker_dying_mid_switch_loses_nothing(model, dies):  # noqa: F811
         stats = server.wait_idle()
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         switch = [h for h in stats["partition"]["history"] if h["role"] == "decode"][-1]
-        assert switch["error"] == {"old": "old decode worker exited before handing over",
-                                   "new": "new decode worker exited during the hand-over",
-                                   "both": "new decode worker exited during the hand-over",
-                                   "before": None}[dies]
+        assert switch["error"] in {"old": ["old decode worker exited before handing over"],
+                                   "new": ["new decode worker exited during the hand-over"],
+                                   "both": ["new decode worker exited during the hand-over",  # whichever
+                                            "old decode worker exited before handing over"],  # is seen first
+                                   "before": [None]}[dies]
         # a current worker that dies is replaced, once: a death is handled once
         assert stats["worker_restarts"] == (0 if dies == "old" else 1)
         assert stats["partition"]["decode_sm"] == 60  # the new share holds either way

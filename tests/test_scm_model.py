@@ -144,6 +144,8 @@ def test_bad_stream_input_is_refused_and_others_continue(saved):
     sm.open(("c", 0), "fine", None)
     with pytest.raises(ValueError, match="already open"):
         sm.open(("c", 0), "again", None)
+    assert ("c", 0) not in sm.streams  # dropped: which open later appends belong to is unknown
+    sm.open(("c", 0), "fine", None)
     sm.open(("c", 1), None, [5, 6])
     with pytest.raises(ValueError, match="full"):
         sm.open(("c", 2), "one too many", None)

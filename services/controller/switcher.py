@@ -167,8 +167,10 @@ class Switcher:
             return False
         if where == "retiring" and worker is sw.old:  # died before its hand-over was complete
             sw.worker.queue.clear()   # recovery resends everything the role held...
-            if sw.handed_over_at is not None:  # ...some of which the new worker already holds:
-                self.sup.kill(sw.worker)       # a fresh one (same share) takes its place
+            # ...some of which the new worker already holds, or it has died too (not yet noticed:
+            # recovery must not open it): a fresh one (same share) takes its place
+            if sw.handed_over_at is not None or sw.worker.proc.poll() is not None:
+                self.sup.kill(sw.worker)
             when = "before handing over" if sw.handed_over_at is None else "during its last step"
             self._finish(sw, 0, f"old {worker.role} worker exited {when}")
             return True
