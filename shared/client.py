@@ -72,7 +72,7 @@ def _connect(ctx, address: str):
             raise ServerUnavailable(f"no server at {address} (no such socket file)")
         if not ipc_listening(address):
             raise ServerUnavailable(f"no server at {address} (nothing listens on that socket; "
-                                    f"a killed server leaves its file behind)")
+                                    "a killed server leaves its file behind)")
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)

@@ -250,9 +250,11 @@ class ScmBatch:
         prompts) that the monitor applies in turn to the same effect: the items keep their
         order, opens before appends before closes, as within one batch."""
         data = encode(self)
+        if len(data) <= max_bytes:
+            return [data]
         items = [("opens", x) for x in self.opens] + [("appends", x) for x in self.appends] + \
                 [("closes", x) for x in self.closes]
-        if len(data) <= max_bytes or len(items) == 1:
+        if len(items) == 1:
             return [data]
         halves = ScmBatch(), ScmBatch()
         for i, (kind, item) in enumerate(items):

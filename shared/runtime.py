@@ -4,6 +4,8 @@ import os
 import socket
 import tempfile
 
+from shared.errors import UserError
+
 
 def runtime_dir() -> str:
     """$XDG_RUNTIME_DIR/semipd, else <tmp>/semipd-<uid>; created private (0700) if missing."""
@@ -29,3 +31,9 @@ def ipc_listening(address: str) -> bool:
             return True
         except OSError:
             return False
+
+
+def refuse_if_listening(address: str) -> None:
+    """Before loading anything: UserError if a server already listens at this ipc:// address."""
+    if address.startswith("ipc://") and ipc_listening(address):
+        raise UserError(f"a server is already listening at {address}")

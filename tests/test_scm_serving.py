@@ -191,6 +191,14 @@ def test_monitor_answers_bad_input_and_keeps_serving(flag_none):
     assert isinstance(hello(address), protocol.ScmReady)
 
 
+def test_a_second_monitor_on_a_live_address_is_refused(flag_none):
+    """Binding anew would silently take the socket file over from the live monitor."""
+    r = subprocess.run([sys.executable, "-m", "services.scm", "--model", flag_none[2], "--device", "cpu",
+                        "--address", flag_none[1].address], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "already listening" in r.stderr, r.stderr
+    assert isinstance(hello(flag_none[1].address), protocol.ScmReady)
+
+
 def test_a_second_open_of_a_stream_drops_it(flag_none):
     """An error means the stream is dropped: after a duplicate open, nothing of it is scored."""
     sock = zmq.Context.instance().socket(zmq.DEALER)

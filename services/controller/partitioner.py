@@ -275,7 +275,7 @@ class Partitioner:
                 break
             # The model sees phase i's share only: a step past 100, which comes off the other
             # phase, changes nothing it can predict, so it never justifies one.
-            if self._allowed(target, fresh=False) and all(t[i] < target[i] for t in allowed):
+            if self._allowed(target, fresh=False) and (not allowed or allowed[-1][i] < target[i]):
                 allowed.append(target)
         if not allowed or fit is None:
             return allowed[0] if allowed else None

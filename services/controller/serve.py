@@ -9,15 +9,13 @@ from services.controller.modes import mode_from_args
 from services.controller.mps import MpsDaemon, daemon_running
 from services.controller.server import Controller
 from shared.engine import EngineConfig
-from shared.errors import UserError
 
 
 def serve(args) -> None:
     from shared.client import default_address
-    from shared.runtime import ipc_address, ipc_listening, runtime_dir
+    from shared.runtime import ipc_address, refuse_if_listening, runtime_dir
     address = args.address or default_address()
-    if address.startswith("ipc://") and ipc_listening(address):  # binding would take it over
-        raise UserError(f"a server is already listening at {address}")
+    refuse_if_listening(address)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                           num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len)

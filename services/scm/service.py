@@ -28,6 +28,7 @@ from services.scm.monitor import StreamMonitor, auto_pages
 from shared import protocol
 from shared.engine import EngineConfig
 from shared.errors import UserError
+from shared.runtime import refuse_if_listening
 
 IDLE_POLL_MS = 100
 
@@ -128,6 +129,7 @@ def run(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.step_interval_ms <= 1000:
         raise UserError(f"--step-interval-ms must lie in [0, 1000], got {args.step_interval_ms}")
+    refuse_if_listening(args.address)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
     device = config.torch_device()
     if device.type == "cpu":  # leave cores to the serving processes beside it
