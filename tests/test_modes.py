@@ -126,6 +126,41 @@ def test_a_worker_dying_mid_switch_loses_nothing(model, dies):  # noqa: F811
         assert server.stop() == 0
 
 
+@pytest.mark.parametrize("hangs", ["new", "old"])
+def test_a_switch_held_up_past_its_timeout_is_ended(model, hangs):  # noqa: F811
+    """A called-up standby that never becomes ready, or an old worker that never hands over
+    (stopped: alive and silent), is killed after --switch-timeout; nothing is lost and the role
+    can switch again. --dynamic with SLOs nothing misses: warm standbys from the start, no
+    decisions, manual switches on the grid."""
+    server = Server(model, "--max-num-seqs", "16", "--switch-timeout", "5", "--dynamic",
+                    "--ttft-slo", "1000", "--tpot-slo", "1000", "--window", "1000")
+    try:
+        client = server.client
+        stats = wait_for(standbys_ready, server)
+        decode = stats["workers"]["decode"]
+        streams = [client.generate(prompt_ids=p * 3, temperature=0, max_tokens=200, ignore_eos=True)
+                   for p, _ in workload(12, seed=5)]
+        next(streams[0]), next(streams[0])  # decoding is under way
+        os.kill(decode["standby"]["pid"] if hangs == "new" else decode["pid"], signal.SIGSTOP)
+        client.partition(60, 50)
+        results = [s.result() for s in streams]  # raises if any stream gets no Final
+        assert all(r.finish_reason == "length" and len(r.token_ids) == 200 for r in results)
+        stats = wait_for(lambda s: not s["partition"]["switching"], server)
+        switch = stats["partition"]["history"][-1]
+        assert switch["error"] == {"new": "new decode worker was not ready after 5 s",
+                                   "old": "old decode worker did not hand over in 5 s"}[hangs]
+        assert stats["partition"]["decode_sm"] == {"new": 100, "old": 50}[hangs]
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+        wait_for(standbys_ready, server)
+        client.partition(60, 70)  # the role switches again
+        stats = wait_for(lambda s: not s["partition"]["switching"], server)
+        assert stats["partition"]["decode_sm"] == 70 and stats["partition"]["history"][-1]["error"] is None
+        assert len(client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result().token_ids) == 5
+    finally:
+        assert server.stop() == 0
+
+
 def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
     # An SLO no request can meet: every window misses TTFT, so prefill must gain SMs.
     server = Server(model, "--dynamic", "--ttft-slo", "0.000001", "--tpot-slo", "10", "--window", "4")
@@ -157,6 +192,7 @@ def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
 
 @pytest.mark.parametrize("args,message", [
     (["--prefill-sm", "0"], "--prefill-sm is a percentage"),
+    (["--switch-timeout", "0"], "--switch-timeout must be positive"),
     (["--dynamic"], "--dynamic needs --ttft-slo and --tpot-slo"),
     (["--mode", "unified", "--dynamic"], "--dynamic needs --mode semi-pd"),
     (["--dynamic", "--ttft-slo", "1", "--tpot-slo", "1", "--prefill-sm", "55"], "multiple of --sm-step"),

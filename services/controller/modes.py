@@ -20,6 +20,7 @@ class ServingMode:
     shares: dict[str, int]          # SM percent per worker role
     partition: object | None = None  # partitioner.PartitionConfig when --dynamic
     mps: bool = False               # whether the shares take effect (an MPS daemon serves us)
+    switch_timeout_s: float = 120.0  # a cold switch prepared in 10-14 s on an H100 (docs/benchmarks.md)
 
     @property
     def unified(self) -> bool:
@@ -42,11 +43,15 @@ def add_mode_args(p) -> None:
     g.add_argument("--window", type=int, default=50, help="finished requests per partitioning decision")
     g.add_argument("--sm-step", type=int, default=10, help="SM percent per partitioning step")
     g.add_argument("--max-steps", type=int, default=3, help="most steps one decision moves a share")
+    g.add_argument("--switch-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="stop a new worker not ready, or an old one not handed over, this long into a switch")
     g.add_argument("--start-mps", action="store_true",
                    help="start an MPS control daemon for this server (and stop it on exit)")
 
 
 def mode_from_args(args) -> ServingMode:
+    if not args.switch_timeout > 0:
+        raise UserError(f"--switch-timeout must be positive, got {args.switch_timeout:g}")
     if args.mode == "unified":
         if args.dynamic:
             raise UserError("--dynamic needs --mode semi-pd")
@@ -56,7 +61,7 @@ def mode_from_args(args) -> ServingMode:
             raise UserError(f"{name} is a percentage in [1, 100], got {share}")
     shares = {"prefill": args.prefill_sm, "decode": args.decode_sm}
     if not args.dynamic:
-        return ServingMode(shares)
+        return ServingMode(shares, switch_timeout_s=args.switch_timeout)
     if args.ttft_slo is None or args.tpot_slo is None:
         raise UserError("--dynamic needs --ttft-slo and --tpot-slo")
     from services.controller.partitioner import PartitionConfig
@@ -66,4 +71,4 @@ def mode_from_args(args) -> ServingMode:
     for name, share in shares.items():
         if share % config.step:
             raise UserError(f"with --dynamic the {name} share ({share}) must be a multiple of --sm-step ({config.step})")
-    return ServingMode(shares, config)
+    return ServingMode(shares, config, switch_timeout_s=args.switch_timeout)

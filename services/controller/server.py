@@ -69,7 +69,7 @@ class Controller:
         self.supervisor = Supervisor(worker_address, self._send_worker,
                                      lambda sm: replace(init_msg, sm_percent=sm), self.mode.shares)
         self.switcher = Switcher(self.supervisor, lambda seq_id: seq_id in self.by_seq,
-                                 self.memory.allocator.free_owner)
+                                 self.memory.allocator.free_owner, self.mode.switch_timeout_s)
         self.moderation = moderation and Moderation(moderation, self.ctx, self.memory.tokenizer,
                                                     self._send_client, self._abort, address)
         self.requests: dict[tuple[bytes, str], Request] = {}
@@ -348,6 +348,7 @@ class Controller:
                 self._drain(self.back, self.on_worker)
             if self.front in events:
                 self._drain(self.front, self.on_client)
+            self.switcher.check_timeouts(time.monotonic())
             for where, worker in self.supervisor.dead():
                 if self.switcher.on_death(where, worker):
                     self.recover(worker.role)

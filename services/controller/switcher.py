@@ -22,9 +22,12 @@ preparation is also given in the parts the new worker reports (`prepare_parts_s`
 in two parts (`gap_parts_s`): until the new worker has all it needs (`hand_over`: the sequences
 and their last tokens passed on) and its first step until its output arrives (`first_step`).
 Pages of sequences that ended while they were handed over are freed once no step of the old
-worker can write them.
+worker can write them. A switch held up past its timeout (a new worker that never becomes ready,
+an old one that never hands over) is ended by stopping the worker that holds it up: its death is
+then handled like any other (the old worker stays, or its requests are recovered).
 """
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -54,11 +57,13 @@ class Switch:
     resent_at: float | None = None        # the new worker had all it needs: sequences, last tokens
     moved: int = 0                        # live sequences passed on
     ended: list[int] | None = None        # ended in transit: pages freed when the old worker is done
+    stalled: str | None = None            # why the timeout stopped a worker of this switch
 
 
 class Switcher:
-    def __init__(self, supervisor: Supervisor, alive, free_owner):
+    def __init__(self, supervisor: Supervisor, alive, free_owner, timeout_s: float):
         self.sup = supervisor
+        self.timeout_s = timeout_s           # longest a switch may wait for either worker
         self.alive = alive                   # alive(seq_id): its request still wants it
         self.free_owner = free_owner         # free_owner(seq_id): free the pages it holds
         self.active: dict[str, Switch] = {}
@@ -152,6 +157,20 @@ class Switcher:
             record["gap_parts_s"] = {"hand_over": sw.resent_at - sw.old.last_output}
             self._gap[sw.role] = (record, sw)
 
+    def check_timeouts(self, now: float) -> None:
+        """Stop the worker holding up a switch past the timeout; dead() then reports it."""
+        for sw in self.active.values():
+            if sw.stalled is not None:
+                continue
+            if sw.ready_at is None and now - sw.requested > self.timeout_s:
+                stuck, sw.stalled = sw.worker, f"new {sw.role} worker was not ready after {self.timeout_s:g} s"
+            elif sw.handover_at is not None and now - sw.handover_at > self.timeout_s:
+                stuck, sw.stalled = sw.old, f"old {sw.role} worker did not hand over in {self.timeout_s:g} s"
+            else:
+                continue
+            print(f"semipd: {sw.stalled}; stopping it (pid {stuck.proc.pid})", file=sys.stderr, flush=True)
+            stuck.proc.kill()
+
     def on_death(self, where: str, worker: WorkerHandle) -> bool:
         """A worker exited (the supervisor has replaced a current one). True if the requests of
         its role must be recovered (their pages freed and recomputed through prefill)."""
@@ -163,7 +182,7 @@ class Switcher:
         if sw is None:
             return where == "current"
         if where == "incoming":       # died while preparing: the old worker simply stays
-            self._finish(sw, None, f"new {worker.role} worker exited while starting")
+            self._finish(sw, None, sw.stalled or f"new {worker.role} worker exited while starting")
             return False
         if where == "retiring" and worker is sw.old:  # died before its hand-over was complete
             sw.worker.queue.clear()   # recovery resends everything the role held...
@@ -172,7 +191,7 @@ class Switcher:
             if sw.handed_over_at is not None or sw.worker.proc.poll() is not None:
                 self.sup.kill(sw.worker)
             when = "before handing over" if sw.handed_over_at is None else "during its last step"
-            self._finish(sw, 0, f"old {worker.role} worker exited {when}")
+            self._finish(sw, 0, sw.stalled or f"old {worker.role} worker exited {when}")
             return True
         if where == "current" and worker is sw.worker:  # the successor died mid-switch
             # The old worker may still be writing into pages that recovery is about to free.
