@@ -153,6 +153,8 @@ def prefill_step(runner: ModelRunner, sched: PrefillScheduler, allocator, chunks
             seq.append(token)
             if seq.finish_reason is not None:
                 allocator.free(seq.reset_cache())
+    else:
+        runner.end_span()
     return ready
 
 

@@ -153,12 +153,17 @@ class ModelRunner:
                         self._tensor([x.min_p for x in p], f32), self._tensor([s.seed for s in seqs], torch.int64),
                         self._tensor([s.num_output for s in seqs], torch.int64),
                         [i for i, x in enumerate(p) if not x.greedy and (x.top_k > 0 or x.top_p < 1)])
+        self.end_span()
+        return tokens
+
+    def end_span(self) -> None:
+        """When timed, close the span of the forward pass last started: after its sampler, or
+        after the forward itself where nothing is sampled (a long prompt's chunk)."""
         if self._forward_started is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self.gpu_spans.append((self._forward_started, end))
             self._forward_started = None
-        return tokens
 
     def _mark_forward(self) -> None:
         """When timed, an event where the forward pass's kernels start (its inputs already queued)."""

@@ -6,6 +6,10 @@ import signal
 
 import pytest
 
+from shared.engine import Engine, EngineConfig, prefill_step
+from shared.sampling_params import SamplingParams
+from shared.scheduler import PrefillScheduler
+from shared.sequence import Sequence
 from tests.serving import Server
 from tests.test_modes import standbys_ready, wait_for
 from tests.test_serving import model, reference, run_concurrently, step_reports, workload  # noqa: F401 (fixtures)
@@ -66,3 +70,21 @@ def test_step_times_include_gpu_time(model):  # noqa: F811
             assert 0 < steps["gpu_ms"] <= steps["step_ms"], (role, steps)
     finally:
         assert server.stop() == 0
+
+
+def test_a_chunk_that_samples_nothing_is_timed_too():
+    """A long prompt's first chunk completes no prompt, so nothing is sampled after it; its GPU
+    time is counted all the same (it was lost when the next forward began a new span)."""
+    engine = Engine(EngineConfig(model="tiny", device="cuda", progress=False))
+    try:
+        runner, allocator = engine.runner, engine.allocator
+        sched = PrefillScheduler(allocator, engine.config.page_size, 32, 8)
+        sched.add(Sequence(0, list(range(1, 41)), SamplingParams(temperature=0, max_tokens=4)))
+        runner.gpu_spans = []
+        assert prefill_step(runner, sched, allocator, sched.schedule()) == []  # 32 of 40 tokens
+        assert len(runner.gpu_spans) == 1
+        assert len(prefill_step(runner, sched, allocator, sched.schedule())) == 1
+        runner.wait()
+        assert len(runner.gpu_spans) == 2 and all(s.elapsed_time(e) > 0 for s, e in runner.gpu_spans)
+    finally:
+        engine.close()
