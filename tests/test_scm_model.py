@@ -154,6 +154,19 @@ def test_bad_stream_input_is_refused_and_others_continue(saved):
     assert ("c", 1) not in sm.streams  # dropped
     with pytest.raises(ValueError, match="context length"):
         sm.append(("c", 0), 1, "word " * 60, [], last=False)
+    sm.open(("c", 1), None, [5, 6])
+    sm.append(("c", 1), 2, "", [7, 8], last=False)
+    with pytest.raises(ValueError, match="upto moved by 3 for 1 token ids"):
+        sm.append(("c", 1), 5, "", [9], last=False)  # each served token is one id
+    sm.open(("c", 1), "text", None)
+    sm.append(("c", 1), 3, "three more", [], last=False)
+    with pytest.raises(ValueError, match="upto went back from 3 to 2"):
+        sm.append(("c", 1), 2, " words", [], last=False)
+    assert ("c", 1) not in sm.streams
+    sm.open(("c", 3), "still", None)
+    sm.append(("c", 3), 2, "serving here", [], last=True)
+    with pytest.raises(ValueError, match="already had its last append"):
+        sm.append(("c", 3), 3, " more", [], last=False)
     sm.open(("c", 3), "still", None)
     sm.append(("c", 3), 2, "serving here", [], last=True)
     assert [n.upto for n in sm.step()] == [2] and not sm.streams

@@ -41,6 +41,7 @@ class Stream:
     retok: Retokenizer | None          # None: the stream takes token ids
     served: list[int] = field(default_factory=list)  # per response token: served tokens covered
     flagged: int = 0                   # response tokens at or over the threshold so far
+    upto: int = 0                      # served tokens appended so far
     last_upto: int | None = None       # set by the last append: served tokens in all
 
 
@@ -101,9 +102,17 @@ class StreamMonitor:
         if stream is None:
             return
         try:
+            # progress is counted in served tokens: it never goes back, and a stream of ids
+            # moves by one per id (the verdict's token index depends on it)
+            if stream.last_upto is not None:
+                raise ValueError("the stream has already had its last append")
+            if upto < stream.upto:
+                raise ValueError(f"upto went back from {stream.upto} to {upto}")
             if stream.retok is None:
                 if text:
                     raise ValueError("this stream was opened with token ids: send token ids, not text")
+                if upto - stream.upto != len(token_ids):
+                    raise ValueError(f"upto moved by {upto - stream.upto} for {len(token_ids)} token ids")
                 self._check_ids(token_ids)
                 new = [(t, upto - len(token_ids) + i + 1) for i, t in enumerate(token_ids)]
             else:
@@ -113,6 +122,7 @@ class StreamMonitor:
             for token, covered in new:
                 stream.seq.token_ids.append(token)
                 stream.served.append(covered)
+            stream.upto = upto
             if last:
                 stream.last_upto = upto
             self._check_length(stream)
