@@ -195,6 +195,27 @@ def test_oversized_message_drops_only_that_connection(server):
     assert server.client.generate(prompt_ids=[5], temperature=0, max_tokens=2).result().token_ids
 
 
+def test_a_client_that_stops_reading_is_dropped_and_others_are_served(server):
+    """A raw client that asks for 102400 tokens and reads none: once MAX_UNREAD messages queue
+    for it, its requests end (their pages freed) instead of queueing in the server for ever."""
+    from services.controller.server import MAX_UNREAD
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays queued in the server
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    params = {"temperature": 0, "max_tokens": 400, "ignore_eos": True}
+    for i in range(256):
+        sock.send(generate(f"r{i}", prompt_ids=[5, 6, 7], params=params))
+    stats = server.wait_idle(timeout_s=300)
+    assert stats["kv_pages_free"] == stats["kv_pages_total"] and stats["running"] == stats["waiting"] == 0
+    got = []
+    while sock.poll(2000):
+        got.append(msgpack.unpackb(sock.recv())[0])
+    sock.close()
+    assert MAX_UNREAD <= len(got) < 256 * 400 and got.count("Final") < 256  # cut off, not served
+    assert server.client.generate(prompt_ids=[5], temperature=0, max_tokens=2).result().token_ids
+
+
 def test_duplicate_request_id_is_rejected(server):
     """With a Reply, not a Final: the live stream of that id still ends with exactly one Final."""
     sock = raw_socket(server.address)

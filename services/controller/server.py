@@ -33,13 +33,19 @@ from shared.tokenizer import Detokenizer
 POLL_MS = 50
 MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
 CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
+# Messages queued for one peer (some 6 s of a busy server's tokens to one client): past them a
+# peer that stopped reading counts as gone. The SDK's clients always read (no receive bound).
+MAX_UNREAD = 1 << 16
 
 
-def bind(ctx: zmq.Context, address: str, max_bytes: int = protocol.MAX_MESSAGE_BYTES) -> zmq.Socket:
+def bind(ctx: zmq.Context, address: str, max_bytes: int = protocol.MAX_MESSAGE_BYTES,
+         max_unread: int = MAX_UNREAD) -> zmq.Socket:
+    """A ROUTER on which a send with NOBLOCK raises for a vanished peer and for one with
+    max_unread messages queued (0: no bound)."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises: a disconnect
-    sock.setsockopt(zmq.SNDHWM, 0)  # a slow peer queues; only a vanished one makes send fail
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, max_unread)
     sock.setsockopt(zmq.LINGER, 0)
     if address.startswith("ipc://"):
         os.makedirs(os.path.dirname(address[len("ipc://"):]), mode=0o700, exist_ok=True)
@@ -61,7 +67,7 @@ class Controller:
         self.ctx = zmq.Context()
         try:
             self.front = bind(self.ctx, address)
-            self.back = bind(self.ctx, worker_address, protocol.MAX_WORKER_MESSAGE_BYTES)
+            self.back = bind(self.ctx, worker_address, protocol.MAX_WORKER_MESSAGE_BYTES, max_unread=0)
         except zmq.ZMQError as e:
             self.ctx.destroy()
             self.memory.close()
@@ -87,8 +93,11 @@ class Controller:
 
     def _send_client(self, client: bytes, msg) -> None:
         try:
-            self.front.send_multipart([client, protocol.encode(msg)])
-        except zmq.ZMQError:  # the client disconnected: nobody is listening to its requests
+            self.front.send_multipart([client, protocol.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the client disconnected, or stopped reading: nobody reads its requests
+            if isinstance(e, zmq.Again):
+                print(f"semipd: a client left {MAX_UNREAD} messages unread; its requests are ended",
+                      file=sys.stderr, flush=True)
             for req in [r for r in self.requests.values() if r.client == client]:
                 self._abort(req, None)
 

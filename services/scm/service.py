@@ -112,8 +112,8 @@ class ScmService:
 
     def _send(self, peer: bytes, msg) -> None:
         try:
-            self.sock.send_multipart([peer, protocol.encode(msg)])
-        except zmq.ZMQError:  # the controller is gone: nobody will read its streams' scores
+            self.sock.send_multipart([peer, protocol.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the controller is gone (or stopped reading): nobody will read its scores
             self._forget(peer)
 
     def _forget(self, peer: bytes) -> None:
