@@ -176,19 +176,30 @@ def backlog_trend(records: list[RequestRecord]) -> float | None:
     """Mean number of requests in the server (sent, not yet ended) over the last quarter of the
     arrivals, over that mean in their second quarter: about 1 where the server keeps up with the
     rate (Little's law: rate x E2E), near 2 where a queue grows for as long as requests arrive.
-    The server fills up over about one E2E latency, so this reads true once the arrivals last
-    four or more of them."""
+    The server fills up over about one E2E latency (the first arrivals'), so this reads true
+    once the arrivals last four or more of them; None when they do not (or are too few)."""
     spans = [(r.send_s, r.send_s + r.e2e_s) for r in records if r.e2e_s is not None]
     if len(spans) < 8:
         return None
     sends = np.array([a for a, _ in spans])
     ends = np.array([b for _, b in spans])
     window = sends.max() - sends.min()
+    first = sends <= sends.min() + window / 4
+    if window < 4 * np.median(ends[first] - sends[first]):
+        return None
     def in_flight(q0: float, q1: float) -> float:  # sampled on a fine grid over that span of arrivals
         ts = sends.min() + window * np.linspace(q0, q1, 100)
         return float(((sends[None, :] <= ts[:, None]) & (ts[:, None] < ends[None, :])).sum(1).mean())
     second = in_flight(0.25, 0.5)
     return in_flight(0.75, 1.0) / second if second else None
+
+
+def offered_rate(records: list[RequestRecord]) -> float | None:
+    """Requests per second as actually sent (the schedule's draw and any lateness), which the
+    nominal rate only approximates; None where all went at once."""
+    sends = [r.send_s for r in records]
+    span = max(sends) - min(sends) if sends else 0.0
+    return (len(sends) - 1) / span if span > 0 else None
 
 
 def meets_slo(r: RequestRecord, ttft_slo: float | None, tpot_slo: float | None) -> bool:
@@ -204,6 +215,7 @@ def summarize(records: list[RequestRecord], duration_s: float, ttft_slo: float |
         "requests": len(records), "completed": len(done), "failed": len(records) - len(done),
         "duration_s": duration_s, "input_tokens": sum(r.input_len for r in done),
         "output_tokens": output_tokens,
+        "offered_rate": offered_rate(records),
         "request_throughput": len(done) / duration_s,
         "output_token_throughput": output_tokens / duration_s,
         "ttft_s": distribution([r.ttft_s for r in done if r.ttft_s is not None]),
@@ -234,7 +246,9 @@ def trend(v: float | None) -> str:
 def format_summary(s: dict) -> str:
     def ms(v):
         return "-" if v is None else f"{v * 1e3:.1f}"
-    lines = [f"requests: {s['completed']} completed, {s['failed']} failed in {s['duration_s']:.2f} s",
+    offered = s.get("offered_rate")
+    lines = [f"requests: {s['completed']} completed, {s['failed']} failed in {s['duration_s']:.2f} s"
+             + ("" if offered is None else f", sent at {offered:.2f} req/s"),
              f"throughput: {s['request_throughput']:.2f} req/s, {s['output_token_throughput']:.1f} output tok/s",
              f"backlog trend: {trend(s.get('backlog_trend'))} (requests in the server, last quarter of the "
              f"arrivals over the second; ~1: kept up)",

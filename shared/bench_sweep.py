@@ -30,7 +30,6 @@ from shared.bench import check_load_args, run_load, summarize, trend
 from shared.client import AsyncClient, Client, ClientError
 from shared.errors import UserError, first_line
 
-FRESH_S = 3.0            # a worker's step report older than this is from before it went idle
 POLL_S = 0.5
 WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not measured
 LAUNCH_TIMEOUT_S = 600   # loading a large model's weights takes minutes
@@ -160,6 +159,7 @@ async def sweep_server(args, name: str, address: str) -> dict:
     await run_load(warmup, np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
     started, started_unix, runs, samples = time.monotonic(), time.time(), [], []
     for rate in args.rates:
+        began = time.monotonic() - started
         done = asyncio.Event()
         poller = asyncio.ensure_future(_poll_split(address, started, rate, samples, done))
         try:
@@ -170,7 +170,7 @@ async def sweep_server(args, name: str, address: str) -> dict:
             done.set()
             await poller
         runs.append({"rate": rate, "summary": summarize(records, duration, args.ttft_slo, args.tpot_slo),
-                     "steps": step_means([x for x in samples if x["rate"] == rate])})
+                     "steps": step_means([x for x in samples if x["rate"] == rate], began)})
     async with AsyncClient(address) as client:
         partition = (await client.stats()).get("partition")
     return {"address": address, "runs": runs, "max_rate_at_goal": max_rate_at_goal(runs),
@@ -178,16 +178,23 @@ async def sweep_server(args, name: str, address: str) -> dict:
             "partition": partition if isinstance(partition, dict) else None}
 
 
-def step_means(samples: list[dict]) -> dict:
-    """Per worker role, the means of the step reports polled during one run (reports older than
-    FRESH_S came from an idle worker and are left out)."""
-    reports: dict[str, list[dict]] = {}
+def step_means(samples: list[dict], began_s: float) -> dict:
+    """Per worker role, the means over one run of the step reports that arrived during it (a
+    worker reports about once a second while busy): each report once, however often it was
+    polled, none from before the run, and per-step figures weighted by each report's steps."""
+    reports: dict[str, dict[tuple, dict]] = {}
     for sample in samples:
         for role, steps in (sample.get("steps") or {}).items():
-            if steps and steps["age_s"] < FRESH_S:
-                reports.setdefault(role, []).append(steps)
-    return {role: {k: float(np.mean(v)) if (v := [r[k] for r in rs if r[k] is not None]) else None
-                   for k in ("step_ms", "gpu_ms", "mean_batch", "busy")} for role, rs in reports.items()}
+            if steps and sample["time_s"] - steps["age_s"] >= began_s:
+                reports.setdefault(role, {})[tuple(v for k, v in sorted(steps.items()) if k != "age_s")] = steps
+
+    def mean(rs: list[dict], key: str, weighted: bool) -> float | None:
+        rs = [r for r in rs if r[key] is not None]
+        return float(np.average([r[key] for r in rs], weights=[r["steps_per_s"] if weighted else 1 for r in rs])) \
+            if rs else None
+    return {role: {"step_ms": mean(rs, "step_ms", True), "gpu_ms": mean(rs, "gpu_ms", True),
+                   "mean_batch": mean(rs, "mean_batch", True), "busy": mean(rs, "busy", False)}
+            for role, rs in ((role, list(by_key.values())) for role, by_key in reports.items())}
 
 
 def max_rate_at_goal(runs: list[dict]) -> float | None:
@@ -203,21 +210,25 @@ def format_table(report: dict) -> str:
         steps = run.get("steps") or {}
         d = steps.get("decode") or steps.get("unified")
         return "-" if d is None else "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("step_ms", "gpu_ms"))
-    head = ("rate req/s", "done req/s", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms", "SLO met", "backlog",
-            "step/GPU ms")
+    head = ("rate req/s", "sent req/s", "done req/s", "failed", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms",
+            "SLO met", "backlog", "step/GPU ms")
     lines = []
     for name, mode in report["modes"].items():
         lines += [f"{name}:", "  " + "".join(f"{h:>13}" for h in head)]
         for run in mode["runs"]:
             s = run["summary"]
-            cells = (f"{run['rate']:g}", f"{s['request_throughput']:.2f}", ms(s["e2e_s"]["mean"]),
+            sent = s.get("offered_rate")  # absent from reports made before it was
+            cells = (f"{run['rate']:g}", "-" if sent is None else f"{sent:.2f}", f"{s['request_throughput']:.2f}",
+                     str(s["failed"]), ms(s["e2e_s"]["mean"]),
                      ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}",
                      trend(s.get("backlog_trend")), step(run))
             lines.append("  " + "".join(f"{c:>13}" for c in cells))
     lines.append(f"highest rate with >= {ATTAINMENT_GOAL:.0%} SLO attainment:")
     for name, mode in report["modes"].items():
         best = max_rate_at_goal(mode["runs"])  # from the runs, so a report joined by hand is right too
-        lines.append(f"  {name}: " + ("none of the rates swept" if best is None else f"{best:g} req/s"))
+        backlog = next((r["summary"].get("backlog_trend") for r in mode["runs"] if r["rate"] == best), None)
+        lines.append(f"  {name}: " + ("none of the rates swept" if best is None else f"{best:g} req/s"
+                                      + ("" if backlog is None else f" (backlog {trend(backlog)})")))
     return "\n".join(lines)
 
 

@@ -73,8 +73,8 @@ def _plot_split(plt, name: str, mode: dict, out_dir: str) -> str:
         ax.axvspan(min(stretch), max(stretch), color="gray", alpha=0.08 if i % 2 else 0.16)
         ax.text((min(stretch) + max(stretch)) / 2, 102, f"{rate:g} req/s", ha="center", fontsize=8)
     history = (mode.get("partition") or {}).get("history")
-    for h in history if isinstance(history, list) else []:  # the server's own switch log
-        if isinstance(h, dict) and isinstance(h.get("time"), (int, float)):
+    for h in history if isinstance(history, list) else []:  # the server's own switch log, this sweep's part
+        if isinstance(h, dict) and isinstance(h.get("time"), (int, float)) and h["time"] >= mode["started_unix"]:
             ax.axvline(h["time"] - mode["started_unix"], color="black", linestyle=":", linewidth=0.8)
     ax.set(xlabel="time since the sweep began (s)", ylabel="SM %", ylim=(0, 110), title=f"{name}: SM split")
     ax.grid(True, alpha=0.3)

@@ -132,6 +132,10 @@ def test_backlog_trend_tells_a_kept_up_rate_from_a_growing_queue():
     assert backlog_trend(behind) == pytest.approx(2.05, abs=0.05)
     assert backlog_trend(kept_up[:5]) is None  # too few to say
     assert summarize(behind, 60.0)["backlog_trend"] == pytest.approx(backlog_trend(behind))
+    # arrivals over 40 s, each request 12 s: the server is still filling up at the second quarter
+    assert backlog_trend([record(i, 0.1, 12.0, 11, send_s=i / 10) for i in range(400)]) is None
+    assert backlog_trend([record(i, 0.1, 2.0, 11) for i in range(400)]) is None  # all at once
+    assert summarize(kept_up, 60.0)["offered_rate"] == pytest.approx(10.0)  # 399 gaps in 39.9 s
 
 
 def test_report_keys_and_json():

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from shared.bench import RequestRecord, summarize
+from shared.bench_sweep import step_means
 from shared.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -72,7 +73,7 @@ def test_plot_redraws_a_saved_report_with_the_split_over_time(tmp_path, capsys):
                                                         "busy": 0.5}}}],
                         "max_rate_at_goal": None, "split_samples": [], "partition": None},
             "dynamic": {"runs": [{"rate": 2.0, "summary": summary_at(0.1, True)},
-                                 {"rate": 8.0, "summary": summary_at(0.2, True)}],
+                                 {"rate": 8.0, "summary": summary_at(0.2, True) | {"backlog_trend": 1.5}}],
                         "max_rate_at_goal": 2.0, "started_unix": start,  # stale, as in a report joined by hand
                         "split_samples": [{"time_s": t / 2, "rate": 2.0 if t < 6 else 8.0,
                                            "prefill_sm": 50 if t < 8 else 70,
@@ -90,9 +91,10 @@ def test_plot_redraws_a_saved_report_with_the_split_over_time(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "again" / "split-unified.png")
     lines = capsys.readouterr().out.splitlines()
     assert lines[-3:] == ["highest rate with >= 90% SLO attainment:", "  unified: none of the rates swept",
-                          "  dynamic: 8 req/s"]
+                          "  dynamic: 8 req/s (backlog 1.50x)"]
     row = next(line.split() for line in lines if line.split()[:1] == ["8"])  # unified at 8 req/s
-    assert row == ["8", "2.00", "2100.0", "2000.0", "50.0", "25.0%", "-", "12.5/9.0"]  # "-": too few for a backlog trend
+    # "-": sent all at once, so no rate sent at; too few for a backlog trend
+    assert row == ["8", "-", "2.00", "0", "2100.0", "2000.0", "50.0", "25.0%", "-", "12.5/9.0"]
 
 
 def test_a_launch_that_fails_says_why(tmp_path, capsys):
@@ -128,3 +130,19 @@ def test_bad_rates_and_reports_are_refused(tmp_path, capsys):
     path.write_text(json.dumps({"config": {}, "summary": {}, "requests": []}))  # a one-rate report
     assert main(["bench", "--plot", str(path)]) == 2
     assert "not a sweep report" in capsys.readouterr().err
+
+
+def test_step_means_take_each_report_once_from_the_run_weighted_by_steps():
+    """The poller sees a report (about one a second) on every poll until the next one comes,
+    and sees the warm-up's last one at first: each counts once, the warm-up's not at all."""
+    def report(age_s, steps_per_s, step_ms):
+        return {"age_s": age_s, "steps_per_s": steps_per_s, "busy": 0.5, "mean_batch": step_ms / 2,
+                "step_ms": step_ms, "gpu_ms": None}
+    samples = [{"time_s": 10.0, "steps": {"decode": report(0.5, 100.0, 99.0)}},  # arrived at 9.5: before
+               {"time_s": 10.5, "steps": {"decode": report(0.2, 50.0, 10.0)}},   # arrived at 10.3
+               {"time_s": 11.0, "steps": {"decode": report(0.7, 50.0, 10.0)}},   # the same one again
+               {"time_s": 11.5, "steps": {"decode": report(1.2, 50.0, 10.0)}},   # and again
+               {"time_s": 12.0, "steps": {"decode": report(0.1, 150.0, 20.0)}}]
+    means = step_means(samples, began_s=10.0)["decode"]
+    assert means["step_ms"] == pytest.approx((50 * 10.0 + 150 * 20.0) / 200)  # per step, not per report
+    assert means["mean_batch"] == pytest.approx(17.5 / 2) and means["busy"] == 0.5 and means["gpu_ms"] is None
