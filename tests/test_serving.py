@@ -241,12 +241,21 @@ def test_a_second_server_on_a_live_address_is_refused(server, model):
 
 @pytest.mark.parametrize("role", ["decode", "prefill"])
 def test_worker_killed_mid_stream(model, role):
+    """Its requests resume elsewhere; one that the client ended just before, whose abort the
+    worker never read, still has its pages freed."""
     server = Server(model)
     try:
         client, old = server.client, server.stats()["workers"][role]["pid"]
         streams = [client.generate(prompt_ids=p * 4, temperature=0, max_tokens=120, ignore_eos=True)
                    for p, _ in workload(24, seed=3)]
-        next(streams[0])
+        next(streams[0]), next(streams[0])  # its second token came from decode, which holds it
+        os.kill(old, signal.SIGSTOP)
+        ended, streams = (streams[0], streams[1:]) if role == "decode" else (streams[-1], streams[:-1])
+        ended.close()
+        deadline = time.monotonic() + 30
+        while (s := server.stats())["running"] + s["waiting"] == 24:  # the controller has ended it
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         os.kill(old, signal.SIGKILL)
         results = [s.result() for s in streams]   # raises if any stream gets no Final
         assert all(r.finish_reason == "length" and len(r.token_ids) == 120 for r in results)

@@ -33,6 +33,7 @@ from shared.tokenizer import Detokenizer
 POLL_MS = 50
 MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
 CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
+PRUNE_DROPPED = 1024           # dropped sequences remembered per role before those freed are forgotten
 # Messages queued for one peer (some 6 s of a busy server's tokens to one client): past them a
 # peer that stopped reading counts as gone. The SDK's clients always read (no receive bound).
 MAX_UNREAD = 1 << 16
@@ -80,6 +81,9 @@ class Controller:
                                                     self._send_client, self._abort, address)
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.by_seq: dict[int, Request] = {}
+        # Sequences ended here that a worker of the role may still hold (its AbortSeqs unread):
+        # if the worker dies first, nothing else would free their pages.
+        self.dropped: dict[str, set[int]] = {}
         self._seq_ids = itertools.count()
         self.started = time.monotonic()
 
@@ -114,10 +118,18 @@ class Controller:
             self._send_client(req.client, final)
 
     def _abort(self, req: Request, final: protocol.Final | None) -> None:
-        """End a request that a worker still holds: that worker drops it and frees its pages
-        (a no-op if the sequence already left it: see on_prefill_done)."""
-        self.supervisor.send(req.where, protocol.AbortSeqs([req.seq_id]))
+        """End a request that a worker still holds."""
+        self._drop(req)
         self._finish(req, final)
+
+    def _drop(self, req: Request) -> None:
+        """The worker holding the sequence drops it and frees its pages (a no-op if it already
+        left: see on_prefill_done); should the worker die first, recover() frees them."""
+        self.supervisor.send(req.where, protocol.AbortSeqs([req.seq_id]))
+        dropped = self.dropped.setdefault(req.where, set())
+        dropped.add(req.seq_id)
+        if len(dropped) > PRUNE_DROPPED:
+            dropped &= self.memory.allocator.owners().keys()
 
     # ---- clients ------------------------------------------------------------------------
 
@@ -237,7 +249,7 @@ class Controller:
         for seq_id, token, finished in zip(msg.seq_ids, msg.tokens, msg.finished):
             req = self.by_seq.get(seq_id)
             if req is not None and not self.on_token(req, token, finished) and finished is None:
-                self.supervisor.send(req.where, protocol.AbortSeqs([seq_id]))  # a stop string
+                self._drop(req)  # a stop string
 
     def on_token(self, req: Request, token: int, finished: str | None) -> bool:
         """Stream one new token; False if the request has ended (worker's reason or a stop string)."""
@@ -255,6 +267,8 @@ class Controller:
         (recomputing the K/V), or end it with an error if it has already survived a crash."""
         if role == "decode":  # pages it held back for its last step, of requests already ended
             self.memory.allocator.free_owner(RELEASING)
+        for seq_id in self.dropped.pop(role, ()):  # ended here, perhaps never dropped there
+            self.memory.allocator.free_owner(seq_id)
         for req in [r for r in self.requests.values() if r.where == role]:
             self.memory.allocator.free_owner(req.seq_id)
             req.restarts += 1
