@@ -35,7 +35,8 @@ def add_parsers(sub) -> None:
     add_address_arg(part)
     part.add_argument("--prefill-sm", type=int, required=True, help="prefill's SM percent")
     part.add_argument("--decode-sm", type=int, required=True, help="decode's SM percent")
-    part.add_argument("--timeout", type=float, default=120, help="seconds to wait for the switch")
+    part.add_argument("--timeout", type=float, default=180,
+                      help="seconds to wait for the switch (the server ends one held up past its --switch-timeout)")
     part.set_defaults(func=cmd_partition)
 
 
@@ -107,10 +108,14 @@ def cmd_partition(args) -> None:
                 time.sleep(0.1)
     except ClientError as e:
         raise UserError(first_line(e)) from None
-    for record in part["history"][before:]:
+    records = part["history"][before:]
+    for record in records:
         print(json.dumps(record))
     print(f"split: prefill {part['prefill_sm']}%, decode {part['decode_sm']}%"
           + ("" if part["mps"] else " (recorded only: no MPS)"))
+    failed = [r for r in records if r["error"]]
+    if failed:
+        raise UserError("; ".join(f"the {r['role']} switch failed: {r['error']}" for r in failed))
 
 
 def cmd_stats(args) -> None:

@@ -5,14 +5,16 @@ them taken" must be one atomic step across processes (semi-PD's allocation hazar
 one shared-memory segment:
 
     header  int64[2]            num_pages, top (number of free pages)
-    owner   int64[num_pages]    request id holding each page, -1 when free, -2 (RELEASING) when
-                                let go by a worker whose launched GPU step may still write it
+    owner   int64[num_pages]    request id holding each page, -1 when free, releasing(pid) <= -2
+                                when let go by worker pid, whose launched GPU step may still write it
     stack   int32[num_pages]    free page ids in stack[:top]; alloc pops from the top
 
 The lock is flock() on a file beside the segment: the kernel drops it when its holder dies, even by
 SIGKILL, so a crashed worker cannot wedge the pool. Pages carry their owner so that the controller
-can reclaim a dead worker's requests with free_owner(), and with free_owner(RELEASING) the pages
-it was still holding back for a step in flight (shared/pipeline.py), whose requests are gone.
+can reclaim a dead worker's requests with free_owner(), and with free_owner(releasing(pid)) the
+pages it was still holding back for a step in flight (shared/pipeline.py), whose requests are
+gone. The tag names the worker: while an old decode worker finishes its last step beside its
+successor, the death of one must not free what the other holds back.
 """
 
 import fcntl
@@ -28,7 +30,16 @@ from shared.runtime import runtime_dir
 from shared.shared_memory import attach_segment, unlink_segment
 
 FREE = -1
-RELEASING = -2
+
+
+def releasing(pid: int) -> int:
+    """The owner tag of pages that process pid has let go of but may still write."""
+    return -2 - pid
+
+
+def releaser(owner: int) -> int | None:
+    """The pid behind a releasing() tag; None for a request id."""
+    return -2 - owner if owner <= -2 else None
 
 
 def _lock_path(name: str) -> str:
@@ -115,21 +126,22 @@ class PageAllocator:
             self._header[1] = top + pages.size
 
     def release_later(self, pages: list[int]) -> None:
-        """Tag held pages RELEASING: their request is gone, free() comes once they are safe."""
+        """Tag held pages releasing(this process): their request is gone, free() comes once they
+        are safe."""
         pages = self._check_pages(pages)
         with self._locked():
             if (self._owner[pages] == FREE).any():
                 raise ValueError(f"page(s) {pages[self._owner[pages] == FREE].tolist()} are free")
-            self._owner[pages] = RELEASING
+            self._owner[pages] = releasing(os.getpid())
 
     def free_owner(self, owner: int) -> int:
-        """Free every page tagged with owner (e.g. the requests of a dead worker, or RELEASING);
-        returns the count.
+        """Free every page tagged with owner (the requests of a dead worker, or the pages it held
+        back: releasing(pid)); returns the count.
 
         The owner tags are the truth: this rebuilds the free stack from them, which also restores
         the pool after a process was killed inside alloc() or free() (freeing its owners)."""
-        if owner != RELEASING:
-            self._check_owner(owner)
+        if owner == FREE:
+            raise ValueError("free_owner needs an owner, not FREE")
         with self._locked():
             held = self._owner == owner
             self._owner[held] = FREE

@@ -8,7 +8,7 @@ until read. What running ahead costs:
   whose token is thrown away (max_tokens is known in advance: such a sequence sits out);
 - pages of a finished, aborted or preempted sequence may still be written by a launched step.
   Where another process allocates from the same pool (the decode worker of semi-PD) they go back
-  only once that step is done (`free`), tagged RELEASING meanwhile so that the controller can
+  only once that step is done (`free`), tagged releasing(pid) meanwhile so that the controller can
   reclaim them if this process dies; within one process the next writer queues behind it on the
   same CUDA stream, so pages can go back at once;
 - before a preemption the step in flight is read first (`drain`), so sequences leave with every

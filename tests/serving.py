@@ -53,6 +53,15 @@ class Server:
         return terminate(self.proc)
 
 
+def wait_for(predicate, server: Server, timeout_s: float = 120) -> dict:
+    """The server's stats once predicate(stats) holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate(stats := server.stats()):
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+    return stats
+
+
 def terminate(proc: subprocess.Popen) -> int:
     """SIGTERM, then the exit status (SIGKILL if it takes over 30 s)."""
     proc.send_signal(signal.SIGTERM)

@@ -6,20 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.serving import ROOT, Server
+from tests.serving import ROOT, Server, wait_for
 from tests.test_serving import model, reference, run_concurrently, workload  # noqa: F401 (fixtures)
-
-
-def wait_for(predicate, server: Server, timeout_s: float = 120):
-    deadline = time.monotonic() + timeout_s
-    while not predicate(stats := server.stats()):
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.1)
-    return stats
 
 
 def standbys_ready(stats) -> bool:
@@ -142,13 +133,15 @@ def test_a_switch_held_up_past_its_timeout_is_ended(model, hangs):  # noqa: F811
                    for p, _ in workload(12, seed=5)]
         next(streams[0]), next(streams[0])  # decoding is under way
         os.kill(decode["standby"]["pid"] if hangs == "new" else decode["pid"], signal.SIGSTOP)
-        client.partition(60, 50)
+        cli = subprocess.run([sys.executable, "-m", "shared.cli", "partition", "--address", server.address,
+                              "--prefill-sm", "60", "--decode-sm", "50"], capture_output=True, text=True, cwd=ROOT)
+        error = {"new": "new decode worker was not ready after 5 s",
+                 "old": "old decode worker did not hand over in 5 s"}[hangs]
+        assert cli.returncode == 2 and f"the decode switch failed: {error}" in cli.stderr, cli.stderr
         results = [s.result() for s in streams]  # raises if any stream gets no Final
         assert all(r.finish_reason == "length" and len(r.token_ids) == 200 for r in results)
         stats = wait_for(lambda s: not s["partition"]["switching"], server)
-        switch = stats["partition"]["history"][-1]
-        assert switch["error"] == {"new": "new decode worker was not ready after 5 s",
-                                   "old": "old decode worker did not hand over in 5 s"}[hangs]
+        assert stats["partition"]["history"][-1]["error"] == error
         assert stats["partition"]["decode_sm"] == {"new": 100, "old": 50}[hangs]
         stats = server.wait_idle()
         assert stats["kv_pages_free"] == stats["kv_pages_total"]

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from shared.page_allocator import RELEASING, PageAllocator, _lock_path
+from shared.page_allocator import PageAllocator, _lock_path, releasing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPAWN = multiprocessing.get_context("spawn")
@@ -77,12 +77,12 @@ def test_free_owner_reclaims_only_that_owner(pool):
 def test_pages_released_later_stay_taken_until_freed(pool):
     pages = pool.alloc(3, owner=5)
     pool.release_later(pages[:2])  # the request is gone; a launched step may still write them
-    assert pool.owners() == {RELEASING: 2, 5: 1} and pool.num_free() == 13
+    assert pool.owners() == {releasing(os.getpid()): 2, 5: 1} and pool.num_free() == 13
     assert pool.free_owner(5) == 1 and pool.num_free() == 14  # the request's id no longer finds them
     pool.free(pages[:2])  # the step is done
     assert pool.owners() == {} and pool.num_free() == 16
     pool.release_later(pool.alloc(2, owner=6))
-    assert pool.free_owner(RELEASING) == 2 and pool.num_free() == 16  # their worker died
+    assert pool.free_owner(releasing(os.getpid())) == 2 and pool.num_free() == 16  # their worker died
     with pytest.raises(ValueError, match="free"):
         pool.release_later([0])
 
@@ -93,7 +93,7 @@ def test_invalid_arguments(pool):
     with pytest.raises(ValueError, match="owner"):
         pool.alloc(1, owner=-1)
     with pytest.raises(ValueError, match="owner"):
-        pool.free_owner(-3)
+        pool.free_owner(-1)  # FREE is no owner (releasing tags, <= -2, are)
     with pytest.raises(ValueError, match="must lie in"):
         pool.free([16])
     with pytest.raises(ValueError, match="must lie in"):

@@ -1,9 +1,11 @@
 """The step pipeline on the CPU: placeholders, the feed, pages held while a step may write them,
 and a step in flight handed over to a successor."""
 
+import os
+
 from shared import protocol
 from shared.engine import Engine, EngineConfig, mixed_step
-from shared.page_allocator import RELEASING
+from shared.page_allocator import releasing
 from shared.pipeline import StepPipeline
 from shared.scheduler import DecodeScheduler
 from shared.sampling_params import SamplingParams
@@ -26,7 +28,7 @@ def test_placeholders_feed_and_deferred_pages():
         free = allocator.num_free()
         pages = allocator.alloc(2, 99)
         pipeline.free(pages)  # the launched step could still write them
-        assert allocator.num_free() == free - 2 and allocator.owners()[RELEASING] == 2
+        assert allocator.num_free() == free - 2 and allocator.owners()[releasing(os.getpid())] == 2
         read = mixed_step(engine.runner, sched, pipeline)  # launches step 2, reads step 1
         assert [s for s, _ in read] == seqs and all(t >= 0 for _, t in read)
         assert allocator.num_free() == free  # step 1 is done: its pages are safe

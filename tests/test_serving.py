@@ -18,7 +18,7 @@ from shared.client import AsyncClient, Client, ServerError
 from shared.engine import Engine, EngineConfig
 from shared.sampling_params import SamplingParams
 from tests.conftest import make_checkpoint
-from tests.serving import ROOT, Server
+from tests.serving import ROOT, Server, wait_for
 
 
 def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -206,6 +206,7 @@ def test_a_client_that_stops_reading_is_dropped_and_others_are_served(server):
     params = {"temperature": 0, "max_tokens": 400, "ignore_eos": True}
     for i in range(256):
         sock.send(generate(f"r{i}", prompt_ids=[5, 6, 7], params=params))
+    wait_for(lambda s: s["running"] + s["waiting"] > 0, server)  # the requests have arrived
     stats = server.wait_idle(timeout_s=300)
     assert stats["kv_pages_free"] == stats["kv_pages_total"] and stats["running"] == stats["waiting"] == 0
     got = []
@@ -249,13 +250,11 @@ def test_worker_killed_mid_stream(model, role):
         streams = [client.generate(prompt_ids=p * 4, temperature=0, max_tokens=120, ignore_eos=True)
                    for p, _ in workload(24, seed=3)]
         next(streams[0]), next(streams[0])  # its second token came from decode, which holds it
+        wait_for(lambda s: s["running"] + s["waiting"] == 24, server)
         os.kill(old, signal.SIGSTOP)
         ended, streams = (streams[0], streams[1:]) if role == "decode" else (streams[-1], streams[:-1])
         ended.close()
-        deadline = time.monotonic() + 30
-        while (s := server.stats())["running"] + s["waiting"] == 24:  # the controller has ended it
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda s: s["running"] + s["waiting"] == 23, server)  # the controller has ended it
         os.kill(old, signal.SIGKILL)
         results = [s.result() for s in streams]   # raises if any stream gets no Final
         assert all(r.finish_reason == "length" and len(r.token_ids) == 120 for r in results)

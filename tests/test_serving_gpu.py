@@ -10,8 +10,8 @@ from shared.engine import Engine, EngineConfig, prefill_step
 from shared.sampling_params import SamplingParams
 from shared.scheduler import PrefillScheduler
 from shared.sequence import Sequence
-from tests.serving import Server
-from tests.test_modes import standbys_ready, wait_for
+from tests.serving import Server, wait_for
+from tests.test_modes import standbys_ready
 from tests.test_serving import model, reference, run_concurrently, step_reports, workload  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.gpu

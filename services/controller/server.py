@@ -26,7 +26,7 @@ from services.controller.switcher import Switcher
 from shared import protocol
 from shared.engine import EngineConfig, check_request
 from shared.errors import UserError
-from shared.page_allocator import RELEASING
+from shared.page_allocator import releaser
 from shared.sampling_params import SamplingParams
 from shared.tokenizer import Detokenizer
 
@@ -265,8 +265,6 @@ class Controller:
     def recover(self, role: str) -> None:
         """A worker died: reclaim the pages of everything it held and resume it through prefill
         (recomputing the K/V), or end it with an error if it has already survived a crash."""
-        if role == "decode":  # pages it held back for its last step, of requests already ended
-            self.memory.allocator.free_owner(RELEASING)
         for seq_id in self.dropped.pop(role, ()):  # ended here, perhaps never dropped there
             self.memory.allocator.free_owner(seq_id)
         for req in [r for r in self.requests.values() if r.where == role]:
@@ -277,6 +275,14 @@ class Controller:
                 continue
             req.where = self.prefill_role
             self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
+
+    def _free_held_back(self) -> None:
+        """Free the pages that workers now dead (or killed in their wake) held back for a step
+        in flight: their requests had ended. A live worker's are its own to free."""
+        live = self.supervisor.live_pids()
+        for owner in self.memory.allocator.owners():
+            if (pid := releaser(owner)) is not None and pid not in live:
+                self.memory.allocator.free_owner(owner)
 
     def _observe(self, req: Request, final: protocol.Final) -> None:
         """Feed a finished request to the partitioner; log its decision and act on it. Not while
@@ -372,10 +378,13 @@ class Controller:
             if self.front in events:
                 self._drain(self.front, self.on_client)
             self.switcher.check_timeouts(time.monotonic())
-            for where, worker in self.supervisor.dead():
+            deaths = self.supervisor.dead()
+            for where, worker in deaths:
                 if self.switcher.on_death(where, worker):
                     self.recover(worker.role)
                 self._settle()
+            if deaths:
+                self._free_held_back()
             if self.moderation is not None:
                 self.moderation.tick()
             if not announced and self.supervisor.all_ready():

@@ -75,6 +75,9 @@ class Supervisor:
         yield from self.incoming.values()
         yield from self.retiring
 
+    def live_pids(self) -> set[int]:
+        return {w.proc.pid for w in self._all() if w.proc.poll() is None}
+
     def handle_of(self, identity: bytes) -> WorkerHandle | None:
         """The live worker with this identity; None for a dead one's last words."""
         return next((w for w in self._all() if w.identity == identity), None)
