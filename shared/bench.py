@@ -196,10 +196,10 @@ def backlog_trend(records: list[RequestRecord]) -> float | None:
 
 def offered_rate(records: list[RequestRecord]) -> float | None:
     """Requests per second as actually sent (the schedule's draw and any lateness), which the
-    nominal rate only approximates; None where all went at once."""
+    nominal rate only approximates; None for a burst (all sent within a millisecond each)."""
     sends = [r.send_s for r in records]
     span = max(sends) - min(sends) if sends else 0.0
-    return (len(sends) - 1) / span if span > 0 else None
+    return (len(sends) - 1) / span if span > 1e-3 * (len(sends) - 1) else None
 
 
 def meets_slo(r: RequestRecord, ttft_slo: float | None, tpot_slo: float | None) -> bool:

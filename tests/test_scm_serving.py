@@ -305,3 +305,37 @@ def test_a_restarted_server_frees_its_streams_in_the_monitor(tmp_path_factory):
             assert server.stop() == 0
     finally:
         monitor.stop()
+
+
+def test_a_monitor_lost_after_its_client_left_leaves_the_server_serving():
+    """Two monitored requests of a client that has gone, their tokens held for scores that never
+    come. When the monitor is given up on, releasing the first one's tokens fails (the client is
+    gone) and ends both requests; failing the second as well crashed the controller."""
+    address = socket_address()
+    monitor = zmq.Context.instance().socket(zmq.ROUTER)  # a monitor that says ready, then nothing
+    monitor.setsockopt(zmq.LINGER, 0)
+    monitor.bind(address)
+    server = Server("tiny", "--scm", address, "--moderate", "all", "--scm-timeout", "1")
+    try:
+        assert monitor.poll(30_000)
+        peer, _ = monitor.recv_multipart()  # a hello
+        monitor.send_multipart([peer, protocol.encode(protocol.ScmReady("other", 0.5, 1, 100))])
+        wait_connected(server)
+        client = zmq.Context.instance().socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.connect(server.address)
+        params = {"temperature": 0, "max_tokens": 2000, "ignore_eos": True}
+        for i in range(2):
+            client.send(protocol.encode(protocol.GenerateRequest(f"r{i}", prompt_ids=[5, 6], params=params)))
+        appended = 0
+        while appended < 2:  # both have tokens held for the monitor
+            assert monitor.poll(30_000)
+            msg = protocol.decode(monitor.recv_multipart()[1])
+            appended += len(msg.appends) if isinstance(msg, protocol.ScmBatch) else 0
+        client.close()
+        time.sleep(3)  # past the monitor timeout
+        assert server.client.health()["status"] == "ok"
+        assert server.wait_idle()["kv_pages_free"] == server.stats()["kv_pages_total"]
+    finally:
+        assert server.stop() == 0
+        monitor.close()

@@ -312,14 +312,16 @@ class Moderation:
     def _fail(self, w: Watch, reason: str, tell_monitor: bool = True) -> None:
         """The failure policy for one request."""
         sid = w.req.seq_id
-        del self.watches[sid]
+        if self.watches.pop(sid, None) is None:  # ended meanwhile: a failed send to its client
+            return                               # aborts all of that client's requests
         if tell_monitor:
             self._batch.closes.append(sid)
         self.counts["failures"] += 1
         if self.config.failure == "open":
+            if w.final is None:  # noted first: a release whose send fails ends the request (finish)
+                self.unmonitored[sid] = reason
             self._release(w, float("inf"))
             if w.final is None:
-                self.unmonitored[sid] = reason
                 return
             final = w.final
         else:

@@ -48,13 +48,15 @@ and rises with load). Evidence seen at load r holds while the load stays >= (1 -
 (the lowest r is kept); a larger drop forgets it. The load here is the median rate of the last
 LOAD_WINDOWS windows: one window's rate is noisy (it counts about 0.8 * window arrivals: 16% at
 40), and evidence forgotten on noise would let the splits cycle. The tolerance is three times the
-median's noise (about 1.25 / sqrt(LOAD_WINDOWS) of one window's), at least LOAD_TOLERANCE: 27% for
-windows of 50 requests, 42% for 20 (at 25% flat, 2 of 400 runs at an infeasible load cycled
-between two splits in the synthetic tests with windows of 20). The median lags a rise in load,
+median's noise (about 1.25 / sqrt(LOAD_WINDOWS) of one window's), within [LOAD_TOLERANCE,
+MAX_TOLERANCE]: 27% for windows of 50 requests, 42% for 20 (at 25% flat, 2 of 400 runs at an
+infeasible load cycled between two splits in the synthetic tests with windows of 20). The median lags a rise in load,
 so a miss of the last LOAD_WINDOWS windows is filed again at the higher load, up to its own
 window's rate, once the load has risen past the tolerance: misses in the first windows of a spike
 would otherwise hold at the load before it and, once it had passed, ban splits that meet both
-SLOs (stuck in 5 of 120 simulated spikes of 1.5-3x). A move never enters a split that missed, never changes a
+SLOs (stuck in 5 of 120 simulated spikes of 1.5-3x). A spike of one or two windows does not
+move the median, so its misses stay filed at the load before it: at these window sizes it cannot
+be told from noise, and evidence that noise could refile would let the splits cycle. A move never enters a split that missed, never changes a
 share to one at or below that phase's missed shares, and a give-back never enters a visited split.
 So under one load every miss raises a bound and every give-back visits a new split: moves stop,
 and A->B->A->B cannot happen (A->B->A can: a give-back that missed). Where quotas overlap TPOT
@@ -74,6 +76,7 @@ from shared.errors import UserError
 
 GIVE_BACK = 0.5        # a phase below this fraction of its SLO may give a step to the other
 LOAD_TOLERANCE = 0.25  # evidence holds until the load drops by more than this fraction, or more
+MAX_TOLERANCE = 0.5    # ...but never more than this (tiny windows: the median's noise is larger)
 LOAD_WINDOWS = 5       # windows whose median rate is the load evidence is compared with
 FIT_WINDOWS = 16       # recent windows the model is fitted over
 MAX_ARRIVALS = 1 << 16  # arrival times kept for measuring the rate
@@ -195,7 +198,7 @@ class Partitioner:
         self._recent: deque[list] = deque(maxlen=LOAD_WINDOWS)  # newest windows' [key, own rate, load]
         self._evidence: dict[tuple[tuple[int, int], int], float] = {}  # both of the above: what holds
         median_noise = 1.25 / math.sqrt(0.8 * config.window * LOAD_WINDOWS)
-        self.tolerance = max(LOAD_TOLERANCE, 3 * median_noise)
+        self.tolerance = min(MAX_TOLERANCE, max(LOAD_TOLERANCE, 3 * median_noise))
 
     def check(self, split: tuple[int, int]) -> None:
         cfg = self.config

@@ -84,6 +84,7 @@ class Controller:
         # Sequences ended here that a worker of the role may still hold (its AbortSeqs unread):
         # if the worker dies first, nothing else would free their pages.
         self.dropped: dict[str, set[int]] = {}
+        self._prune_at: dict[str, int] = {}
         self._seq_ids = itertools.count()
         self.started = time.monotonic()
 
@@ -128,8 +129,9 @@ class Controller:
         self.supervisor.send(req.where, protocol.AbortSeqs([req.seq_id]))
         dropped = self.dropped.setdefault(req.where, set())
         dropped.add(req.seq_id)
-        if len(dropped) > PRUNE_DROPPED:
-            dropped &= self.memory.allocator.owners().keys()
+        if len(dropped) >= self._prune_at.get(req.where, PRUNE_DROPPED):  # keep those still holding pages
+            dropped.intersection_update(self.memory.allocator.owners())
+            self._prune_at[req.where] = max(PRUNE_DROPPED, 2 * len(dropped))
 
     # ---- clients ------------------------------------------------------------------------
 

@@ -88,6 +88,8 @@ class Switcher:
     def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> None:
         """The new worker has mapped the memory and captured its graphs: retire the old one."""
         sw = self.active[worker.role]
+        if sw.stalled is not None:  # too late: the timeout has killed it (its death ends the switch)
+            return
         sw.ready_at, sw.prepare_parts = time.monotonic(), prepare_parts
         steps = self.sup.workers[worker.role].step_stats()
         if steps and steps["age_s"] < FRESH_STEPS_S:
