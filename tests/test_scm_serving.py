@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 import zmq
@@ -249,19 +250,30 @@ def test_bad_moderation_flags_are_one_clear_error(flags, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_a_verdict_the_controller_cannot_place_fails_that_stream_only():
-    """A monitor peer (a raw socket: the real monitor does not send this) whose verdict lacks its
-    token_index. That stream ends by the failure policy; the controller keeps serving."""
+@contextmanager
+def scripted_monitor(*server_args: str):
+    """(a raw ROUTER in the monitor's place, which has said it is ready; a server moderating
+    every request with it): the test plays the monitor."""
     address = socket_address()
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address)
-    server = Server("tiny", "--scm", address, "--moderate", "all", "--scm-failure", "closed")
+    server = Server("tiny", "--scm", address, "--moderate", "all", *server_args)
     try:
         assert sock.poll(30_000)
         peer, _ = sock.recv_multipart()  # a hello
         sock.send_multipart([peer, protocol.encode(protocol.ScmReady("other", 0.5, 1, 100))])
         wait_connected(server)
+        yield sock, server
+    finally:
+        assert server.stop() == 0
+        sock.close()
+
+
+def test_a_verdict_the_controller_cannot_place_fails_that_stream_only():
+    """A monitor peer (a raw socket: the real monitor does not send this) whose verdict lacks its
+    token_index. That stream ends by the failure policy; the controller keeps serving."""
+    with scripted_monitor("--scm-failure", "closed") as (sock, server):
         stream = server.client.generate(prompt_ids=[5, 6], temperature=0, max_tokens=5)
         while True:
             assert sock.poll(30_000)
@@ -275,9 +287,6 @@ def test_a_verdict_the_controller_cannot_place_fails_that_stream_only():
         with pytest.raises(ServerError, match="a verdict without a token_index"):
             stream.result()
         assert server.client.health()["status"] == "ok"
-    finally:
-        assert server.stop() == 0
-        sock.close()
 
 
 def test_a_restarted_server_frees_its_streams_in_the_monitor(tmp_path_factory):
@@ -311,16 +320,7 @@ def test_a_monitor_lost_after_its_client_left_leaves_the_server_serving():
     """Two monitored requests of a client that has gone, their tokens held for scores that never
     come. When the monitor is given up on, releasing the first one's tokens fails (the client is
     gone) and ends both requests; failing the second as well crashed the controller."""
-    address = socket_address()
-    monitor = zmq.Context.instance().socket(zmq.ROUTER)  # a monitor that says ready, then nothing
-    monitor.setsockopt(zmq.LINGER, 0)
-    monitor.bind(address)
-    server = Server("tiny", "--scm", address, "--moderate", "all", "--scm-timeout", "1")
-    try:
-        assert monitor.poll(30_000)
-        peer, _ = monitor.recv_multipart()  # a hello
-        monitor.send_multipart([peer, protocol.encode(protocol.ScmReady("other", 0.5, 1, 100))])
-        wait_connected(server)
+    with scripted_monitor("--scm-timeout", "1") as (monitor, server):  # it says nothing more
         client = zmq.Context.instance().socket(zmq.DEALER)
         client.setsockopt(zmq.LINGER, 0)
         client.connect(server.address)
@@ -336,6 +336,3 @@ def test_a_monitor_lost_after_its_client_left_leaves_the_server_serving():
         time.sleep(3)  # past the monitor timeout
         assert server.client.health()["status"] == "ok"
         assert server.wait_idle()["kv_pages_free"] == server.stats()["kv_pages_total"]
-    finally:
-        assert server.stop() == 0
-        monitor.close()
