@@ -50,14 +50,18 @@ LOAD_WINDOWS windows: one window's rate is noisy (it counts about 0.8 * window a
 40), and evidence forgotten on noise would let the splits cycle. The tolerance is three times the
 median's noise (about 1.25 / sqrt(LOAD_WINDOWS) of one window's), within [LOAD_TOLERANCE,
 MAX_TOLERANCE]: 27% for windows of 50 requests, 42% for 20 (at 25% flat, 2 of 400 runs at an
-infeasible load cycled between two splits in the synthetic tests with windows of 20). The median lags a rise in load,
-so a miss of the last LOAD_WINDOWS windows is filed again at the higher load, up to its own
-window's rate, once the load has risen past the tolerance: misses in the first windows of a spike
-would otherwise hold at the load before it and, once it had passed, ban splits that meet both
-SLOs (stuck in 5 of 120 simulated spikes of 1.5-3x). A spike of one or two windows does not
-move the median, so its misses stay filed at the load before it: at these window sizes it cannot
-be told from noise, and evidence that noise could refile would let the splits cycle. A move never enters a split that missed, never changes a
-share to one at or below that phase's missed shares, and a give-back never enters a visited split.
+infeasible load cycled between two splits in the synthetic tests with windows of 20).
+
+The median lags a rise in load, so a miss of the last LOAD_WINDOWS windows is filed again at the
+higher load, up to its own window's rate, once the load has risen past the tolerance: misses in
+the first windows of a spike would otherwise hold at the load before it and, once it had passed,
+ban splits that meet both SLOs (stuck in 5 of 120 simulated spikes of 1.5-3x). A spike of one or
+two windows does not move the median, so its misses stay filed at the load before it: at these
+window sizes it cannot be told from noise, and evidence that noise could refile would let the
+splits cycle.
+
+A move never enters a split that missed, never changes a share to one at or below that phase's
+missed shares, and a give-back never enters a visited split.
 So under one load every miss raises a bound and every give-back visits a new split: moves stop,
 and A->B->A->B cannot happen (A->B->A can: a give-back that missed). Where quotas overlap TPOT
 also rises with x, so a bound on y is not all a TPOT miss says; but no move re-enters a split that

@@ -33,7 +33,9 @@ from shared.tokenizer import Detokenizer
 POLL_MS = 50
 MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
 CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
-PRUNE_DROPPED = 1024           # dropped sequences remembered per role before those freed are forgotten
+# Dropped sequences remembered per role before those already freed are forgotten (after which
+# only the few whose AbortSeqs is still on its way remain).
+PRUNE_DROPPED = 1024
 # Messages queued for one peer (some 6 s of a busy server's tokens to one client): past them a
 # peer that stopped reading counts as gone. The SDK's clients always read (no receive bound).
 MAX_UNREAD = 1 << 16
@@ -84,7 +86,6 @@ class Controller:
         # Sequences ended here that a worker of the role may still hold (its AbortSeqs unread):
         # if the worker dies first, nothing else would free their pages.
         self.dropped: dict[str, set[int]] = {}
-        self._prune_at: dict[str, int] = {}
         self._seq_ids = itertools.count()
         self.started = time.monotonic()
 
@@ -129,9 +130,8 @@ class Controller:
         self.supervisor.send(req.where, protocol.AbortSeqs([req.seq_id]))
         dropped = self.dropped.setdefault(req.where, set())
         dropped.add(req.seq_id)
-        if len(dropped) >= self._prune_at.get(req.where, PRUNE_DROPPED):  # keep those still holding pages
+        if len(dropped) > PRUNE_DROPPED:  # keep those still holding pages
             dropped.intersection_update(self.memory.allocator.owners())
-            self._prune_at[req.where] = max(PRUNE_DROPPED, 2 * len(dropped))
 
     # ---- clients ------------------------------------------------------------------------
 
