@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from shared.kernels import triton_attention as kernels
+from semipd.shared.kernels import triton_attention as kernels
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 MATMUL_FLOPS, COPY_BYTES = 800e12, 3.0e12

@@ -33,7 +33,7 @@ def child(role: str, model_name: str, device: str, max_tokens: int) -> None:
     import torch
 
     from benchmarks.bench_engine import decode_and_prompt
-    from shared.loader import load_model
+    from semipd.shared.loader import load_model
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -107,7 +107,7 @@ def main() -> None:
         return child(args.child, args.model, args.device, max(lengths))
     cuda, daemon = args.device == "cuda", None
     if cuda:
-        from services.controller.mps import MpsDaemon
+        from semipd.services.controller.mps import MpsDaemon
         daemon = MpsDaemon(tempfile.mkdtemp(prefix="semipd-contention-"))
     decode = Child("decode", args, args.decode_sm if cuda else None, 0)
     prefill = Child("prefill", args, args.prefill_sm if cuda else None, 1)

@@ -16,11 +16,11 @@ import time
 import torch
 
 from benchmarks.common import cuda_time_ms, host_time_ms, measure_ceilings
-from shared.kv_cache import allocate_kv_pool, page_bytes, pages_for
-from shared.loader import load_model
-from shared.model_runner import ModelRunner
-from shared.sampling_params import SamplingParams
-from shared.sequence import Sequence
+from semipd.shared.kv_cache import allocate_kv_pool, page_bytes, pages_for
+from semipd.shared.loader import load_model
+from semipd.shared.model_runner import ModelRunner
+from semipd.shared.sampling_params import SamplingParams
+from semipd.shared.sequence import Sequence
 
 PAGE = 16
 DECODE_CASES = [(1, 1024), (1, 4096), (32, 1024), (32, 4096), (128, 1024), (128, 4096)]

@@ -21,10 +21,10 @@ import time
 import torch
 
 from benchmarks.bench_engine import PAGE, fake_sequences
-from shared.kv_cache import allocate_kv_pool, pages_for
-from shared.loader import load_model
-from shared.model_runner import ModelRunner
-from shared.pipeline import StepPipeline
+from semipd.shared.kv_cache import allocate_kv_pool, pages_for
+from semipd.shared.loader import load_model
+from semipd.shared.model_runner import ModelRunner
+from semipd.shared.pipeline import StepPipeline
 
 STEPS = 12
 CONTEXT = 500  # tokens per sequence: 32 pages of 16, room for STEPS more

@@ -21,7 +21,7 @@ declare -A flags=(
 modes=("$@"); [ ${#modes[@]} -eq 0 ] && modes=(unified static dynamic)
 launch=(); for m in "${modes[@]}"; do launch+=(--launch "$m=${flags[$m]} ${SERVE_FLAGS:-}"); done
 name=$(IFS=-; echo "${modes[*]}")
-python3 -m shared.cli bench --model "${MODEL:-llama3-8b}" --rates "${RATES:-28,32,40,48,56}" \
+python3 -m semipd bench --model "${MODEL:-llama3-8b}" --rates "${RATES:-28,32,40,48,56}" \
   --num-requests "${N:-1200}" $slo --seed 0 --out "$out/sweep-$name" "${launch[@]}" \
   > "$out/sweep-$name.log" 2>&1
 echo "sweep exit $?"; grep -v "req/s\]\|it/s\]" "$out/sweep-$name.log" | tail -n 30

@@ -11,7 +11,7 @@ import time
 
 import msgpack
 
-from shared import protocol
+from semipd.shared import protocol
 
 
 def per_call_us(fn, seconds: float = 0.5) -> float:

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from services.scm.model import load_monitor
-from services.scm.monitor import StreamMonitor
-from shared.engine import EngineConfig
-from shared.kv_cache import page_bytes, pages_for
+from semipd.services.scm.model import load_monitor
+from semipd.services.scm.monitor import StreamMonitor
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.kv_cache import page_bytes, pages_for
 
 PAGE = 16
 STEPS = 8

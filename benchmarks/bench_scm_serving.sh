@@ -36,18 +36,18 @@ for mode in "${modes[@]}"; do
   addr=ipc://$XDG_RUNTIME_DIR/serve-$mode.sock
   # The monitor first (in every mode, so that each server gets the same memory), with a fixed KV
   # pool (256 streams x 64 pages of 16 tokens): the server sizes its own pool from what is left.
-  python3 -m shared.cli scm --model "$monitor" --address "$scm" --threshold 1.0 --max-streams 256 \
+  python3 -m semipd scm --model "$monitor" --address "$scm" --threshold 1.0 --max-streams 256 \
     --num-pages 16384 --max-model-len 4096 --step-interval-ms "$interval" > "$out/scm-$mode.log" 2>&1 &
   monitor_pid=$!
   wait_for "$out/scm-$mode.log" "ready at" $monitor_pid || exit 1
   flags=(); [ "$show" != off ] && flags=(--scm "$scm" --moderate all --scm-show "$show")
-  python3 -m shared.cli serve --model "$model" --address "$addr" "${flags[@]}" > "$out/serve-$mode.log" 2>&1 &
+  python3 -m semipd serve --model "$model" --address "$addr" "${flags[@]}" > "$out/serve-$mode.log" 2>&1 &
   server=$!
   wait_for "$out/serve-$mode.log" "serving" $server || exit 1
   [ "$show" != off ] && { wait_for "$out/serve-$mode.log" "content monitor at .* connected" $server || exit 1; }
-  python3 -m shared.cli bench --address "$addr" --rate "$rate" --num-requests "$n" --seed 0 \
+  python3 -m semipd bench --address "$addr" --rate "$rate" --num-requests "$n" --seed 0 \
     --out "$out/bench-$mode.json" > "$out/bench-$mode.log" 2>&1
-  python3 -m shared.cli stats --address "$addr" --json > "$out/stats-$mode.json"
+  python3 -m semipd stats --address "$addr" --json > "$out/stats-$mode.json"
   kill -TERM $server $monitor_pid; wait $server $monitor_pid
 done
 

@@ -29,10 +29,10 @@ def measure(model_name: str) -> dict:
 
     from benchmarks.bench_engine import attention_flops, decode_and_prompt, linear_flops_per_token
     from benchmarks.common import cuda_time_ms, measure_ceilings
-    from shared.kernels.triton_sampling import gumbel_max as fused_gumbel_max
-    from shared.kv_cache import page_bytes
-    from shared.loader import load_model
-    from shared.sampling import gumbel_max, row_hash
+    from semipd.shared.kernels.triton_sampling import gumbel_max as fused_gumbel_max
+    from semipd.shared.kv_cache import page_bytes
+    from semipd.shared.loader import load_model
+    from semipd.shared.sampling import gumbel_max, row_hash
 
     ceil = measure_ceilings()
     dev = torch.device("cuda")
@@ -68,7 +68,7 @@ def main() -> None:
     shares = [int(s) for s in args.shares.split(",")]
     if shares[0] != 100:
         sys.exit("--shares must start with 100: its ceilings are the floors' denominators")
-    from services.controller.mps import MpsDaemon
+    from semipd.services.controller.mps import MpsDaemon
     daemon = MpsDaemon(tempfile.mkdtemp(prefix="semipd-share-"))
     rows = []
     try:

@@ -17,8 +17,9 @@ import time
 
 import numpy as np
 
-from shared.bench import distribution, run_load
-from shared.client import AsyncClient
+from semipd.cli.bench.load import run_load
+from semipd.cli.bench.metrics import distribution
+from semipd.shared.client import AsyncClient
 
 # By default the prefill share stays put after the first switch, so each later one moves decode
 # alone: the decode token stream is what a switch can pause, and one standby to replace per

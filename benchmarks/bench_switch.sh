@@ -9,9 +9,9 @@ set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XDG_RUNTIME_DIR=$(mktemp -d)
 addr=ipc://$XDG_RUNTIME_DIR/switch.sock
-python3 -m shared.cli serve --model "${MODEL:-llama3-8b}" --start-mps --address "$addr" > "$out/switch-serve.log" 2>&1 &
+python3 -m semipd serve --model "${MODEL:-llama3-8b}" --start-mps --address "$addr" > "$out/switch-serve.log" 2>&1 &
 server=$!
-python3 -m shared.cli complete --address "$addr" --wait 600 --prompt-ids 1,2,3 --max-tokens 4 --json > /dev/null || { tail "$out/switch-serve.log"; exit 1; }
+python3 -m semipd complete --address "$addr" --wait 600 --prompt-ids 1,2,3 --max-tokens 4 --json > /dev/null || { tail "$out/switch-serve.log"; exit 1; }
 python3 -m benchmarks.bench_switch --address "$addr" --switches "${SWITCHES:-22}" --rate "${RATE:-24}" \
   --splits "${SPLITS:-50/50,50/40}" \
   --json "$out/switch.json" > "$out/switch.log" 2>&1

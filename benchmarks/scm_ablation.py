@@ -13,11 +13,11 @@ import argparse
 import os
 import tempfile
 
-from services.scm.classifier import load_tokenizer
-from services.scm.evaluate import evaluate, score
-from services.scm.fineharm import load_examples
-from services.scm.synthetic import write_base, write_splits
-from services.scm.train import TrainConfig, train
+from semipd.services.scm.classifier import load_tokenizer
+from semipd.services.scm.evaluate import evaluate, score
+from semipd.services.scm.fineharm import load_examples
+from semipd.services.scm.synthetic import write_base, write_splits
+from semipd.services.scm.train import TrainConfig, train
 
 TEST_SIZE = 200
 

@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from services.scm import checkpoint
+from semipd.services.scm import checkpoint
 
 # Qwen2's pre-tokenizer expression, as in its tokenizer.json.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -7,7 +7,7 @@ import time
 
 import zmq
 
-from shared import protocol
+from semipd.shared import protocol
 from tests.serving import ROOT, terminate
 
 
@@ -27,7 +27,7 @@ class MonitorProcess:
     def __init__(self, model: str, address: str, *args: str):
         self.address = address
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.scm", "--model", model, "--address", address, "--device", "cpu",
+            [sys.executable, "-m", "semipd", "scm", "--model", model, "--address", address, "--device", "cpu",
              "--max-streams", "64", "--max-model-len", "1024", *args], cwd=ROOT)
         until(lambda: isinstance(hello(address), protocol.ScmReady), 120, "monitor ready", self.proc)
 

@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 
-from shared.client import Client, ClientError
+from semipd.shared.client import Client, ClientError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ class Server:
         self.address = address or f"ipc://{folder}/front.sock"
         env = dict(os.environ, XDG_RUNTIME_DIR=folder)  # worker sockets there too
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.controller", "--model", model, "--address", self.address,
+            [sys.executable, "-m", "semipd", "serve", "--model", model, "--address", self.address,
              "--device", device, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while True:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from shared.attention import decode_attention, prefill_attention, store_kv
+from semipd.shared.attention import decode_attention, prefill_attention, store_kv
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 
@@ -266,7 +266,7 @@ def test_batches_of_new_shapes_compile_nothing():
     """Serving must never stop to compile: once a kernel has run, batches of other sizes and
     block-table widths (1, multiples of 16, others: traits Triton would specialize on) reuse the
     compiled variant in Triton's per-device kernel cache."""
-    from shared.kernels import triton_attention as kernels
+    from semipd.shared.kernels import triton_attention as kernels
     jitted = (kernels._prefill_kernel, kernels._decode_split_kernel, kernels._decode_reduce_kernel)
 
     def variants() -> list[int]:

@@ -6,11 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from shared.bench import (INPUT_MEAN, INPUT_RANGE, OUTPUT_MEAN, OUTPUT_RANGE, SIGMA, RequestRecord,
-                          arrival_times, build_report, clipped_lognormal_mean, load_sharegpt,
-                          lognormal_lengths, plan_lengths, summarize, token_timing,
-                          backlog_trend)
-from shared.errors import UserError
+from semipd.cli.bench.metrics import RequestRecord, backlog_trend, build_report, summarize, token_timing
+from semipd.cli.bench.workload import (INPUT_MEAN, INPUT_RANGE, OUTPUT_MEAN, OUTPUT_RANGE, SIGMA, arrival_times,
+                                       clipped_lognormal_mean, lognormal_lengths, load_sharegpt, plan_lengths)
+from semipd.shared.errors import UserError
 
 
 def test_poisson_arrivals_have_the_requested_mean_gap():

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from shared.bench import RequestRecord, summarize
-from shared.bench_sweep import step_means
-from shared.cli import main
+from semipd.cli.bench.metrics import RequestRecord, summarize
+from semipd.cli.bench.sweep import step_means
+from semipd.cli.main import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -15,7 +15,7 @@ from tests.serving import ROOT, terminate
 
 def semipd(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("stdout", subprocess.PIPE)
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], stderr=subprocess.PIPE,
+    return subprocess.run([sys.executable, "-m", "semipd", *args], stderr=subprocess.PIPE,
                           text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
@@ -32,13 +32,13 @@ def server(tmp_path_factory):
     a client waits for it."""
     folder = str(tmp_path_factory.mktemp("cli"))
     address = stale_socket(os.path.join(folder, "front.sock"))
-    waiting = subprocess.Popen([sys.executable, "-m", "shared.cli", "complete", "--address", address,
+    waiting = subprocess.Popen([sys.executable, "-m", "semipd", "complete", "--address", address,
                                 "--wait", "120", "--prompt", "hi", "--max-tokens", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     time.sleep(2)
     assert waiting.poll() is None, waiting.communicate()  # still waiting on the stale file
     with open(os.path.join(folder, "server.log"), "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.controller", "--model", "tiny",
+        proc = subprocess.Popen([sys.executable, "-m", "semipd", "serve", "--model", "tiny",
                                  "--device", "cpu", "--address", address], cwd=ROOT, stderr=log,
                                 env=dict(os.environ, XDG_RUNTIME_DIR=folder))  # worker sockets too
     try:

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from shared.cli import main
-from shared.engine import Engine, EngineConfig
-from shared.sampling_params import SamplingParams
+from semipd.cli.main import main
+from semipd.shared.engine import Engine
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.sampling_params import SamplingParams
 from tests.conftest import make_checkpoint
 
 
@@ -21,7 +22,7 @@ def llama(tmp_path_factory):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "semipd", *args], capture_output=True,
                           text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 

@@ -133,7 +133,7 @@ def test_a_switch_held_up_past_its_timeout_is_ended(model, hangs):  # noqa: F811
                    for p, _ in workload(12, seed=5)]
         next(streams[0]), next(streams[0])  # decoding is under way
         os.kill(decode["standby"]["pid"] if hangs == "new" else decode["pid"], signal.SIGSTOP)
-        cli = subprocess.run([sys.executable, "-m", "shared.cli", "partition", "--address", server.address,
+        cli = subprocess.run([sys.executable, "-m", "semipd", "partition", "--address", server.address,
                               "--prefill-sm", "60", "--decode-sm", "50"], capture_output=True, text=True, cwd=ROOT)
         error = {"new": "new decode worker was not ready after 5 s",
                  "old": "old decode worker did not hand over in 5 s"}[hangs]
@@ -191,6 +191,6 @@ def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
     (["--dynamic", "--ttft-slo", "1", "--tpot-slo", "1", "--prefill-sm", "55"], "multiple of --sm-step"),
 ])
 def test_bad_mode_flags_fail_with_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "services.controller", "--model", "tiny", *args],
+    proc = subprocess.run([sys.executable, "-m", "semipd", "serve", "--model", "tiny", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

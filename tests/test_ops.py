@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from shared.ops import add_rms_norm, apply_rope, silu_and_mul
-from shared.rope import RotaryEmbedding
+from semipd.shared.ops import add_rms_norm, apply_rope, silu_and_mul
+from semipd.shared.rope import RotaryEmbedding
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (rtol, atol) per element: float32 allows a few roundings, bfloat16 about three (2^-9 each).

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from shared.page_allocator import PageAllocator, _lock_path, releasing
+from semipd.shared.page_allocator import PageAllocator, _lock_path, releasing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPAWN = multiprocessing.get_context("spawn")
@@ -144,7 +144,7 @@ def test_unrelated_attacher_does_not_destroy_the_pool(pool):
     # segment when that process exits if attach() left the segment registered there.
     _run_python("""
         import sys
-        from shared.page_allocator import PageAllocator
+        from semipd.shared.page_allocator import PageAllocator
         with PageAllocator.attach(sys.argv[1]) as pool:
             pool.alloc(2, owner=7)
         """, pool.name)
@@ -157,7 +157,7 @@ def test_spawned_attacher_leaves_the_tracker_quiet():
     # neither unlink the pool when it exits nor make the creator's unlink look like a double one.
     _run_python("""
         import multiprocessing
-        from shared.page_allocator import PageAllocator
+        from semipd.shared.page_allocator import PageAllocator
         with PageAllocator.create(8) as pool:
             spawn = multiprocessing.get_context("spawn")
             child = spawn.Process(target=PageAllocator.attach, args=(pool.name,))

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from shared.engine import Engine, EngineConfig
-from shared.sampling_params import SamplingParams
+from semipd.shared.engine import Engine
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.sampling_params import SamplingParams
 
 # Lengths 1 and exact multiples of the page size (16) included.
 PROMPT_LENS = [1, 16, 7, 32, 23, 50]
@@ -71,7 +72,7 @@ def test_logits_match_transformers(checkpoint, expected):
     path, hf = checkpoint
     engine = engine_for(path)
     try:
-        from shared.sequence import Sequence
+        from semipd.shared.sequence import Sequence
         seqs = [Sequence(i, p, GREEDY) for i, p in enumerate(prompts())]
         for s in seqs:
             engine.sched.prefill.add(s)

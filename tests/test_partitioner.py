@@ -10,8 +10,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from services.controller.partitioner import Decision, PartitionConfig, Partitioner, fit_latency
-from shared.errors import UserError
+from semipd.services.controller.partitioner import Decision, PartitionConfig, Partitioner, fit_latency
+from semipd.shared.errors import UserError
 
 CONFIGS = [
     PartitionConfig(0.3, 0.05),

@@ -3,13 +3,15 @@ and a step in flight handed over to a successor."""
 
 import os
 
-from shared import protocol
-from shared.engine import Engine, EngineConfig, mixed_step
-from shared.page_allocator import releasing
-from shared.pipeline import StepPipeline
-from shared.scheduler import DecodeScheduler
-from shared.sampling_params import SamplingParams
-from shared.sequence import PENDING, Sequence
+from semipd.shared import protocol
+from semipd.shared.engine import Engine
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.steps import mixed_step
+from semipd.shared.page_allocator import releasing
+from semipd.shared.pipeline import StepPipeline
+from semipd.shared.scheduler import DecodeScheduler
+from semipd.shared.sampling_params import SamplingParams
+from semipd.shared.sequence import PENDING, Sequence
 
 
 def test_placeholders_feed_and_deferred_pages():

@@ -4,7 +4,7 @@ wrong type anywhere (an element of a list too) is one ProtocolError that names t
 import msgpack
 import pytest
 
-from shared import protocol
+from semipd.shared import protocol
 
 
 def state(seq_id: int, n: int) -> protocol.SeqState:
@@ -65,12 +65,12 @@ def test_a_worker_link_carries_a_hand_over_past_the_client_bound(tmp_path):
     holds (here 20 MB of token ids), which the controller's own worker links must carry."""
     import zmq
 
-    from services.controller.server import bind
-    from shared.worker import ControllerLink
+    from semipd.shared.sockets import bind_router
+    from semipd.services.worker import ControllerLink
     seqs = [protocol.SeqState(i, list(range(100_000, 140_000)), 20_000, {}, seed=1) for i in range(100)]
     assert len(protocol.encode(protocol.RunSeqs(seqs))) > protocol.MAX_MESSAGE_BYTES
     address = f"ipc://{tmp_path}/workers.sock"
-    back = bind(zmq.Context.instance(), address, protocol.MAX_WORKER_MESSAGE_BYTES)
+    back = bind_router(zmq.Context.instance(), address, protocol.MAX_WORKER_MESSAGE_BYTES)
     link = ControllerLink(address, "decode")
     try:
         link.send(protocol.HandedOver(seqs, False))

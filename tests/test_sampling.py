@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from shared.engine import Engine, EngineConfig
-from shared.errors import UserError
-from shared.sampling import gumbel_max, row_hash, sample, uniform_noise
-from shared.sampling_params import SamplingParams
+from semipd.shared.engine import Engine
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.errors import UserError
+from semipd.shared.sampling import gumbel_max, row_hash, sample, uniform_noise
+from semipd.shared.sampling_params import SamplingParams
 
 
 def run(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, steps=None):
@@ -125,7 +126,7 @@ def test_fused_sampler_matches_the_torch_path():
     t[::4] = 0.0
     m = torch.where(torch.rand(b, generator=gen) < 0.5, torch.rand(b, generator=gen) * 0.3, 0.0)
     keys = row_hash(torch.randint(0, 2 ** 62, (b,), generator=gen), torch.randint(0, 500, (b,), generator=gen))
-    from shared.kernels.triton_sampling import gumbel_max as fused
+    from semipd.shared.kernels.triton_sampling import gumbel_max as fused
     got = fused(logits.cuda(), t.cuda(), m.cuda(), keys.cuda()).cpu()
     assert torch.equal(got, gumbel_max(logits, t, m, keys))
     assert got[4] == 17

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from services.scm.model import load_monitor
-from services.scm.monitor import SEPARATOR, StreamMonitor
-from shared.errors import UserError
-from shared.scheduler import grow
+from semipd.services.scm.model import load_monitor
+from semipd.services.scm.monitor import SEPARATOR, StreamMonitor
+from semipd.shared.errors import UserError
+from semipd.shared.scheduler import grow
 from tests.scm_checkpoints import bpe_tokenizer, one_pass, sample_text, save_monitor
 
 CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from services.scm.retokenize import MAX_HELD_CHARS, Retokenizer, last_cut
+from semipd.services.scm.retokenize import MAX_HELD_CHARS, Retokenizer, last_cut
 from tests.scm_checkpoints import QWEN2_SPLIT, bpe_tokenizer, sample_text
 
 

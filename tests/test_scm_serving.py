@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import pytest
 import zmq
 
-from shared import protocol
-from shared.client import AsyncClient, ServerError
+from semipd.shared import protocol
+from semipd.shared.client import AsyncClient, ServerError
 from tests.conftest import make_checkpoint
 from tests.scm_checkpoints import bpe_tokenizer, save_monitor
 from tests.scm_service import MonitorProcess, hello, wait_connected
@@ -117,7 +117,7 @@ def test_flagging_monitor_stops_monitored_requests_within_k_plus_2_tokens(flag_a
 
 def test_complete_moderate_flag(flag_all):
     server = flag_all[0]
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "complete", "--address", server.address,
+    r = subprocess.run([sys.executable, "-m", "semipd", "complete", "--address", server.address,
                         "--prompt-ids", "5,6,7", "--moderate", "--max-tokens", "30", "--temperature", "0",
                         "--ignore-eos", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -194,7 +194,7 @@ def test_monitor_answers_bad_input_and_keeps_serving(flag_none):
 
 def test_a_second_monitor_on_a_live_address_is_refused(flag_none):
     """Binding anew would silently take the socket file over from the live monitor."""
-    r = subprocess.run([sys.executable, "-m", "services.scm", "--model", flag_none[2], "--device", "cpu",
+    r = subprocess.run([sys.executable, "-m", "semipd", "scm", "--model", flag_none[2], "--device", "cpu",
                         "--address", flag_none[1].address], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "already listening" in r.stderr, r.stderr
     assert isinstance(hello(flag_none[1].address), protocol.ScmReady)
@@ -245,7 +245,7 @@ def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(f
                                             (["--scm", "localhost:5555"], "ipc:// or tcp://"),
                                             (["--scm", "--scm-timeout", "0"], "must be positive")])
 def test_bad_moderation_flags_are_one_clear_error(flags, message):
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "--model", "tiny", "--device", "cpu",
+    r = subprocess.run([sys.executable, "-m", "semipd", "serve", "--model", "tiny", "--device", "cpu",
                         "--address", socket_address(), *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 

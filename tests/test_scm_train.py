@@ -8,14 +8,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from services.scm import checkpoint
-from services.scm.classifier import ScmClassifier, load_tokenizer, logic_loss
-from services.scm.evaluate import score, stop_index
-from services.scm.fineharm import IGNORE, encode, load_examples
-from services.scm.synthetic import write_base, write_splits
-from services.scm.train import TrainConfig, train
-from shared.cli import main
-from shared.errors import UserError
+from semipd.services.scm import checkpoint
+from semipd.services.scm.classifier import ScmClassifier, load_tokenizer, logic_loss
+from semipd.services.scm.evaluate import score, stop_index
+from semipd.services.scm.fineharm import IGNORE, encode, load_examples
+from semipd.services.scm.synthetic import write_base, write_splits
+from semipd.services.scm.train import TrainConfig, train
+from semipd.cli.main import main
+from semipd.shared.errors import UserError
 from tests.conftest import make_checkpoint
 
 

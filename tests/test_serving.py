@@ -13,10 +13,11 @@ import msgpack
 import pytest
 import zmq
 
-from shared import protocol
-from shared.client import AsyncClient, Client, ServerError
-from shared.engine import Engine, EngineConfig
-from shared.sampling_params import SamplingParams
+from semipd.shared import protocol
+from semipd.shared.client import AsyncClient, Client, ServerError
+from semipd.shared.engine import Engine
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.sampling_params import SamplingParams
 from tests.conftest import make_checkpoint
 from tests.serving import ROOT, Server, wait_for
 
@@ -198,7 +199,7 @@ def test_oversized_message_drops_only_that_connection(server):
 def test_a_client_that_stops_reading_is_dropped_and_others_are_served(server):
     """A raw client that asks for 102400 tokens and reads none: once MAX_UNREAD messages queue
     for it, its requests end (their pages freed) instead of queueing in the server for ever."""
-    from services.controller.server import MAX_UNREAD
+    from semipd.services.controller.server import MAX_UNREAD
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVHWM, 1)  # what it does not read stays queued in the server
     sock.setsockopt(zmq.LINGER, 0)
@@ -234,7 +235,7 @@ def test_duplicate_request_id_is_rejected(server):
 
 def test_a_second_server_on_a_live_address_is_refused(server, model):
     """Binding an ipc:// address anew would take it over from the live server, silently."""
-    second = subprocess.run([sys.executable, "-m", "services.controller", "--model", model, "--device", "cpu",
+    second = subprocess.run([sys.executable, "-m", "semipd", "serve", "--model", model, "--device", "cpu",
                              "--address", server.address], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and "already listening" in second.stderr
     assert server.client.generate(prompt_ids=[5], temperature=0, max_tokens=2).result().token_ids
@@ -289,7 +290,7 @@ def test_stopping_the_server_ends_every_stream(model):
 def test_cli_complete_and_stats(server, reference):
     work = workload(32)[:3]
     args = [a for p, _ in work for a in ("--prompt-ids", ",".join(map(str, p)))]
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "complete", "--address", server.address, *args,
+    r = subprocess.run([sys.executable, "-m", "semipd", "complete", "--address", server.address, *args,
                         "--temperature", "0", "--ignore-eos", "--max-tokens", "20", "--json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -297,7 +298,7 @@ def test_cli_complete_and_stats(server, reference):
     # Greedy prefixes: the reference used per-prompt max_tokens, these ask for 20 each.
     assert [line["token_ids"][:len(ref)] for line, ref in zip(lines, reference)] == reference[:3]
     assert all("ttft_s" in line and "itl_s" in line for line in lines)
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "stats", "--address", server.address, "--json"],
+    r = subprocess.run([sys.executable, "-m", "semipd", "stats", "--address", server.address, "--json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     stats = json.loads(r.stdout)
     assert {"kv_pages_total", "kv_pages_free", "running", "waiting", "workers"} <= set(stats)

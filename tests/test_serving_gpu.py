@@ -6,10 +6,12 @@ import signal
 
 import pytest
 
-from shared.engine import Engine, EngineConfig, prefill_step
-from shared.sampling_params import SamplingParams
-from shared.scheduler import PrefillScheduler
-from shared.sequence import Sequence
+from semipd.shared.engine import Engine
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.steps import prefill_step
+from semipd.shared.sampling_params import SamplingParams
+from semipd.shared.scheduler import PrefillScheduler
+from semipd.shared.sequence import Sequence
 from tests.serving import Server, wait_for
 from tests.test_modes import standbys_ready
 from tests.test_serving import model, reference, run_concurrently, step_reports, workload  # noqa: F401 (fixtures)

@@ -1,0 +1,77 @@
+"""Flags and output shared by several `semipd` subcommands."""
+
+import argparse
+import json
+
+from semipd.shared.runtime import default_server_address
+from semipd.shared.sampling_params import SamplingParams
+
+
+def prompt_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+
+
+def at_least(convert, lowest, what: str):
+    """An argparse type: convert the text, then require lowest or more (NaN is not)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= lowest:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = at_least(int, 1, "a positive integer")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """Both flags append (kind, value) to args.prompts, so prompts keep their command-line order."""
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                   type=lambda text: ("prompt", text), help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", dest="prompts", action="append", metavar="IDS",
+                   type=lambda text: ("prompt_ids", prompt_ids(text)),
+                   help="prompt as comma-separated token ids (repeatable)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 or -1: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt, one per line")
+
+
+def sampling_params(args):
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
+                          stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def print_completions(completions, args, extra=None) -> None:
+    for i, c in enumerate(completions):
+        if args.json:
+            obj = {"token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+            print(json.dumps(obj | (extra[i] if extra else {})))
+        else:
+            print(f"[{i}] ({c.finish_reason}, {len(c.token_ids)} tokens) {c.text!r}")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face directory or preset name")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=default_server_address(),
+                   help="the server's ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT; default %(default)s)")

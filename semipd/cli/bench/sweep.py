@@ -1,0 +1,304 @@
+"""`semipd bench` sweeps: bench.py's single-rate run repeated over --rates against one running
+server, several, or servers launched here one mode at a time; then a JSON report, PNG plots
+(plots.py) and a table with each mode's highest rate at >= 90% SLO attainment. The
+table's backlog column (bench.backlog_trend) says which rates the server kept up with; a rate
+above ~1 was met only for as long as the run lasted.
+
+While a run goes, the server's stats are polled every POLL_S seconds for its SM split
+(`partition.prefill_sm` / `decode_sm`; absent on servers that do not partition), so a dynamic
+mode's split can be plotted over time, and for each worker's last step times (`workers.*.steps`:
+wall and GPU ms per step, mean batch); its `partition` object (switch history included) is kept
+as the mode ends.
+"""
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from semipd.cli.bench import plots
+from semipd.cli.bench.load import check_load_args, run_load
+from semipd.cli.bench.metrics import summarize, trend
+from semipd.shared.client import AsyncClient, Client, ClientError
+from semipd.shared.errors import UserError, first_line
+
+POLL_S = 0.5
+WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not measured
+LAUNCH_TIMEOUT_S = 600   # loading a large model's weights takes minutes
+ATTAINMENT_GOAL = 0.9
+
+USAGE = """\
+A sweep writes report.json, latency.png, attainment.png and split-MODE.png (modes that report an
+SM split) to --out FOLDER (default bench-YYYYmmdd-HHMMSS), then prints a table:
+  semipd bench --rates 2,4,8 --num-requests 200 --ttft-slo 0.3 --tpot-slo 0.05 [--address ADDR]
+  semipd bench --rates ... --servers unified=ipc:///run/a.sock,static=tcp://127.0.0.1:5557
+  semipd bench --rates ... --model M --launch NAME="SERVE FLAGS" [--launch ...]
+    starts `semipd serve --model M --address ipc://... SERVE FLAGS` per mode in
+    turn, waits until it is healthy, sweeps it and stops it (SIGTERM); its log is NAME.log. E.g.
+      --launch unified="--mode unified"
+      --launch static="--mode semi-pd --prefill-sm 50 --decode-sm 50"
+      --launch dynamic="--mode semi-pd --dynamic --ttft-slo 0.3 --tpot-slo 0.05"
+  semipd bench --plot REPORT.json [--out FOLDER]    plot a report again (default: its folder)
+"""
+
+
+def add_args(p) -> None:
+    p.add_argument("--rates", type=rates_arg, help="sweep these request rates (comma-separated req/s)")
+    p.add_argument("--servers", type=servers_arg, help="sweep these running servers: NAME=ADDR,NAME=ADDR")
+    p.add_argument("--launch", action="append", type=launch_arg, default=[], metavar='NAME="FLAGS"',
+                   help="start a server with these serve flags and sweep it (repeatable; needs --model)")
+    p.add_argument("--model", help="the model --launch serves")
+    p.add_argument("--plot", metavar="REPORT", help="plot a sweep's report.json again and print its table")
+
+
+def rates_arg(text: str) -> list[float]:
+    try:
+        rates = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        rates = []
+    if not rates or not all(0 < r < math.inf for r in rates):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive finite rates, got {text!r}")
+    return sorted(set(rates))
+
+
+def _named(text: str, what: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not (sep and name.strip() and value.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME={what}, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def servers_arg(text: str) -> list[tuple[str, str]]:
+    return [_named(item, "ADDR") for item in text.split(",") if item.strip()]
+
+
+def launch_arg(text: str) -> tuple[str, list[str]]:
+    name, flags = _named(text, '"SERVE FLAGS"')
+    return name, shlex.split(flags)
+
+
+def wanted(args) -> bool:
+    return bool(args.rates or args.servers or args.launch or args.plot)
+
+
+class Launched:
+    """`semipd serve` for one mode, with its sockets and log in a fresh folder."""
+
+    def __init__(self, name: str, model: str, flags: list[str], log_path: str):
+        self.name, self.folder = name, tempfile.mkdtemp(prefix="semipd-bench-")
+        self.address = f"ipc://{self.folder}/front.sock"
+        self.log_path, self.log = log_path, open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "semipd", "serve", "--model", model, "--address", self.address,
+             *flags], env=dict(os.environ, XDG_RUNTIME_DIR=self.folder),
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while self.proc.poll() is None:
+            try:
+                with Client(self.address, timeout_s=2) as client:
+                    if client.health().get("status") == "ok":
+                        return
+            except ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise UserError(f"the {self.name} server was not ready within {LAUNCH_TIMEOUT_S} s "
+                                f"(log: {self.log_path})")
+            time.sleep(0.2)
+        with open(self.log_path) as f:
+            last = [line for line in f.read().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise UserError(f"the {self.name} server exited with status {self.proc.returncode}: {last[0]} "
+                        f"(log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+async def _poll_split(address: str, started: float, rate: float, samples: list, done: asyncio.Event) -> None:
+    """Every POLL_S: the server's split, if it reports one, with its workers' step times."""
+    async with AsyncClient(address, timeout_s=10) as client:
+        while not done.is_set():
+            try:
+                stats = await client.stats()
+            except ClientError:
+                return  # the run itself reports a dead server
+            part, workers = stats.get("partition"), stats.get("workers")
+            if isinstance(part, dict) and all(isinstance(part.get(k), (int, float))
+                                              for k in ("prefill_sm", "decode_sm")):
+                steps = {role: w.get("steps") for role, w in workers.items()} if isinstance(workers, dict) else None
+                samples.append({"time_s": time.monotonic() - started, "rate": rate,
+                                "prefill_sm": part["prefill_sm"], "decode_sm": part["decode_sm"], "steps": steps})
+            try:
+                await asyncio.wait_for(done.wait(), POLL_S)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def sweep_server(args, name: str, address: str) -> dict:
+    """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate."""
+    warmup = argparse.Namespace(**vars(args) | {"address": address, "rate": max(args.rates),
+                                                "num_requests": min(args.num_requests, WARMUP_REQUESTS)})
+    await run_load(warmup, np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
+    started, started_unix, runs, samples = time.monotonic(), time.time(), [], []
+    for rate in args.rates:
+        began = time.monotonic() - started
+        done = asyncio.Event()
+        poller = asyncio.ensure_future(_poll_split(address, started, rate, samples, done))
+        try:
+            run_args = argparse.Namespace(**vars(args) | {"address": address, "rate": rate})
+            _, records, duration = await run_load(run_args, np.random.default_rng(args.seed),
+                                                  desc=f"{name} @ {rate:g} req/s")
+        finally:
+            done.set()
+            await poller
+        runs.append({"rate": rate, "summary": summarize(records, duration, args.ttft_slo, args.tpot_slo),
+                     "steps": step_means([x for x in samples if x["rate"] == rate], began)})
+    async with AsyncClient(address) as client:
+        partition = (await client.stats()).get("partition")
+    return {"address": address, "runs": runs, "max_rate_at_goal": max_rate_at_goal(runs),
+            "started_unix": started_unix, "split_samples": samples,
+            "partition": partition if isinstance(partition, dict) else None}
+
+
+def step_means(samples: list[dict], began_s: float) -> dict:
+    """Per worker role, the means over one run of the step reports that arrived during it (a
+    worker reports about once a second while busy): each report once, however often it was
+    polled, none from before the run, and per-step figures weighted by each report's steps."""
+    reports: dict[str, dict[tuple, dict]] = {}
+    for sample in samples:
+        for role, steps in (sample.get("steps") or {}).items():
+            if steps and sample["time_s"] - steps["age_s"] >= began_s:
+                reports.setdefault(role, {})[tuple(v for k, v in sorted(steps.items()) if k != "age_s")] = steps
+
+    def mean(rs: list[dict], key: str, weighted: bool) -> float | None:
+        rs = [r for r in rs if r[key] is not None]
+        return float(np.average([r[key] for r in rs], weights=[r["steps_per_s"] if weighted else 1 for r in rs])) \
+            if rs else None
+    return {role: {"step_ms": mean(rs, "step_ms", True), "gpu_ms": mean(rs, "gpu_ms", True),
+                   "mean_batch": mean(rs, "mean_batch", True), "busy": mean(rs, "busy", False)}
+            for role, rs in ((role, list(by_key.values())) for role, by_key in reports.items())}
+
+
+def max_rate_at_goal(runs: list[dict]) -> float | None:
+    """The highest swept rate whose SLO attainment is at least ATTAINMENT_GOAL (None: none)."""
+    met = [r["rate"] for r in runs if (r["summary"]["slo_attainment"] or 0) >= ATTAINMENT_GOAL]
+    return max(met, default=None)
+
+
+def format_table(report: dict) -> str:
+    def ms(v):
+        return "-" if v is None else f"{v * 1e3:.1f}"
+    def step(run):  # the token-producing worker's mean step: wall / GPU ms
+        steps = run.get("steps") or {}
+        d = steps.get("decode") or steps.get("unified")
+        return "-" if d is None else "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("step_ms", "gpu_ms"))
+    head = ("rate req/s", "sent req/s", "done req/s", "failed", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms",
+            "SLO met", "backlog", "step/GPU ms")
+    lines = []
+    for name, mode in report["modes"].items():
+        lines += [f"{name}:", "  " + "".join(f"{h:>13}" for h in head)]
+        for run in mode["runs"]:
+            s = run["summary"]
+            sent = s.get("offered_rate")  # absent from reports made before it was
+            cells = (f"{run['rate']:g}", "-" if sent is None else f"{sent:.2f}", f"{s['request_throughput']:.2f}",
+                     str(s["failed"]), ms(s["e2e_s"]["mean"]),
+                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}",
+                     trend(s.get("backlog_trend")), step(run))
+            lines.append("  " + "".join(f"{c:>13}" for c in cells))
+    lines.append(f"highest rate with >= {ATTAINMENT_GOAL:.0%} SLO attainment:")
+    for name, mode in report["modes"].items():
+        best = max_rate_at_goal(mode["runs"])  # from the runs, so a report joined by hand is right too
+        backlog = next((r["summary"].get("backlog_trend") for r in mode["runs"] if r["rate"] == best), None)
+        lines.append(f"  {name}: " + ("none of the rates swept" if best is None else f"{best:g} req/s"
+                                      + ("" if backlog is None else f" (backlog {trend(backlog)})")))
+    return "\n".join(lines)
+
+
+def _write_plots(report: dict, out: str, required: bool) -> None:
+    try:
+        paths = plots.plot_report(report, out)
+    except ImportError:
+        if required:
+            raise UserError("plotting needs matplotlib: pip install 'matplotlib>=3.7'") from None
+        print("semipd: no plots: matplotlib is not installed here; run `semipd bench --plot "
+              f"{os.path.join(out, 'report.json')}` where it is", file=sys.stderr)
+        return
+    print("plots: " + ", ".join(paths))
+
+
+def _replot(args) -> None:
+    try:
+        with open(args.plot) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.plot}: cannot read it as JSON ({first_line(e)})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("modes"), dict):
+        raise UserError(f"{args.plot}: not a sweep report (no \"modes\")")
+    _write_plots(report, args.out or os.path.dirname(os.path.abspath(args.plot)), required=True)
+    print(format_table(report))
+
+
+def _targets(args) -> list[tuple[str, str | list[str]]]:
+    """(mode name, address to sweep or serve flags to launch with) in sweep order."""
+    if args.servers and args.launch:
+        raise UserError("give --servers or --launch, not both")
+    if bool(args.launch) != bool(args.model):
+        raise UserError("--launch needs --model, and --model is only for --launch")
+    targets = args.servers or args.launch or [("server", args.address)]
+    names = [name for name, _ in targets]
+    if len(set(names)) < len(names):
+        raise UserError(f"mode names must differ, got {', '.join(names)}")
+    return targets
+
+
+def cmd_sweep(args) -> None:
+    if args.plot:
+        return _replot(args)
+    if not args.rates or args.rate is not None:
+        raise UserError("a sweep needs --rates (and no --rate)")
+    if args.ttft_slo is None and args.tpot_slo is None:
+        raise UserError("a sweep needs --ttft-slo and/or --tpot-slo: it reports SLO attainment")
+    check_load_args(args)
+    targets = _targets(args)
+    out = args.out or time.strftime("bench-%Y%m%d-%H%M%S")
+    os.makedirs(out, exist_ok=True)
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("func", "rate", "plot", "launch", "servers", "address")}
+    report = {"config": config, "modes": {}}
+    for name, target in targets:
+        log = os.path.join(out, f"{name}.log")
+        server = Launched(name, args.model, target, log) if args.launch else None
+        try:
+            if server:
+                server.wait_ready()
+            result = asyncio.run(sweep_server(args, name, server.address if server else target))
+        except ClientError as e:
+            raise UserError(f"{name}: {first_line(e)}") from None
+        finally:
+            if server:
+                server.stop()
+        report["modes"][name] = result | {"launch": shlex.join(target) if server else None}
+        with open(os.path.join(out, "report.json"), "w") as f:  # after each mode: a failure keeps the rest
+            json.dump(report, f, indent=1)
+    print(f"report: {os.path.join(out, 'report.json')}")
+    _write_plots(report, out, required=False)
+    print(format_table(report))

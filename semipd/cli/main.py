@@ -1,0 +1,42 @@
+"""The `semipd` command. Each subcommand's flags live with the code it drives; this file parses
+and turns a user's mistake into one `semipd: error:` line and exit status 2."""
+
+import argparse
+import os
+import sys
+
+from semipd.cli import client_commands, generate, serve
+from semipd.cli.bench import command as bench
+from semipd.services.scm import cli as scm_cli, evaluate as scm_eval, train as scm_train
+from semipd.shared.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semipd", description="semi-PD LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (generate, serve, client_commands, bench, scm_train, scm_eval, scm_cli):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe raises below and not at exit
+    except UserError as e:
+        print(f"semipd: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader stopped early (`semipd stats | head -1`): no traceback, but status 1 as a
+        # tool killed by SIGPIPE fails, since not all output was written (it shows only under
+        # pipefail). Python flushes stdout again at exit: point it at devnull so that cannot raise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""`semipd serve`: the controller with its workers (services/controller/serve.py runs it)."""
+
+from semipd.cli.args import add_model_args, positive_int
+from semipd.services.controller.moderation import add_moderation_args
+from semipd.services.controller.modes import add_mode_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the controller with its prefill and decode workers")
+    add_model_args(p)
+    p.add_argument("--num-pages", type=positive_int, default=None,
+                   help="KV pool size in pages (default: what fits)")
+    p.add_argument("--page-size", type=positive_int, default=16,
+                   help="tokens per KV page (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256,
+                   help="most sequences in a batch (default %(default)s)")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="most prompt and output tokens together (default and cap: the model's context length)")
+    p.add_argument("--address", default=None,
+                   help="client socket (default: an ipc:// path in the runtime folder; tcp://127.0.0.1:PORT)")
+    add_moderation_args(p)
+    add_mode_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    from semipd.services.controller.serve import serve  # torch: only when the command runs
+    serve(args)

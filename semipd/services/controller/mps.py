@@ -1,0 +1,54 @@
+"""NVIDIA MPS: finding a running control daemon, or starting and stopping our own.
+
+Every process of the server (controller, workers, standbys) must reach the same daemon, so the
+two variables that locate it, CUDA_MPS_PIPE_DIRECTORY and CUDA_MPS_LOG_DIRECTORY, are set in the
+controller's environment, which the workers inherit. All of this happens before the controller
+creates its CUDA context: a process joins MPS (or not) when its context is created.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+
+from semipd.shared.errors import UserError
+
+CONTROL = "nvidia-cuda-mps-control"
+
+
+def _control(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CONTROL], input=command + "\n", capture_output=True, text=True, timeout=10)
+
+
+def daemon_running() -> bool:
+    """True if an MPS control daemon answers at this environment's pipe directory."""
+    if shutil.which(CONTROL) is None:
+        return False
+    try:
+        return _control("get_server_list").returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class MpsDaemon:
+    """An MPS control daemon of our own, with its pipes and logs in `folder`."""
+
+    def __init__(self, folder: str):
+        if shutil.which(CONTROL) is None:
+            raise UserError(f"--start-mps: {CONTROL} is not on the PATH")
+        for var, sub in (("CUDA_MPS_PIPE_DIRECTORY", "pipe"), ("CUDA_MPS_LOG_DIRECTORY", "log")):
+            os.environ[var] = os.path.join(folder, sub)
+            os.makedirs(os.environ[var], mode=0o700, exist_ok=True)
+        result = subprocess.run([CONTROL, "-d"], capture_output=True, text=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while not daemon_running():
+            if result.returncode != 0 or time.monotonic() > deadline:
+                raise UserError(f"--start-mps: the MPS daemon did not start ({result.stderr.strip() or 'no answer'}); "
+                                f"see {os.environ['CUDA_MPS_LOG_DIRECTORY']}/control.log")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        try:
+            _control("quit")
+        except (OSError, subprocess.TimeoutExpired):
+            pass

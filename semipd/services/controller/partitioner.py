@@ -1,0 +1,353 @@
+"""The semi-PD partitioner: picks the SM split, x = prefill % and y = decode %, that keeps the
+TTFT and TPOT percentiles within their SLOs. Pure logic: the controller feeds it finished requests
+and applies the splits it returns.
+
+Rule (semi-PD, arXiv 2504.19867): every `window` finished requests, take the `percentile` of TTFT
+and of TPOT over the window. If TTFT misses its SLO, raise x by 1 to `max_steps` steps: the fewest
+the latency model predicts meet the SLO, all of them if none does, one while there is no model.
+Else if TPOT misses, the same for y. A raise past 100, or past what `max_total` leaves, lowers
+the other share; the model, which sees the raised phase's share only, never justifies a step
+that leaves that share as it is (a phase at 100 is raised one step at a time).
+When both miss, TTFT goes first (as in the paper); if x cannot rise, y may. When both are met and
+one phase is below GIVE_BACK of its SLO while the other is not, the comfortable phase gives the
+other a step (else a phase never gives SMs back), unless its model predicts it would then pass
+GIVE_BACK of its SLO (the margin absorbs load changes) or the step deepens the overlap (below).
+With both far inside their SLOs nothing moves: giving decode the SMs prefill could spare was
+tried and measured no lower end-to-end latency (docs/benchmarks.md), while it left prefill short
+when a burst came.
+
+Overlap: `max_total` bounds x + y, default 200. MPS quotas are caps, not reservations: with
+x + y > 100 the phases contend for the overlap when both are busy. That is the better default
+in serving (docs/benchmarks.md, H200): prefill is idle a third of the time and decode, bound by
+memory bandwidth, runs faster on the SMs prefill leaves than on a fixed minority; the cap on
+prefill is what keeps decode's floor. A phase already at 100 is raised by lowering the other
+(the semi-PD rule), so where decode holds 100 a TPOT miss lowers prefill's cap. The model reads
+x and y as capacity, which under overlap they are not: fits are only a guide, and a fit needs two
+shares (decode held at 100 has none). A give never deepens the overlap: there the taker's raised
+cap takes nothing from the giver's, only more of the SMs both contend for (beside decode at 100,
+such gives raised prefill from 60 to 90 at 48-56 req/s on an H200, and end-to-end latency rose
+7-42% over static 60/100's). max_total 100 makes the partition disjoint.
+
+Latency model, least squares over the last FIT_WINDOWS windows' (split, rate, percentile) points:
+  TPOT = a2 / y + b2                linear in 1/y
+  TTFT = a1 / (x - c * rate) + b1   queueing: lambda = c * rate is the share the arrivals keep
+                                    busy (M/M/1 with a service rate proportional to x)
+c is grid-searched over [0, min_i x_i / rate_i) (each fitted queue was stable), with a1, b1 solved
+linearly at each c (b >= 0: a latency floor); ties go to the smallest c. Windows with TTFT over
+OVERLOADED SLOs had a growing queue, which the model does not describe: they are not fitted. A fit
+needs windows at two shares or more and a > 0 (more SMs, less latency), and guides moves only with
+R^2 >= MIN_R2; without such a fit the one-step rule applies. Each decision logs its fits. The
+rate is the load the window's requests met: every arrival (the caller reports each one) between
+the 10th and 90th percentiles of their arrival times, per second. Finished requests alone would
+not do: a long one that arrived long before stretches the span, and arrivals still in flight go
+uncounted.
+
+No oscillation: each window records its split as visited and, if it missed, which SLO. A miss at
+share s means every share <= s of that phase misses at that load or more (latency falls with SMs
+and rises with load). Evidence seen at load r holds while the load stays >= (1 - tolerance) * r
+(the lowest r is kept); a larger drop forgets it. The load here is the median rate of the last
+LOAD_WINDOWS windows: one window's rate is noisy (it counts about 0.8 * window arrivals: 16% at
+40), and evidence forgotten on noise would let the splits cycle. The tolerance is three times the
+median's noise (about 1.25 / sqrt(LOAD_WINDOWS) of one window's), within [LOAD_TOLERANCE,
+MAX_TOLERANCE]: 27% for windows of 50 requests, 42% for 20 (at 25% flat, 2 of 400 runs at an
+infeasible load cycled between two splits in the synthetic tests with windows of 20).
+
+The median lags a rise in load, so a miss of the last LOAD_WINDOWS windows is filed again at the
+higher load, up to its own window's rate, once the load has risen past the tolerance: misses in
+the first windows of a spike would otherwise hold at the load before it and, once it had passed,
+ban splits that meet both SLOs (stuck in 5 of 120 simulated spikes of 1.5-3x). A spike of one or
+two windows does not move the median, so its misses stay filed at the load before it: at these
+window sizes it cannot be told from noise, and evidence that noise could refile would let the
+splits cycle.
+
+A move never enters a split that missed, never changes a share to one at or below that phase's
+missed shares, and a give-back never enters a visited split.
+So under one load every miss raises a bound and every give-back visits a new split: moves stop,
+and A->B->A->B cannot happen (A->B->A can: a give-back that missed). Where quotas overlap TPOT
+also rises with x, so a bound on y is not all a TPOT miss says; but no move re-enters a split that
+missed under this load, and there are finitely many: the moves still end. A miss with no allowed
+move holds the split as a best effort (action "stuck").
+"""
+import bisect
+import itertools
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from semipd.shared.errors import UserError
+
+GIVE_BACK = 0.5        # a phase below this fraction of its SLO may give a step to the other
+LOAD_TOLERANCE = 0.25  # evidence holds until the load drops by more than this fraction, or more
+MAX_TOLERANCE = 0.5    # ...but never more than this (tiny windows: the median's noise is larger)
+LOAD_WINDOWS = 5       # windows whose median rate is the load evidence is compared with
+FIT_WINDOWS = 16       # recent windows the model is fitted over
+MAX_ARRIVALS = 1 << 16  # arrival times kept for measuring the rate
+C_GRID = 64            # candidate values of c for the TTFT fit
+OVERLOADED = 10        # a window with TTFT over this many SLOs had a growing queue: not fitted
+MIN_R2 = 0.5           # a fit explaining less of the variance is logged but not used
+PHASES = ("prefill", "decode")
+METRICS = ("TTFT", "TPOT")
+
+
+@dataclass
+class PartitionConfig:
+    ttft_slo: float          # seconds
+    tpot_slo: float          # seconds
+    percentile: float = 90.0
+    window: int = 50         # finished requests per decision
+    step: int = 10           # SM percent per step; shares are multiples of it
+    max_steps: int = 3       # most steps one decision moves
+    min_share: int = 10      # least SM percent either phase keeps
+    max_total: int = 200     # most that x + y may add up to (over 100: overlapping quotas)
+
+    def __post_init__(self):
+        if not (self.ttft_slo > 0 and self.tpot_slo > 0):
+            raise UserError("the TTFT and TPOT SLOs must be positive")
+        if not 0 < self.percentile <= 100:
+            raise UserError(f"the SLO percentile must be in (0, 100], got {self.percentile:g}")
+        if self.window < 2 or self.max_steps < 1:
+            raise UserError("the window needs at least 2 requests and max_steps at least 1")
+        if not (0 < self.step <= self.min_share <= 100 and self.min_share % self.step == 0):
+            raise UserError(f"min_share ({self.min_share}) must be a multiple of step "
+                            f"({self.step}) in (0, 100]")
+        if not 2 * self.min_share <= self.max_total <= 200:
+            raise UserError(f"max_total must be in [{2 * self.min_share}, 200], got {self.max_total}")
+
+
+@dataclass
+class Fit:
+    """latency = a / (share - c * rate) + b, fitted to `points` windows at `shares` distinct shares."""
+    a: float
+    b: float
+    c: float
+    r2: float | None   # None when every point had the same latency
+    points: int
+    shares: int
+
+    def predict(self, share: int, rate: float) -> float:
+        room = share - self.c * rate if self.c > 0 else share
+        return self.a / room + self.b if room > 0 else math.inf
+
+
+def fit_latency(shares: list[int], rates: list[float], values: list[float], queueing: bool) -> Fit | None:
+    """Least-squares fit of the latency model; None without two shares or a decreasing fit."""
+    s, r, v = (np.asarray(z, dtype=float) for z in (shares, rates, values))
+    if queueing:  # a window whose arrivals came all at once has no rate to fit
+        keep = np.isfinite(r)
+        s, r, v = s[keep], r[keep], v[keep]
+    if len(set(s.tolist())) < 2:
+        return None
+    cs = np.min(s / r) * np.arange(C_GRID) / C_GRID if queueing else np.zeros(1)
+    best = None
+    for c in cs:
+        u = 1.0 / (s - c * r)
+        (a, b), *_ = np.linalg.lstsq(np.stack([u, np.ones_like(u)], axis=1), v, rcond=None)
+        if b < 0:  # a latency floor is never negative: refit through the origin
+            a, b = float(u @ v / (u @ u)), 0.0
+        sse = float(np.sum((a * u + b - v) ** 2))
+        if a > 0 and (best is None or sse < best[0]):
+            best = (sse, float(a), float(b), float(c))
+    if best is None:
+        return None
+    sst = float(np.sum((v - v.mean()) ** 2))
+    return Fit(*best[1:], r2=1 - best[0] / sst if sst > 0 else None, points=len(v),
+               shares=len(set(s.tolist())))
+
+
+@dataclass
+class Decision:
+    """One window's decision: its inputs, the model, the chosen split and why."""
+    time: float                      # the caller's clock at the window's last request
+    requests: int                    # requests in the window
+    percentile: float
+    rate: float                      # arrivals per second (inf: all arrived at once)
+    ttft_s: float                    # the window's TTFT percentile
+    tpot_s: float | None             # None: no request had two output tokens
+    prefill_sm: int                  # the split the window ran under
+    decode_sm: int
+    ttft_fit: Fit | None
+    tpot_fit: Fit | None
+    next_prefill_sm: int             # the split chosen
+    next_decode_sm: int
+    predicted_ttft_s: float | None   # the usable fits' predictions at the chosen split
+    predicted_tpot_s: float | None
+    action: str                      # hold, stuck, raise_/give_to_ + prefill/decode
+    reason: str
+
+    def to_dict(self) -> dict:
+        """JSON-safe: infinities (no rate, or a queue the model says never drains) become None."""
+        def clean(v):
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+        return clean(asdict(self))
+
+
+class Partitioner:
+    def __init__(self, config: PartitionConfig, prefill_sm: int, decode_sm: int):
+        self.config = config
+        self._slos = (config.ttft_slo, config.tpot_slo)
+        self.check((prefill_sm, decode_sm))
+        self.split = (prefill_sm, decode_sm)
+        self._window: list[tuple[float, float, float | None]] = []  # (arrived, TTFT, TPOT)
+        self._arrivals: list[float] = []                             # every arrival, in order
+        self._settled_at = -math.inf
+        self._points: deque[tuple] = deque(maxlen=FIT_WINDOWS)
+        self._rates: deque[float] = deque(maxlen=LOAD_WINDOWS)
+        self._load = math.inf                                        # median of _rates
+        self._visited: dict[tuple[int, int], float] = {}           # split -> lowest rate seen at
+        self._missed: dict[tuple[tuple[int, int], int], float] = {}  # (split, phase) -> lowest load
+        self._recent: deque[list] = deque(maxlen=LOAD_WINDOWS)  # newest windows' [key, own rate, load]
+        self._evidence: dict[tuple[tuple[int, int], int], float] = {}  # both of the above: what holds
+        median_noise = 1.25 / math.sqrt(0.8 * config.window * LOAD_WINDOWS)
+        self.tolerance = min(MAX_TOLERANCE, max(LOAD_TOLERANCE, 3 * median_noise))
+
+    def check(self, split: tuple[int, int]) -> None:
+        cfg = self.config
+        if sum(split) > cfg.max_total or not all(cfg.min_share <= s <= 100 and s % cfg.step == 0
+                                                 for s in split):
+            raise UserError(f"split {split} needs multiples of {cfg.step} in [{cfg.min_share}, 100] "
+                            f"adding up to at most {cfg.max_total}")
+
+    def switched(self, prefill_sm: int, decode_sm: int, now: float) -> None:
+        """The split in effect from `now` (call once the workers have switched, or failed to):
+        requests that arrived earlier ran partly under the old split and are left out."""
+        self.check((prefill_sm, decode_sm))
+        self.split, self._settled_at = (prefill_sm, decode_sm), now
+        self._window.clear()
+
+    def arrived(self, arrived_s: float) -> None:
+        """A request arrived (times on the clock observe() is given, in increasing order)."""
+        self._arrivals.append(arrived_s)
+        if len(self._arrivals) > MAX_ARRIVALS:
+            del self._arrivals[:MAX_ARRIVALS // 2]
+
+    def observe(self, arrived_s: float, ttft_s: float, tpot_s: float | None, now: float) -> Decision | None:
+        """One finished request (times on one clock); every `window`th counted one returns the
+        Decision, whose next split the partitioner assumes in effect from `now`."""
+        if arrived_s < self._settled_at:
+            return None
+        self._window.append((arrived_s, ttft_s, tpot_s))
+        if len(self._window) < self.config.window:
+            return None
+        decision = self._decide(now)
+        self._window.clear()
+        if (decision.next_prefill_sm, decision.next_decode_sm) != self.split:
+            self.switched(decision.next_prefill_sm, decision.next_decode_sm, now)
+        return decision
+
+    def _decide(self, now: float) -> Decision:
+        cfg, here = self.config, self.split
+        lo, hi = np.percentile([a for a, _, _ in self._window], (10, 90))
+        count = bisect.bisect_right(self._arrivals, hi) - bisect.bisect_left(self._arrivals, lo)
+        rate = (count - 1) / (hi - lo) if hi > lo and count > 1 else math.inf
+        tpots = [t for _, _, t in self._window if t is not None]
+        observed = (float(np.percentile([t for _, t, _ in self._window], cfg.percentile)),
+                    float(np.percentile(tpots, cfg.percentile)) if tpots else None)
+        missed = [i for i in (0, 1) if observed[i] is not None and observed[i] > self._slos[i]]
+        self._rates.append(rate)
+        self._load = float(np.median(self._rates))
+        _keep_lowest(self._visited, here, self._load)
+        self._file(here, missed, rate)
+        self._points.append((*here, rate, *observed))
+        stable = [p for p in self._points if p[3] <= OVERLOADED * cfg.ttft_slo]
+        timed = [p for p in self._points if p[4] is not None]
+        fits = (fit_latency([p[0] for p in stable], [p[2] for p in stable], [p[3] for p in stable], True),
+                fit_latency([p[1] for p in timed], [p[2] for p in timed], [p[4] for p in timed], False))
+        usable = [f if f and f.r2 is not None and f.r2 >= MIN_R2 else None for f in fits]
+        target, action, reason = self._choose(observed, missed, rate, usable)
+        predicted = [f.predict(target[i], rate) if f else None for i, f in enumerate(usable)]
+        return Decision(now, len(self._window), cfg.percentile, rate, *observed, *here, *fits, *target,
+                        *predicted, action, reason)
+
+    def _file(self, here: tuple[int, int], missed: list[int], rate: float) -> None:
+        """File this window's misses under the load, and those of the last LOAD_WINDOWS windows
+        again where the load has risen past the tolerance since (module docstring)."""
+        for record in itertools.chain.from_iterable(self._recent):
+            if (1 - self.tolerance) * self._load > record[2]:
+                record[2] = max(record[2], min(record[1], self._load))
+        if len(self._recent) == self._recent.maxlen:  # the oldest window's misses are final
+            for key, _, load in self._recent[0]:
+                _keep_lowest(self._missed, key, load)
+        self._recent.append([[(here, i), rate, self._load] for i in missed])
+        self._evidence = dict(self._missed)
+        for key, _, load in itertools.chain.from_iterable(self._recent):
+            _keep_lowest(self._evidence, key, load)
+
+    def _choose(self, observed, missed: list[int], rate: float, fits) -> tuple[tuple[int, int], str, str]:
+        slos = self._slos
+
+        def said(i, verdict):
+            return f"P{self.config.percentile:g} {METRICS[i]} {observed[i]:.4g} s {verdict} SLO {slos[i]:g} s"
+        for i in missed:  # TTFT first
+            target = self._raise(i, rate, fits[i], slos[i])
+            if target is not None:
+                return target, f"raise_{PHASES[i]}", said(i, ">")
+        if missed:
+            return self.split, "stuck", " and ".join(said(i, ">") for i in missed) + \
+                ": no allowed split raises " + " or ".join(PHASES[i] for i in missed)
+        if observed[1] is not None:
+            ratios = (observed[0] / slos[0], observed[1] / slos[1])
+            for giver, taker in ((0, 1), (1, 0)):
+                target = self._give(giver, rate, fits[giver], slos[giver]) \
+                    if ratios[giver] < GIVE_BACK <= ratios[taker] else None
+                if target is not None:
+                    return target, f"give_to_{PHASES[taker]}", f"{said(giver, '<=')} " \
+                        f"({ratios[giver]:.0%}), {METRICS[taker]} at {ratios[taker]:.0%} of its SLO"
+        return self.split, "hold", " and ".join(said(i, "<=") for i in (0, 1) if observed[i] is not None)
+
+    def _raise(self, i: int, rate: float, fit: Fit | None, slo: float) -> tuple[int, int] | None:
+        """Phase i up by the fewest of 1..max_steps steps the model says meet its SLO."""
+        cfg, allowed = self.config, []
+        for k in range(1, cfg.max_steps + 1):
+            target = self._with(i, self.split[i] + k * cfg.step)
+            if target is None:
+                break
+            # The model sees phase i's share only: a step past 100, which comes off the other
+            # phase, changes nothing it can predict, so it never justifies one.
+            if self._allowed(target, fresh=False) and (not allowed or allowed[-1][i] < target[i]):
+                allowed.append(target)
+        if not allowed or fit is None:
+            return allowed[0] if allowed else None
+        return next((t for t in allowed if fit.predict(t[i], rate) <= slo), allowed[-1])
+
+    def _give(self, giver: int, rate: float, fit: Fit | None, slo: float) -> tuple[int, int] | None:
+        """One step to the other phase; from the giver where the taker holds 100 or max_total
+        requires. None where it would deepen the overlap of the caps (module docstring)."""
+        taker = 1 - giver
+        target = self._with(taker, self.split[taker] + self.config.step)
+        if (target is None or _overlap(target) > max(_overlap(self.split), 0)
+                or not self._allowed(target, fresh=True)):
+            return None
+        return None if fit and fit.predict(target[giver], rate) > GIVE_BACK * slo else target
+
+    def _with(self, i: int, share: int) -> tuple[int, int] | None:
+        """The split with phase i raised to `share`: what passes 100 comes off the other phase,
+        which is also lowered as far as max_total needs."""
+        raised = min(share, 100)
+        other = min(self.split[1 - i] - (share - raised), self.config.max_total - raised)
+        if other < self.config.min_share:
+            return None
+        return (raised, other) if i == 0 else (other, raised)
+
+    def _allowed(self, target: tuple[int, int], fresh: bool) -> bool:
+        def holds(seen_load):
+            return seen_load is not None and self._load >= (1 - self.tolerance) * seen_load
+        if any(holds(self._evidence.get((target, i))) for i in (0, 1)):
+            return False
+        for i in (0, 1):
+            worst = max((s[i] for (s, j), r in self._evidence.items() if j == i and holds(r)), default=0)
+            if target[i] != self.split[i] and target[i] <= worst:
+                return False
+        return not (fresh and holds(self._visited.get(target)))
+
+
+def _overlap(split: tuple[int, int]) -> int:
+    """SM percent both phases' caps cover (negative: none, with that much to spare)."""
+    return sum(split) - 100
+
+
+def _keep_lowest(seen: dict, key, rate: float) -> None:
+    seen[key] = min(seen.get(key, math.inf), rate)

@@ -1,0 +1,48 @@
+"""One client request as the controller tracks it: where its sequence is, its output so far
+(detokenized incrementally) and its timings."""
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from semipd.shared import protocol
+from semipd.shared.sampling_params import SamplingParams
+from semipd.shared.tokenizer import Detokenizer
+
+
+@dataclass
+class Request:
+    client: bytes
+    request_id: str
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    detok: Detokenizer
+    where: str = "prefill"             # the worker that holds the sequence: prefill | decode
+    output_ids: list[int] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    token_times: list[float] = field(default_factory=list)
+    restarts: int = 0                  # times a worker died while holding it
+
+    def state(self) -> protocol.SeqState:
+        """The sequence as prefill should (re)compute it: every known token, no cache."""
+        return protocol.SeqState(self.seq_id, self.prompt_ids + self.output_ids, len(self.prompt_ids),
+                                 asdict(self.params), self.seed)
+
+    def add_token(self, token: int) -> tuple[str, bool]:
+        """Record a new token; returns (text to show now, whether a stop string ended it)."""
+        self.output_ids.append(token)
+        self.token_times.append(time.monotonic())
+        return self.detok.add([token])
+
+    def delta(self, text: str, token: int) -> protocol.Delta:
+        return protocol.Delta(self.request_id, text, [token])
+
+    def final(self, reason: str, text: str = "", token_ids: list[int] = (), error: str | None = None,
+              verdict: dict | None = None) -> protocol.Final:
+        times = self.token_times
+        return protocol.Final(
+            self.request_id, reason, text + self.detok.flush(), list(token_ids),
+            prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
+            ttft_s=times[0] - self.arrival if times else None,
+            itl_s=[b - a for a, b in zip(times, times[1:])], error=error, verdict=verdict)

@@ -1,0 +1,45 @@
+"""`semipd serve`: start the controller, which starts the workers, and serve until a signal."""
+
+import os
+import signal
+import sys
+
+from semipd.services.controller.moderation import moderation_config
+from semipd.services.controller.modes import mode_from_args
+from semipd.services.controller.mps import MpsDaemon, daemon_running
+from semipd.services.controller.server import Controller
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.runtime import default_server_address, ipc_address, refuse_if_listening, runtime_dir
+
+
+def serve(args) -> None:
+    address = args.address or default_server_address()
+    refuse_if_listening(address)
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
+                          num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len)
+    # Workers connect over a private socket in the runtime folder, never over the network.
+    worker_address = ipc_address(f"workers-{os.getpid()}.sock")
+    mode = mode_from_args(args)
+    # MPS first: a process joins it (or not) when it creates its CUDA context.
+    mps = MpsDaemon(os.path.join(runtime_dir(), f"mps-{os.getpid()}")) if args.start_mps else None
+    controller = None
+    try:
+        on_gpu = config.torch_device().type == "cuda"
+        mode.mps = on_gpu and (mps is not None or daemon_running())
+        if on_gpu and not mode.mps and not mode.unified:
+            print("semipd: no MPS daemon: the SM shares are recorded but not enforced "
+                  "(see --start-mps)", file=sys.stderr, flush=True)
+        controller = Controller(config, address, worker_address, moderation_config(args), mode)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        controller.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if controller is not None:
+            controller.close()
+        if mps is not None:
+            mps.stop()
+        for addr in (address, worker_address):
+            if addr.startswith("ipc://") and os.path.exists(addr[len("ipc://"):]):
+                os.unlink(addr[len("ipc://"):])

@@ -1,0 +1,48 @@
+"""The paged KV pool: one K and one V tensor [layers, pages, page_size, kv_heads, head_dim].
+
+Each is a single plain allocation, so another process can map it whole (a CUDA IPC handle, or a
+shared-memory segment on the CPU). Which pages belong to whom is the PageAllocator's business.
+"""
+
+import torch
+
+from semipd.shared.config import ModelConfig
+from semipd.shared.errors import UserError
+
+GIB = 1 << 30
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K plus V for one page across all layers."""
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return (num_tokens + page_size - 1) // page_size
+
+
+def auto_num_pages(cfg: ModelConfig, page_size: int, dtype: torch.dtype, device: torch.device,
+                   max_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+    """Pages that fit, but no more than max_num_seqs full-length sequences need. On CUDA the
+    budget is 90% of the memory left after the weights, less room for activations and logits;
+    on the CPU, 1 GiB."""
+    per_page = page_bytes(cfg, page_size, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory torch cached but does not use counts as free
+        free, total = torch.cuda.mem_get_info(device)
+        activations = max_batched_tokens * (2 * cfg.intermediate_size + 4 * cfg.hidden_size) * dtype.itemsize
+        logits = 2 * max_num_seqs * cfg.vocab_size * 4
+        budget = free - 0.1 * total - activations - logits - GIB
+    else:
+        budget = GIB
+    pages = min(int(budget // per_page), max_num_seqs * pages_for(max_model_len, page_size))
+    if pages < pages_for(max_model_len, page_size):
+        raise UserError(f"room for only {max(pages, 0)} KV pages of {per_page} bytes on {device}; "
+                        f"one full-length sequence needs {pages_for(max_model_len, page_size)}")
+    return pages
+
+
+def allocate_kv_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)

@@ -1,0 +1,175 @@
+"""Build a Transformer and fill it: from a Hugging Face checkpoint, or with random weights."""
+
+import json
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+from semipd.shared.config import ModelConfig, load_hf_config
+from semipd.shared.errors import UserError, first_line
+from semipd.shared.model import Transformer
+from semipd.shared.rope import RotaryEmbedding
+
+# HF tensor name fragment -> (our fused parameter, shard index within it)
+FUSED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
+         ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               progress: bool = True, arena=None, cfg: ModelConfig | None = None,
+               extra: dict[str, torch.Tensor] | None = None) -> Transformer:
+    """Build the model and fill its weights from the checkpoint or randomly (presets). With an
+    arena (shared_memory.SharedArena of weights_nbytes bytes) the weights live there. cfg, if
+    given, replaces the model's own config; extra maps checkpoint tensor names outside the
+    Transformer (a monitor's heads) to tensors that are filled the same way."""
+    cfg = cfg or ModelConfig.from_hf(load_hf_config(model))
+    files = _checkpoint_files(model) if os.path.isdir(model) else []
+    net = build_model(cfg, device, dtype, None if arena is None else arena.tensor)
+    if files:
+        _load_checkpoint(net, files, progress, extra or {})
+    else:
+        _init_random(net, seed, extra or {})
+    return net
+
+
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                flat: torch.Tensor | None = None) -> Transformer:
+    """A Transformer whose parameters are views into one flat uint8 buffer (fresh if None):
+    one plain allocation that another process can map. Contents are left as they are."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            net = Transformer(cfg).eval().requires_grad_(False)
+        with torch.device(device):  # the rotary tables are computed, not shared
+            rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+    finally:
+        torch.set_default_dtype(previous)
+    for layer in net.layers:
+        layer.self_attn.rope = rope
+    layout, nbytes = weight_layout(net)
+    if flat is None:
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if flat.numel() < nbytes:
+        raise ValueError(f"weight buffer holds {flat.numel()} bytes, the model needs {nbytes}")
+    for name, (offset, shape) in layout.items():
+        module_name, _, attr = name.rpartition(".")
+        view = flat[offset:offset + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
+        setattr(net.get_submodule(module_name), attr, torch.nn.Parameter(view, requires_grad=False))
+    if cfg.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    return net
+
+
+def weight_layout(net: Transformer) -> tuple[dict[str, tuple[int, list[int]]], int]:
+    """name -> (byte offset, shape) of every distinct parameter, 256-byte aligned; total bytes."""
+    layout, offset = {}, 0
+    for name, p in net.named_parameters():
+        layout[name] = (offset, list(p.shape))
+        offset += (p.numel() * p.element_size() + 255) // 256 * 256
+    return layout, offset
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files, each header read, so a bad checkpoint is reported
+    before any memory is allocated for the model."""
+    files = _listed_files(path)
+    from safetensors import safe_open
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as e:  # safetensors reports corruption with several exception types
+            raise UserError(f"{file}: corrupt or unreadable checkpoint ({first_line(e)})") from None
+    return files
+
+
+def _listed_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{index}: unreadable index ({first_line(e)})") from None
+        files = [os.path.join(path, n) for n in names]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise UserError(f"{path}: checkpoint shard missing: {os.path.basename(missing[0])}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _load_checkpoint(net: Transformer, files: list[str], progress: bool, extra: dict) -> None:
+    from safetensors import safe_open
+    params = dict(net.named_parameters()) | extra
+    sizes = {".qkv_proj.": [net.layers[0].self_attn.q_size, *[net.layers[0].self_attn.kv_size] * 2],
+             ".gate_up_proj.": [net.cfg.intermediate_size] * 2}
+    loaded: set[str] = set()
+    num_tensors = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            num_tensors += len(f.keys())
+    bar = tqdm(total=num_tensors, unit="tensor", desc="loading weights", disable=not progress)
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for hf_name in f.keys():
+                    target, shard = _our_name(hf_name)
+                    if target is None or (target == "lm_head.weight" and net.cfg.tie_word_embeddings):
+                        bar.update(1)
+                        continue
+                    if target not in params:
+                        raise UserError(f"{file}: unexpected tensor {hf_name}")
+                    tensor = f.get_tensor(hf_name)
+                    _copy_into(params[target], tensor, shard, sizes, hf_name, file)
+                    loaded.add(f"{target}#{shard}")
+                    bar.update(1)
+        except UserError:
+            raise
+        except Exception as e:  # safetensors reports corruption with several exception types
+            raise UserError(f"{file}: corrupt or unreadable checkpoint ({first_line(e)})") from None
+    bar.close()
+    expected = {f"{name}#{i}" for name in params for i in _shard_ids(name)}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise UserError(f"{os.path.dirname(files[0])}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")
+
+
+def _our_name(hf_name: str) -> tuple[str | None, int | None]:
+    if "rotary_emb" in hf_name:
+        return None, None
+    name = hf_name.removeprefix("model.")
+    for fragment, (fused, shard) in FUSED.items():
+        if fragment in name:
+            return name.replace(fragment, fused), shard
+    return name, None
+
+
+def _shard_ids(name: str) -> list[int | None]:
+    return [0, 1, 2] if ".qkv_proj." in name else [0, 1] if ".gate_up_proj." in name else [None]
+
+
+def _copy_into(param, tensor, shard, sizes, hf_name, file):
+    if shard is not None:
+        fused = next(k for k in sizes if k in _our_name(hf_name)[0])
+        start = sum(sizes[fused][:shard])
+        param = param.narrow(0, start, sizes[fused][shard])
+    if param.shape != tensor.shape:
+        raise UserError(f"{file}: {hf_name} has shape {list(tensor.shape)}, config implies {list(param.shape)}")
+    param.copy_(tensor)
+
+
+def _init_random(net: Transformer, seed: int, extra: dict) -> None:
+    """Small normal weights (std 0.02, norms at 1), made on the target device, reproducible."""
+    gen = torch.Generator(device=net.embed_tokens.weight.device).manual_seed(seed)
+    for name, p in [*net.named_parameters(), *extra.items()]:
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)

@@ -1,0 +1,181 @@
+"""The two schedulers: prefill (a waiting queue, batches under a token budget) and decode
+(continuous batching). They share only the page allocator, so each can live in its own process.
+"""
+
+from collections import deque
+
+from semipd.shared.kv_cache import pages_for
+from semipd.shared.sequence import PENDING, Sequence
+
+
+def grow(seq: Sequence, num_tokens: int, allocator, page_size: int) -> bool:
+    """Give seq enough pages for num_tokens tokens; False (and nothing taken) if the pool is short."""
+    need = pages_for(num_tokens, page_size) - len(seq.block_table)
+    if need <= 0:
+        return True
+    pages = allocator.alloc(need, seq.seq_id)
+    if pages is None:
+        return False
+    seq.block_table += pages
+    return True
+
+
+class PrefillScheduler:
+    def __init__(self, allocator, page_size: int, max_batched_tokens: int, max_num_seqs: int):
+        self.allocator, self.page_size = allocator, page_size
+        self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        self.waiting.appendleft(seq) if front else self.waiting.append(seq)
+
+    def schedule(self, budget: int | None = None, max_seqs: int | None = None) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to compute) pairs in queue order, with pages allocated, within
+        budget tokens (default max_batched_tokens) and max_seqs sequences (max_num_seqs).
+
+        A prompt longer than the budget is split into chunks over several steps. If the pool is
+        short, partly computed sequences behind the one at hand give their pages back first, so
+        that at least the oldest request always progresses."""
+        batch = []
+        budget = self.max_batched_tokens if budget is None else budget
+        max_seqs = self.max_num_seqs if max_seqs is None else max_seqs
+        for i, seq in enumerate(self.waiting):
+            if budget <= 0 or len(batch) >= max_seqs:
+                break
+            chunk = min(seq.num_tokens - seq.num_cached, budget)
+            while not grow(seq, seq.num_cached + chunk, self.allocator, self.page_size):
+                if not self._release_one_after(i):
+                    if not batch and seq.block_table:
+                        # Hold nothing while waiting: decode may need these pages to progress.
+                        self.allocator.free(seq.reset_cache())
+                    return batch
+            batch.append((seq, chunk))
+            budget -= chunk
+        return batch
+
+    def _release_one_after(self, index: int) -> bool:
+        for seq in reversed(list(self.waiting)[index + 1:]):
+            if seq.block_table:
+                self.allocator.free(seq.reset_cache())
+                return True
+        return False
+
+    def held(self) -> list[Sequence]:
+        return list(self.waiting)
+
+    def drop(self, seq_ids: set[int]) -> None:
+        """Abort these sequences if queued here, freeing their pages."""
+        for seq in [s for s in self.waiting if s.seq_id in seq_ids]:
+            self.waiting.remove(seq)
+            self.allocator.free(seq.reset_cache())
+
+    def finish_chunks(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Record computed chunks; return (and dequeue) the sequences whose prompt is complete."""
+        done = []
+        for seq, chunk in batch:
+            seq.num_cached += chunk
+            if seq.num_cached == seq.num_tokens:
+                done.append(seq)
+        for seq in done:
+            self.waiting.remove(seq)
+        return done
+
+
+class DecodeScheduler:
+    """`release` returns pages to the pool (default: at once; the decode worker defers it while
+    a launched step may still write them)."""
+
+    def __init__(self, allocator, page_size: int, max_num_seqs: int, release=None):
+        self.allocator, self.page_size, self.max_num_seqs = allocator, page_size, max_num_seqs
+        self.release = release or allocator.free
+        self.running: list[Sequence] = []
+        # Handed over with their newest token still in a retiring predecessor's step in flight:
+        # held until the controller passes that step on (inherit), before anything else it sends
+        self.inherited: dict[int, Sequence] = {}
+
+    def add(self, seq: Sequence) -> None:
+        if seq.token_ids[-1] == PENDING:
+            self.inherited[seq.seq_id] = seq
+        else:
+            self.running.append(seq)
+
+    def inherit(self, step) -> None:
+        """The predecessor's last step (a DecodeStep): fill in the inherited sequences' newest
+        tokens and let them run. Those it finished are gone (the predecessor freed their pages);
+        it also carries those that ended on their way here (the controller frees their pages)."""
+        for seq_id, token, finished in zip(step.seq_ids, step.tokens, step.finished):
+            seq = self.inherited.pop(seq_id, None)
+            if seq is not None and finished is None:
+                seq.fill(seq.num_tokens - 1, token)
+                self.running.append(seq)
+
+    def schedule(self, preempt: bool = True) -> tuple[list[Sequence], list[Sequence]] | None:
+        """(batch for this step, preempted sequences). Each sequence in the batch gets a page for
+        its newest token; when the pool is short the youngest sequences are preempted: their
+        pages are freed and they go back to prefill to be recomputed (with preempt False: None).
+        A sequence whose last token is still being sampled (it reached max_tokens) sits out."""
+        batch, preempted, i = [], [], 0
+        while i < len(self.running) and len(batch) < self.max_num_seqs:
+            seq = self.running[i]
+            if seq.num_output >= seq.params.max_tokens:
+                i += 1
+            elif grow(seq, seq.num_tokens, self.allocator, self.page_size):
+                batch.append(seq)
+                i += 1
+            elif not preempt:
+                return None
+            else:
+                victim = self.running.pop()
+                self.release(victim.reset_cache())
+                preempted.append(victim)
+        return batch, preempted
+
+    def held(self) -> list[Sequence]:
+        return self.running + list(self.inherited.values())
+
+    def drop(self, seq_ids: set[int]) -> None:
+        """Abort these sequences if running here, freeing their pages."""
+        self.remove([s for s in self.running if s.seq_id in seq_ids])
+
+    def finish(self, read: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Drop the sequences that a step's (sequence, token) pairs finished; returns the pairs."""
+        self.remove([s for s, _ in read if s.finish_reason is not None])
+        return read
+
+    def remove(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.running.remove(seq)
+            self.release(seq.reset_cache())
+
+
+class MixedScheduler:
+    """Both phases in one process, as vLLM and SGLang schedule by default: each step every running
+    sequence decodes one token and prompt chunks fill the rest of the token budget, all in one
+    forward pass. `semipd generate` and the unified serving mode use it."""
+
+    def __init__(self, allocator, page_size: int, max_batched_tokens: int, max_num_seqs: int):
+        self.allocator = allocator
+        self.prefill = PrefillScheduler(allocator, page_size, max_batched_tokens, max_num_seqs)
+        self.decode = DecodeScheduler(allocator, page_size, max_num_seqs)
+
+    def add(self, seq: Sequence) -> None:
+        self.prefill.add(seq)
+
+    def held(self) -> list[Sequence]:
+        return self.decode.held() + self.prefill.held()
+
+    def drop(self, seq_ids: set[int]) -> None:
+        self.decode.drop(seq_ids)
+        self.prefill.drop(seq_ids)
+
+    def schedule(self, preempt: bool = True) -> tuple[list[Sequence], list[tuple[Sequence, int]]] | None:
+        """(decode batch, prompt chunks). Preempted sequences rejoin the prompt queue first (with
+        preempt False, a needed preemption returns None, as in DecodeScheduler)."""
+        scheduled = self.decode.schedule(preempt)
+        if scheduled is None:
+            return None
+        batch, preempted = scheduled
+        for seq in preempted:
+            self.prefill.add(seq, front=True)
+        return batch, self.prefill.schedule(self.prefill.max_batched_tokens - len(batch),
+                                            self.prefill.max_num_seqs - len(batch))
