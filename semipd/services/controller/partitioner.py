@@ -76,6 +76,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from semipd.services.controller.latency_model import Fit, fit_latency
 from semipd.shared.errors import UserError
 
 GIVE_BACK = 0.5        # a phase below this fraction of its SLO may give a step to the other
@@ -84,9 +85,7 @@ MAX_TOLERANCE = 0.5    # ...but never more than this (tiny windows: the median's
 LOAD_WINDOWS = 5       # windows whose median rate is the load evidence is compared with
 FIT_WINDOWS = 16       # recent windows the model is fitted over
 MAX_ARRIVALS = 1 << 16  # arrival times kept for measuring the rate
-C_GRID = 64            # candidate values of c for the TTFT fit
 OVERLOADED = 10        # a window with TTFT over this many SLOs had a growing queue: not fitted
-MIN_R2 = 0.5           # a fit explaining less of the variance is logged but not used
 PHASES = ("prefill", "decode")
 METRICS = ("TTFT", "TPOT")
 
@@ -114,46 +113,6 @@ class PartitionConfig:
                             f"({self.step}) in (0, 100]")
         if not 2 * self.min_share <= self.max_total <= 200:
             raise UserError(f"max_total must be in [{2 * self.min_share}, 200], got {self.max_total}")
-
-
-@dataclass
-class Fit:
-    """latency = a / (share - c * rate) + b, fitted to `points` windows at `shares` distinct shares."""
-    a: float
-    b: float
-    c: float
-    r2: float | None   # None when every point had the same latency
-    points: int
-    shares: int
-
-    def predict(self, share: int, rate: float) -> float:
-        room = share - self.c * rate if self.c > 0 else share
-        return self.a / room + self.b if room > 0 else math.inf
-
-
-def fit_latency(shares: list[int], rates: list[float], values: list[float], queueing: bool) -> Fit | None:
-    """Least-squares fit of the latency model; None without two shares or a decreasing fit."""
-    s, r, v = (np.asarray(z, dtype=float) for z in (shares, rates, values))
-    if queueing:  # a window whose arrivals came all at once has no rate to fit
-        keep = np.isfinite(r)
-        s, r, v = s[keep], r[keep], v[keep]
-    if len(set(s.tolist())) < 2:
-        return None
-    cs = np.min(s / r) * np.arange(C_GRID) / C_GRID if queueing else np.zeros(1)
-    best = None
-    for c in cs:
-        u = 1.0 / (s - c * r)
-        (a, b), *_ = np.linalg.lstsq(np.stack([u, np.ones_like(u)], axis=1), v, rcond=None)
-        if b < 0:  # a latency floor is never negative: refit through the origin
-            a, b = float(u @ v / (u @ u)), 0.0
-        sse = float(np.sum((a * u + b - v) ** 2))
-        if a > 0 and (best is None or sse < best[0]):
-            best = (sse, float(a), float(b), float(c))
-    if best is None:
-        return None
-    sst = float(np.sum((v - v.mean()) ** 2))
-    return Fit(*best[1:], r2=1 - best[0] / sst if sst > 0 else None, points=len(v),
-               shares=len(set(s.tolist())))
 
 
 @dataclass
@@ -256,7 +215,7 @@ class Partitioner:
         timed = [p for p in self._points if p[4] is not None]
         fits = (fit_latency([p[0] for p in stable], [p[2] for p in stable], [p[3] for p in stable], True),
                 fit_latency([p[1] for p in timed], [p[2] for p in timed], [p[4] for p in timed], False))
-        usable = [f if f and f.r2 is not None and f.r2 >= MIN_R2 else None for f in fits]
+        usable = [f if f and f.usable else None for f in fits]
         target, action, reason = self._choose(observed, missed, rate, usable)
         predicted = [f.predict(target[i], rate) if f else None for i, f in enumerate(usable)]
         return Decision(now, len(self._window), cfg.percentile, rate, *observed, *here, *fits, *target,
