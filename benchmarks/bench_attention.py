@@ -1,4 +1,4 @@
-"""Speed of the Triton paged-attention kernels on CUDA, each beside its floor (DESIGN.md section 4).
+"""Speed of the Triton paged-attention kernels on CUDA, each beside its floor.
 
 Llama-3-8B heads (32 query heads, 8 kv heads, head_dim 128), bf16, page size 16, pages shuffled.
 Prefill: one causal prompt of n tokens; floor = 4 * Hq * D * n(n+1)/2 FLOP at 800 TFLOP/s.
@@ -7,7 +7,7 @@ Decode: batch B, every sequence at context n; floor = K and V bytes read once at
   Timed per layer inside a CUDA graph over several layers' caches, as the decode step runs it.
 Times are triton.testing.do_bench medians (it flushes L2 between runs).
 
-    python3 benchmarks/bench_attention.py [--sweep]   # --sweep also times other block configs
+    python3 -m benchmarks.bench_attention [--sweep]   # --sweep also times other block configs
 """
 
 import argparse

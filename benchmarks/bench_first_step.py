@@ -2,7 +2,7 @@
 
 A fresh ModelRunner, warmed and with its CUDA graphs captured as a standby has it, is handed
 batches of sequences with cached context, as a hand-over brings them, and runs them through the
-decode worker's launch-ahead loop (shared/pipeline.py). Each batch size runs twice: first while
+decode worker's launch-ahead loop (semipd/shared/pipeline.py). Each batch size runs twice: first while
 this process has never stepped that size, then once warm. Printed per run: the host's time in the
 first launch; the time from the first launch until the first tokens are read, the part of a
 switch's gap that the new worker's first step takes (less its messages); and the steady step, the

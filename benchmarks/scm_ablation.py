@@ -3,7 +3,7 @@
     python -m benchmarks.scm_ablation [--sizes 25,50,100,400] [--seeds 0,1,2] [--epochs 5]
 
 For each training-set size and seed: write the synthetic splits and a tiny random Qwen2 base
-(services/scm/synthetic.py), train twice from the same start, with the logic loss
+(semipd/services/scm/synthetic.py), train twice from the same start, with the logic loss
 (--logic-weight 1) and without (0), and score the same 200-record test split at threshold 0.6,
 k 4. Prints per-run rows and the mean over seeds: macro F1 of the streaming rule, macro F1 of
 the response head, and the mean fraction of response tokens seen before a stop.

@@ -10,7 +10,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from semipd.services.controller.partitioner import Decision, PartitionConfig, Partitioner, fit_latency
+from semipd.services.controller.latency_model import fit_latency
+from semipd.services.controller.partitioner import Decision, PartitionConfig, Partitioner
 from semipd.shared.errors import UserError
 
 CONFIGS = [

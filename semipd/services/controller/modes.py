@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from semipd.shared.errors import UserError
 
 # The default split. MPS shares are caps: prefill's 60% leaves decode at least 40% of the SMs
-# while both run, and decode may use them all while prefill is idle (a third of the time at 32
-# req/s). Decode, bound by memory bandwidth, gains more from the idle SMs than from a fixed larger
-# share: mean E2E at 32 req/s on an H200 was 2713 ms at 60/100 against 3280 at 60/40 (docs/
-# benchmarks.md). Prefill keeps the larger guaranteed share because its SLO (TTFT) is the one a
-# burst of arrivals breaks first (40/100 was 2% faster, at its TTFT SLO at 48 req/s).
+# while both run, and decode may use them all while prefill is idle, as it often is. Decode,
+# bound by memory bandwidth, gains more from the idle SMs than from a fixed larger share, so
+# these overlapping caps serve faster than a disjoint split. Prefill keeps the larger guaranteed
+# share because its SLO (TTFT) is the one a burst of arrivals breaks first: a lower cap was a
+# little faster but left TTFT at its SLO under a heavier load. Figures: docs/benchmarks.md, "Why
+# the default split is 60/100".
 DEFAULT_PREFILL_SM, DEFAULT_DECODE_SM = 60, 100
 
 
@@ -20,7 +21,7 @@ class ServingMode:
     shares: dict[str, int]          # SM percent per worker role
     partition: object | None = None  # partitioner.PartitionConfig when --dynamic
     mps: bool = False               # whether the shares take effect (an MPS daemon serves us)
-    switch_timeout_s: float = 120.0  # a cold switch prepared in 10-14 s on an H100 (docs/benchmarks.md)
+    switch_timeout_s: float = 120.0  # well over what preparing a cold standby takes (docs/benchmarks.md)
 
     @property
     def unified(self) -> bool:

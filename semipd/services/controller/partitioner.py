@@ -1,72 +1,20 @@
 """The semi-PD partitioner: picks the SM split, x = prefill % and y = decode %, that keeps the
-TTFT and TPOT percentiles within their SLOs. Pure logic: the controller feeds it finished requests
-and applies the splits it returns.
+TTFT and TPOT percentiles within their SLOs. Pure logic: the controller feeds it every arrival
+and each finished request, and applies the splits it returns.
 
-Rule (semi-PD, arXiv 2504.19867): every `window` finished requests, take the `percentile` of TTFT
-and of TPOT over the window. If TTFT misses its SLO, raise x by 1 to `max_steps` steps: the fewest
-the latency model predicts meet the SLO, all of them if none does, one while there is no model.
-Else if TPOT misses, the same for y. A raise past 100, or past what `max_total` leaves, lowers
-the other share; the model, which sees the raised phase's share only, never justifies a step
-that leaves that share as it is (a phase at 100 is raised one step at a time).
-When both miss, TTFT goes first (as in the paper); if x cannot rise, y may. When both are met and
-one phase is below GIVE_BACK of its SLO while the other is not, the comfortable phase gives the
-other a step (else a phase never gives SMs back), unless its model predicts it would then pass
-GIVE_BACK of its SLO (the margin absorbs load changes) or the step deepens the overlap (below).
-With both far inside their SLOs nothing moves: giving decode the SMs prefill could spare was
-tried and measured no lower end-to-end latency (docs/benchmarks.md), while it left prefill short
-when a burst came.
+Rule (semi-PD, arXiv 2504.19867), every `window` finished requests: if the window's TTFT
+percentile misses its SLO, raise x by the fewest of 1 to `max_steps` steps that the latency model
+(latency_model.py) predicts meet it (one step without a usable model); else if TPOT misses, the
+same for y. TTFT goes first; if x cannot rise, y may. A raise past 100, or past what `max_total`
+leaves, lowers the other share. When both are met and one phase is below GIVE_BACK of its SLO
+while the other is not, the comfortable phase gives the other a step, unless its model predicts
+it would then pass GIVE_BACK of its SLO or the step deepens the overlap of the two caps.
+Otherwise the split holds.
 
-Overlap: `max_total` bounds x + y, default 200. MPS quotas are caps, not reservations: with
-x + y > 100 the phases contend for the overlap when both are busy. That is the better default
-in serving (docs/benchmarks.md, H200): prefill is idle a third of the time and decode, bound by
-memory bandwidth, runs faster on the SMs prefill leaves than on a fixed minority; the cap on
-prefill is what keeps decode's floor. A phase already at 100 is raised by lowering the other
-(the semi-PD rule), so where decode holds 100 a TPOT miss lowers prefill's cap. The model reads
-x and y as capacity, which under overlap they are not: fits are only a guide, and a fit needs two
-shares (decode held at 100 has none). A give never deepens the overlap: there the taker's raised
-cap takes nothing from the giver's, only more of the SMs both contend for (beside decode at 100,
-such gives raised prefill from 60 to 90 at 48-56 req/s on an H200, and end-to-end latency rose
-7-42% over static 60/100's). max_total 100 makes the partition disjoint.
-
-Latency model, least squares over the last FIT_WINDOWS windows' (split, rate, percentile) points:
-  TPOT = a2 / y + b2                linear in 1/y
-  TTFT = a1 / (x - c * rate) + b1   queueing: lambda = c * rate is the share the arrivals keep
-                                    busy (M/M/1 with a service rate proportional to x)
-c is grid-searched over [0, min_i x_i / rate_i) (each fitted queue was stable), with a1, b1 solved
-linearly at each c (b >= 0: a latency floor); ties go to the smallest c. Windows with TTFT over
-OVERLOADED SLOs had a growing queue, which the model does not describe: they are not fitted. A fit
-needs windows at two shares or more and a > 0 (more SMs, less latency), and guides moves only with
-R^2 >= MIN_R2; without such a fit the one-step rule applies. Each decision logs its fits. The
-rate is the load the window's requests met: every arrival (the caller reports each one) between
-the 10th and 90th percentiles of their arrival times, per second. Finished requests alone would
-not do: a long one that arrived long before stretches the span, and arrivals still in flight go
-uncounted.
-
-No oscillation: each window records its split as visited and, if it missed, which SLO. A miss at
-share s means every share <= s of that phase misses at that load or more (latency falls with SMs
-and rises with load). Evidence seen at load r holds while the load stays >= (1 - tolerance) * r
-(the lowest r is kept); a larger drop forgets it. The load here is the median rate of the last
-LOAD_WINDOWS windows: one window's rate is noisy (it counts about 0.8 * window arrivals: 16% at
-40), and evidence forgotten on noise would let the splits cycle. The tolerance is three times the
-median's noise (about 1.25 / sqrt(LOAD_WINDOWS) of one window's), within [LOAD_TOLERANCE,
-MAX_TOLERANCE]: 27% for windows of 50 requests, 42% for 20 (at 25% flat, 2 of 400 runs at an
-infeasible load cycled between two splits in the synthetic tests with windows of 20).
-
-The median lags a rise in load, so a miss of the last LOAD_WINDOWS windows is filed again at the
-higher load, up to its own window's rate, once the load has risen past the tolerance: misses in
-the first windows of a spike would otherwise hold at the load before it and, once it had passed,
-ban splits that meet both SLOs (stuck in 5 of 120 simulated spikes of 1.5-3x). A spike of one or
-two windows does not move the median, so its misses stay filed at the load before it: at these
-window sizes it cannot be told from noise, and evidence that noise could refile would let the
-splits cycle.
-
-A move never enters a split that missed, never changes a share to one at or below that phase's
-missed shares, and a give-back never enters a visited split.
-So under one load every miss raises a bound and every give-back visits a new split: moves stop,
-and A->B->A->B cannot happen (A->B->A can: a give-back that missed). Where quotas overlap TPOT
-also rises with x, so a bound on y is not all a TPOT miss says; but no move re-enters a split that
-missed under this load, and there are finitely many: the moves still end. A miss with no allowed
-move holds the split as a best effort (action "stuck").
+Evidence keeps the moves from cycling: a miss at a share bans that split and every lower share
+of that phase while the load stays within `tolerance` of the load it was seen at, and a
+give-back never re-enters a visited split. A miss with no allowed move holds the split
+("stuck"). docs/architecture.md, "The partitioner", says why each part is as it is.
 """
 import bisect
 import itertools
@@ -76,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from semipd.services.controller.latency_model import Fit, fit_latency
 from semipd.shared.errors import UserError
 
 GIVE_BACK = 0.5        # a phase below this fraction of its SLO may give a step to the other
@@ -84,9 +33,7 @@ MAX_TOLERANCE = 0.5    # ...but never more than this (tiny windows: the median's
 LOAD_WINDOWS = 5       # windows whose median rate is the load evidence is compared with
 FIT_WINDOWS = 16       # recent windows the model is fitted over
 MAX_ARRIVALS = 1 << 16  # arrival times kept for measuring the rate
-C_GRID = 64            # candidate values of c for the TTFT fit
 OVERLOADED = 10        # a window with TTFT over this many SLOs had a growing queue: not fitted
-MIN_R2 = 0.5           # a fit explaining less of the variance is logged but not used
 PHASES = ("prefill", "decode")
 METRICS = ("TTFT", "TPOT")
 
@@ -114,46 +61,6 @@ class PartitionConfig:
                             f"({self.step}) in (0, 100]")
         if not 2 * self.min_share <= self.max_total <= 200:
             raise UserError(f"max_total must be in [{2 * self.min_share}, 200], got {self.max_total}")
-
-
-@dataclass
-class Fit:
-    """latency = a / (share - c * rate) + b, fitted to `points` windows at `shares` distinct shares."""
-    a: float
-    b: float
-    c: float
-    r2: float | None   # None when every point had the same latency
-    points: int
-    shares: int
-
-    def predict(self, share: int, rate: float) -> float:
-        room = share - self.c * rate if self.c > 0 else share
-        return self.a / room + self.b if room > 0 else math.inf
-
-
-def fit_latency(shares: list[int], rates: list[float], values: list[float], queueing: bool) -> Fit | None:
-    """Least-squares fit of the latency model; None without two shares or a decreasing fit."""
-    s, r, v = (np.asarray(z, dtype=float) for z in (shares, rates, values))
-    if queueing:  # a window whose arrivals came all at once has no rate to fit
-        keep = np.isfinite(r)
-        s, r, v = s[keep], r[keep], v[keep]
-    if len(set(s.tolist())) < 2:
-        return None
-    cs = np.min(s / r) * np.arange(C_GRID) / C_GRID if queueing else np.zeros(1)
-    best = None
-    for c in cs:
-        u = 1.0 / (s - c * r)
-        (a, b), *_ = np.linalg.lstsq(np.stack([u, np.ones_like(u)], axis=1), v, rcond=None)
-        if b < 0:  # a latency floor is never negative: refit through the origin
-            a, b = float(u @ v / (u @ u)), 0.0
-        sse = float(np.sum((a * u + b - v) ** 2))
-        if a > 0 and (best is None or sse < best[0]):
-            best = (sse, float(a), float(b), float(c))
-    if best is None:
-        return None
-    sst = float(np.sum((v - v.mean()) ** 2))
-    return Fit(*best[1:], r2=1 - best[0] / sst if sst > 0 else None, points=len(v),
-               shares=len(set(s.tolist())))
 
 
 @dataclass
@@ -201,6 +108,8 @@ class Partitioner:
         self._missed: dict[tuple[tuple[int, int], int], float] = {}  # (split, phase) -> lowest load
         self._recent: deque[list] = deque(maxlen=LOAD_WINDOWS)  # newest windows' [key, own rate, load]
         self._evidence: dict[tuple[tuple[int, int], int], float] = {}  # both of the above: what holds
+        # Three times the noise of the load median (a window's rate counts about 0.8 * window
+        # arrivals), so that noise alone does not forget evidence and let the splits cycle.
         median_noise = 1.25 / math.sqrt(0.8 * config.window * LOAD_WINDOWS)
         self.tolerance = min(MAX_TOLERANCE, max(LOAD_TOLERANCE, 3 * median_noise))
 
@@ -240,6 +149,8 @@ class Partitioner:
 
     def _decide(self, now: float) -> Decision:
         cfg, here = self.config, self.split
+        # The load the window's requests met: every arrival within the middle 80% of their
+        # arrival times (a long request that arrived long before would stretch the span).
         lo, hi = np.percentile([a for a, _, _ in self._window], (10, 90))
         count = bisect.bisect_right(self._arrivals, hi) - bisect.bisect_left(self._arrivals, lo)
         rate = (count - 1) / (hi - lo) if hi > lo and count > 1 else math.inf
@@ -256,7 +167,7 @@ class Partitioner:
         timed = [p for p in self._points if p[4] is not None]
         fits = (fit_latency([p[0] for p in stable], [p[2] for p in stable], [p[3] for p in stable], True),
                 fit_latency([p[1] for p in timed], [p[2] for p in timed], [p[4] for p in timed], False))
-        usable = [f if f and f.r2 is not None and f.r2 >= MIN_R2 else None for f in fits]
+        usable = [f if f and f.usable else None for f in fits]
         target, action, reason = self._choose(observed, missed, rate, usable)
         predicted = [f.predict(target[i], rate) if f else None for i, f in enumerate(usable)]
         return Decision(now, len(self._window), cfg.percentile, rate, *observed, *here, *fits, *target,
@@ -264,7 +175,7 @@ class Partitioner:
 
     def _file(self, here: tuple[int, int], missed: list[int], rate: float) -> None:
         """File this window's misses under the load, and those of the last LOAD_WINDOWS windows
-        again where the load has risen past the tolerance since (module docstring)."""
+        again where the load has risen past the tolerance since (the median lags a rise)."""
         for record in itertools.chain.from_iterable(self._recent):
             if (1 - self.tolerance) * self._load > record[2]:
                 record[2] = max(record[2], min(record[1], self._load))
@@ -315,7 +226,7 @@ class Partitioner:
 
     def _give(self, giver: int, rate: float, fit: Fit | None, slo: float) -> tuple[int, int] | None:
         """One step to the other phase; from the giver where the taker holds 100 or max_total
-        requires. None where it would deepen the overlap of the caps (module docstring)."""
+        requires. None where it would deepen the overlap of the caps."""
         taker = 1 - giver
         target = self._with(taker, self.split[taker] + self.config.step)
         if (target is None or _overlap(target) > max(_overlap(self.split), 0)

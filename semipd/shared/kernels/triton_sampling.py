@@ -1,10 +1,10 @@
 """Gumbel-max sampling in one launch: the CUDA side of shared/sampling.py's gumbel_max.
 
 The torch path materialises the noise, its hash stages and the scaled logits as [B, V] tensors:
-about thirty passes over B x V int64/float32 elements per decode step (some 3 ms at batch 128
-with Llama-3's 128k vocabulary, more when decode holds a fraction of the SMs). Here each row's
-program streams its logits once (twice with min-p), hashes its noise in registers and keeps a
-running best: the same draws from the same (seed, step, token id) hash.
+about thirty passes over B x V int64/float32 elements per decode step, a sizeable part of the
+step with Llama-3's 128k vocabulary, more so when decode holds a fraction of the SMs. Here each
+row's program streams its logits once (twice with min-p), hashes its noise in registers and keeps
+a running best: the same draws from the same (seed, step, token id) hash.
 """
 
 import torch
