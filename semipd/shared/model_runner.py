@@ -78,10 +78,14 @@ class ModelRunner:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def _input_ids(self, ids: list[int], feed: tuple[torch.Tensor, list[int]] | None) -> torch.Tensor:
-        """Token ids on the device. Ids still PENDING on the GPU come from `feed`: (a step's
-        sampled tokens on the device, and for each of the first ids its row there, -1 where the
-        id is known)."""
+    def _input_ids(self, chunks: list[tuple[Sequence, int]], feed) -> torch.Tensor:
+        """Token ids on the device of each chunk: n tokens from num_cached on. A token in flight
+        (past token_ids) comes from `feed`: (a step's sampled tokens on the device, and for each
+        of the first chunks, of one token each, its row there, -1 where the token is known)."""
+        ids = []
+        for seq, n in chunks:
+            known = seq.token_ids[seq.num_cached:seq.num_cached + n]
+            ids += known + [0] * (n - len(known))  # 0 stands for a token in flight until the feed
         out = self._tensor(ids, torch.int64)
         if feed is not None:
             tokens, rows = feed
@@ -92,7 +96,7 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_logits(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
         """Compute the chunks' K/V; logits [B, V] at each chunk's last token. A decode row is a
-        chunk of one token (its newest, which may be PENDING: see _input_ids)."""
+        chunk of one token (its newest, which may be in flight: see _input_ids)."""
         hidden = self.prefill_hidden(chunks, feed)
         last = self._tensor(list(itertools.accumulate(n for _, n in chunks)), torch.int64) - 1
         return self.model.compute_logits(hidden[last])
@@ -101,10 +105,9 @@ class ModelRunner:
     def prefill_hidden(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
         """Compute the chunks' K/V; final hidden states [T, hidden] of every chunk token, the
         chunks back to back (a content monitor scores each of them)."""
-        ids, positions, slots, cu_seqlens, kv_lens = [], [], [], [0], []
+        positions, slots, cu_seqlens, kv_lens = [], [], [0], []
         for seq, n in chunks:
             span = range(seq.num_cached, seq.num_cached + n)
-            ids += seq.token_ids[span.start:span.stop]
             positions += span
             slots += [self._slot(seq, p) for p in span]
             cu_seqlens.append(cu_seqlens[-1] + n)
@@ -113,14 +116,14 @@ class ModelRunner:
         batch = Batch(is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
                       kv_lens=self._tensor(kv_lens), block_tables=self._block_tables([s for s, _ in chunks]),
                       cu_seqlens_q=self._tensor(cu_seqlens), max_q_len=max(n for _, n in chunks))
-        return self.model(self._input_ids(ids, feed), self._tensor(positions, torch.int64), batch)
+        return self.model(self._input_ids(chunks, feed), self._tensor(positions, torch.int64), batch)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
-        """One step for each sequence's newest token (PENDING ones from `feed`: see _input_ids);
+        """One step for each sequence's newest token (one in flight from `feed`: see _input_ids);
         the head's output [B, ...]."""
         bs = len(seqs)
-        ids = self._input_ids([s.token_ids[-1] for s in seqs], feed)
+        ids = self._input_ids([(s, 1) for s in seqs], feed)
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
         kv_lens = [s.num_tokens for s in seqs]
@@ -187,7 +190,9 @@ class ModelRunner:
                 self.sample([Sequence(0, [0], params, seed=0) for _ in lens], logits)
         # token ids taken from the step in flight (the pipeline's feed): on an H200 the first
         # clamp alone loads its kernels for some 20 ms, which a switch's second step would pay
-        self._input_ids([0, 0], (torch.zeros(1, dtype=torch.int64, device=self.device), [0, -1]))
+        known = Sequence(0, [0], WARM_UP_SAMPLING[0], seed=0)
+        in_flight = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._input_ids([(known, 1), (known, 1)], (in_flight, [0, -1]))
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:

@@ -128,8 +128,9 @@ class WorkerReady:
 
 @dataclass
 class SeqState:
-    """A sequence as handed between processes: metadata only, the K/V stays in the pool. Its last
-    token id is PENDING (-1) where a decode worker hands it over from a step still in flight."""
+    """A sequence as handed between processes: metadata only, the K/V stays in the pool.
+    token_ids are the tokens known; a decode worker that hands a sequence over from a step still
+    in flight counts its newest token in num_in_flight instead (shared/sequence.py)."""
     seq_id: int
     token_ids: list[int]
     num_prompt: int
@@ -137,6 +138,7 @@ class SeqState:
     seed: int
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
+    num_in_flight: int = 0
 
 
 @dataclass
@@ -191,9 +193,10 @@ class Handover:
 @dataclass
 class HandedOver:
     """Worker -> controller: everything it held (pages stay allocated) for its successor. With
-    last_step_follows, the worker had a step in flight: the sequences in it end in a PENDING
-    token, and that step's DecodeStep, the worker's last message, follows. The controller passes
-    it on to the successor, which holds those sequences until then (DecodeScheduler.add)."""
+    last_step_follows, the worker had a step in flight: the sequences in it have their newest
+    token in flight (SeqState.num_in_flight), and that step's DecodeStep, the worker's last
+    message, follows. The controller passes it on to the successor, which holds those sequences
+    until then (DecodeScheduler.add)."""
     seqs: list[SeqState]
     last_step_follows: bool = False
 

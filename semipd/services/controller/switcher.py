@@ -11,7 +11,7 @@ a new worker process. The switch for one role (prefill and decode switch indepen
    block tables; the pages stay allocated and the K/V stays in place). The controller passes the
    live sequences to the new worker, then its queue: it is open;
 4. a decode worker has a step in flight then (last_step_follows): the sequences in it go with
-   their newest token PENDING and wait in the new worker until the old one's last DecodeStep,
+   their newest token in flight and wait in the new worker until the old one's last DecodeStep,
    passed on, fills them in. Sending the sequences (every token id) overlaps that last step,
    and only its tokens stand between it and the new worker's first step. The old worker exits.
 
