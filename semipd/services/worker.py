@@ -181,7 +181,7 @@ def preload() -> None:
     """Import what the GPU path needs now, not when called up: a cold import of these costs
     seconds, while the switch to a new SM split should cost milliseconds. None of them creates
     a CUDA context (that would fix the MPS quota too early)."""
-    from transformers import AutoConfig, LlamaConfig, Qwen2Config  # noqa: F401 (lazy modules, 2 s)
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config  # noqa: F401 (lazy modules, slow)
     try:
         import cupy  # noqa: F401
         import semipd.shared.kernels.triton_attention  # noqa: F401

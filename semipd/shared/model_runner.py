@@ -67,7 +67,7 @@ class ModelRunner:
 
     def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
         """[B, width (default: the longest table)], zero-padded. Filled row by row in numpy:
-        nested Python lists cost ~20x more at decode batch sizes and full graph width."""
+        nested Python lists cost far more at decode batch sizes and full graph width."""
         host = torch.zeros(len(seqs), width or max(len(s.block_table) for s in seqs), dtype=torch.int32,
                            pin_memory=self.device.type == "cuda")
         table = host.numpy()  # a view: rows filled here are in the (pinned) tensor
@@ -78,14 +78,10 @@ class ModelRunner:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def _input_ids(self, chunks: list[tuple[Sequence, int]], feed) -> torch.Tensor:
-        """Token ids on the device of each chunk: n tokens from num_cached on. A token in flight
-        (past token_ids) comes from `feed`: (a step's sampled tokens on the device, and for each
-        of the first chunks, of one token each, its row there, -1 where the token is known)."""
-        ids = []
-        for seq, n in chunks:
-            known = seq.token_ids[seq.num_cached:seq.num_cached + n]
-            ids += known + [0] * (n - len(known))  # 0 stands for a token in flight until the feed
+    def _input_ids(self, ids: list[int], feed) -> torch.Tensor:
+        """Token ids on the device. A token in flight stands as 0 in `ids` and comes from `feed`:
+        (a step's sampled tokens on the device, and for each of the first ids its row there, -1
+        where the id is known)."""
         out = self._tensor(ids, torch.int64)
         if feed is not None:
             tokens, rows = feed
@@ -105,9 +101,11 @@ class ModelRunner:
     def prefill_hidden(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
         """Compute the chunks' K/V; final hidden states [T, hidden] of every chunk token, the
         chunks back to back (a content monitor scores each of them)."""
-        positions, slots, cu_seqlens, kv_lens = [], [], [0], []
+        ids, positions, slots, cu_seqlens, kv_lens = [], [], [], [0], []
         for seq, n in chunks:
             span = range(seq.num_cached, seq.num_cached + n)
+            ids += seq.token_ids[span.start:span.stop]
+            ids += [0] * (span.stop - len(seq.token_ids))  # a token in flight: see _input_ids
             positions += span
             slots += [self._slot(seq, p) for p in span]
             cu_seqlens.append(cu_seqlens[-1] + n)
@@ -116,14 +114,14 @@ class ModelRunner:
         batch = Batch(is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
                       kv_lens=self._tensor(kv_lens), block_tables=self._block_tables([s for s, _ in chunks]),
                       cu_seqlens_q=self._tensor(cu_seqlens), max_q_len=max(n for _, n in chunks))
-        return self.model(self._input_ids(chunks, feed), self._tensor(positions, torch.int64), batch)
+        return self.model(self._input_ids(ids, feed), self._tensor(positions, torch.int64), batch)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         """One step for each sequence's newest token (one in flight from `feed`: see _input_ids);
         the head's output [B, ...]."""
         bs = len(seqs)
-        ids = self._input_ids([(s, 1) for s in seqs], feed)
+        ids = self._input_ids([0 if s.num_in_flight else s.token_ids[-1] for s in seqs], feed)
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
         kv_lens = [s.num_tokens for s in seqs]
@@ -188,11 +186,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[self._tensor(cu[1:], torch.int64) - 1])
             for params in WARM_UP_SAMPLING:  # greedy, plain sampling, the top-k/top-p/min-p path
                 self.sample([Sequence(0, [0], params, seed=0) for _ in lens], logits)
-        # token ids taken from the step in flight (the pipeline's feed): on an H200 the first
-        # clamp alone loads its kernels for some 20 ms, which a switch's second step would pay
-        known = Sequence(0, [0], WARM_UP_SAMPLING[0], seed=0)
-        in_flight = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._input_ids([(known, 1), (known, 1)], (in_flight, [0, -1]))
+        # token ids taken from the step in flight (the pipeline's feed): the first clamp loads
+        # its kernels, which a switch's second step would otherwise pay
+        self._input_ids([0, 0], (torch.zeros(1, dtype=torch.int64, device=self.device), [0, -1]))
 
     @torch.inference_mode()
     def _capture(self, sizes: list[int]) -> None:
@@ -218,4 +214,4 @@ class ModelRunner:
                 run()
             pool = graph.pool()
             self.graphs[bs] = graph
-            graph.replay()  # a graph's first launch uploads it (the process's first, some 15 ms)
+            graph.replay()  # a graph's first launch uploads it (the process's first costs most)
