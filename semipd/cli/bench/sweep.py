@@ -17,24 +17,20 @@ import json
 import math
 import os
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from semipd.cli.bench import plots
+from semipd.cli.bench.launched import Launched
 from semipd.cli.bench.load import check_load_args, run_load
 from semipd.cli.bench.metrics import summarize, trend
-from semipd.shared.client import AsyncClient, Client, ClientError
+from semipd.shared.client import AsyncClient, ClientError
 from semipd.shared.errors import UserError, first_line
 
 POLL_S = 0.5
 WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not measured
-LAUNCH_TIMEOUT_S = 600   # loading a large model's weights takes minutes
 ATTAINMENT_GOAL = 0.9
 
 USAGE = """\
@@ -89,48 +85,6 @@ def launch_arg(text: str) -> tuple[str, list[str]]:
 
 def wanted(args) -> bool:
     return bool(args.rates or args.servers or args.launch or args.plot)
-
-
-class Launched:
-    """`semipd serve` for one mode, with its sockets and log in a fresh folder."""
-
-    def __init__(self, name: str, model: str, flags: list[str], log_path: str):
-        self.name, self.folder = name, tempfile.mkdtemp(prefix="semipd-bench-")
-        self.address = f"ipc://{self.folder}/front.sock"
-        self.log_path, self.log = log_path, open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "semipd", "serve", "--model", model, "--address", self.address,
-             *flags], env=dict(os.environ, XDG_RUNTIME_DIR=self.folder),
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while self.proc.poll() is None:
-            try:
-                with Client(self.address, timeout_s=2) as client:
-                    if client.health().get("status") == "ok":
-                        return
-            except ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise UserError(f"the {self.name} server was not ready within {LAUNCH_TIMEOUT_S} s "
-                                f"(log: {self.log_path})")
-            time.sleep(0.2)
-        with open(self.log_path) as f:
-            last = [line for line in f.read().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise UserError(f"the {self.name} server exited with status {self.proc.returncode}: {last[0]} "
-                        f"(log: {self.log_path})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 async def _poll_split(address: str, started: float, rate: float, samples: list, done: asyncio.Event) -> None:
