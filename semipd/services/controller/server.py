@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import zmq
 
+from semipd.services.controller.lifecycle import WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
 from semipd.services.controller.partitioner import Partitioner
@@ -185,7 +186,7 @@ class Controller:
         if worker is None:
             return  # a dead worker's last words: its requests were already recovered
         if isinstance(msg, protocol.WorkerReady):
-            if worker is self.supervisor.incoming.get(worker.role):
+            if worker.state is WorkerState.PREPARING:  # called up by a switch
                 self.switcher.on_ready(worker, msg.prepare_parts_s)
             else:
                 self.supervisor.open(worker)
@@ -312,8 +313,8 @@ class Controller:
     # ---- status -------------------------------------------------------------------------
 
     def _standby_stats(self, role: str) -> dict | None:
-        standby = self.supervisor.standby.get(role)
-        return standby and {"pid": standby.proc.pid, "ready": standby.identity is not None}
+        standby = self.supervisor.standby_of(role)
+        return standby and {"pid": standby.proc.pid, "ready": standby.state is WorkerState.STANDBY}
 
     def partition_stats(self) -> dict:
         workers = self.supervisor.workers
@@ -336,7 +337,8 @@ class Controller:
         reqs = self.requests.values()
         return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
-                "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent, "ready": w.ready,
+                "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent,
+                                   "ready": w.state is WorkerState.SERVING,
                                    "standby": self._standby_stats(role), "steps": w.step_stats()}
                             for role, w in self.supervisor.workers.items()},
                 "partition": self.partition_stats(),
@@ -362,8 +364,8 @@ class Controller:
                 self._drain(self.front, self.on_client)
             self.switcher.check_timeouts(time.monotonic())
             deaths = self.supervisor.dead()
-            for where, worker in deaths:
-                if self.switcher.on_death(where, worker):
+            for was, worker in deaths:
+                if self.switcher.on_death(was, worker):
                     self.recover(worker.role)
                 self._settle()
             if deaths:
