@@ -312,10 +312,6 @@ class Controller:
 
     # ---- status -------------------------------------------------------------------------
 
-    def _standby_stats(self, role: str) -> dict | None:
-        standby = self.supervisor.standby_of(role)
-        return standby and {"pid": standby.proc.pid, "ready": standby.state is WorkerState.STANDBY}
-
     def partition_stats(self) -> dict:
         workers = self.supervisor.workers
         return {"mode": "unified" if self.prefill_role == "unified" else "semi-pd",
@@ -337,10 +333,8 @@ class Controller:
         reqs = self.requests.values()
         return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
-                "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent,
-                                   "ready": w.state is WorkerState.SERVING,
-                                   "standby": self._standby_stats(role), "steps": w.step_stats()}
-                            for role, w in self.supervisor.workers.items()},
+                "workers": {role: {**self.supervisor.stats(role), "switch": self.switcher.stats(role)}
+                            for role in self.supervisor.workers},
                 "partition": self.partition_stats(),
                 "worker_restarts": self.supervisor.restarts, "page_size": self.memory.config.page_size,
                 "max_model_len": self.memory.max_model_len,

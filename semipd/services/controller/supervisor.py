@@ -35,6 +35,9 @@ class WorkerHandle:
         advance(f"{self.role} worker (pid {self.proc.pid})", WORKER_MOVES, self.state, state)
         self.state = state
 
+    def summary(self) -> dict:
+        return {"pid": self.proc.pid, "state": self.state.value}
+
     def step_stats(self) -> dict | None:
         """Its last StepTimes as means per step; None before its first report."""
         if self.step_times is None:
@@ -97,6 +100,13 @@ class Supervisor:
         worker.sm_percent = sm_percent
         if worker.identity is not None:
             self._send(worker.identity, self._init(sm_percent))
+
+    def stats(self, role: str) -> dict:
+        """The role's current worker and its standby, each with its state."""
+        w, standby = self.current(role), self.standby_of(role)
+        return {**w.summary(), "sm_percent": w.sm_percent, "ready": w.state is WorkerState.SERVING,
+                "standby": standby and {**standby.summary(), "ready": standby.state is WorkerState.STANDBY},
+                "steps": w.step_stats()}
 
     def live_pids(self) -> set[int]:
         return {w.proc.pid for w in self.handles if w.proc.poll() is None}

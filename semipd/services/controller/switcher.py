@@ -62,6 +62,10 @@ class Switch:
         advance(f"{self.role} switch to {self.to_sm}% SMs", SWITCH_MOVES, self.phase, phase)
         self.phase, self.times[phase] = phase, time.monotonic()
 
+    def stats(self) -> dict:
+        return {"phase": self.phase.value, "from_sm": self.from_sm, "to_sm": self.to_sm,
+                "new": self.worker.summary(), "old": self.old and self.old.summary()}
+
 
 class Switcher:
     def __init__(self, supervisor: Supervisor, alive, free_owner, timeout_s: float):
@@ -211,3 +215,8 @@ class Switcher:
             self._finish(sw, 0, f"new {worker.role} worker exited during the hand-over")
             return True
         return was in CURRENT
+
+    def stats(self, role: str) -> dict | None:
+        """The role's switch under way: its phase and the two workers in it; None if none."""
+        sw = self.active.get(role)
+        return sw and sw.stats()
