@@ -1,8 +1,9 @@
-"""`semipd bench` sweeps: bench.py's single-rate run repeated over --rates against one running
-server, several, or servers launched here one mode at a time; then a JSON report, PNG plots
-(plots.py) and a table (table.py) with each mode's highest rate at >= 90% SLO attainment. The
-table's backlog column (metrics.backlog_trend) says which rates the server kept up with; a rate
-above ~1 was met only for as long as the run lasted.
+"""`semipd bench` sweeps: load.py's run repeated over --rates (a phased workload's rates scaled
+so its first phase runs at each) against one running server, several, or servers launched here
+one mode at a time; then a JSON report, PNG plots (plots.py) and a table (table.py) with each
+mode's highest rate at >= 90% SLO attainment. The table's backlog column
+(metrics.backlog_trend) says which rates the server kept up with; a rate above ~1 was met only
+for as long as the run lasted.
 
 While a run goes, the server's stats are polled every POLL_S seconds for its SM split
 (`partition.prefill_sm` / `decode_sm`; absent on servers that do not partition), so a dynamic
@@ -24,8 +25,9 @@ import numpy as np
 
 from semipd.cli.bench import plots
 from semipd.cli.bench.launched import Launched
-from semipd.cli.bench.load import check_load_args, run_load
+from semipd.cli.bench.load import check_load_args, run_load, workload_phases
 from semipd.cli.bench.metrics import summarize
+from semipd.cli.bench.phases import warmup
 from semipd.cli.bench.table import format_table, max_rate_at_goal
 from semipd.shared.client import AsyncClient, ClientError
 from semipd.shared.errors import UserError, first_line
@@ -35,7 +37,8 @@ WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not me
 
 USAGE = """\
 A sweep writes report.json, latency.png, attainment.png and split-MODE.png (modes that report an
-SM split) to --out FOLDER (default bench-YYYYmmdd-HHMMSS), then prints a table:
+SM split) to --out FOLDER (default bench-YYYYmmdd-HHMMSS), then prints a table with a row per rate
+(and per phase under it):
   semipd bench --rates 2,4,8 --num-requests 200 --ttft-slo 0.3 --tpot-slo 0.05 [--address ADDR]
   semipd bench --rates ... --servers unified=ipc:///run/a.sock,static=tcp://127.0.0.1:5557
   semipd bench --rates ... --model M --launch NAME="SERVE FLAGS" [--launch ...]
@@ -109,22 +112,22 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
 
 async def sweep_server(args, name: str, address: str) -> dict:
     """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate."""
-    warmup = argparse.Namespace(**vars(args) | {"address": address, "rate": max(args.rates),
-                                                "num_requests": min(args.num_requests, WARMUP_REQUESTS)})
-    await run_load(warmup, np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
+    args = argparse.Namespace(**vars(args) | {"address": address})
+    await run_load(args, warmup(workload_phases(args, max(args.rates)), WARMUP_REQUESTS),
+                   np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
     started, started_unix, runs, samples = time.monotonic(), time.time(), [], []
     for rate in args.rates:
         began = time.monotonic() - started
         done = asyncio.Event()
         poller = asyncio.ensure_future(_poll_split(address, started, rate, samples, done))
         try:
-            run_args = argparse.Namespace(**vars(args) | {"address": address, "rate": rate})
-            _, records, duration = await run_load(run_args, np.random.default_rng(args.seed),
-                                                  desc=f"{name} @ {rate:g} req/s")
+            run = await run_load(args, workload_phases(args, rate), np.random.default_rng(args.seed),
+                                 desc=f"{name} @ {rate:g} req/s")
         finally:
             done.set()
             await poller
-        runs.append({"rate": rate, "summary": summarize(records, duration, args.ttft_slo, args.tpot_slo),
+        summary = summarize(run.records, run.duration_s, args.ttft_slo, args.tpot_slo, run.phases)
+        runs.append({"rate": rate, "summary": summary,
                      "steps": step_means([x for x in samples if x["rate"] == rate], began)})
     async with AsyncClient(address) as client:
         partition = (await client.stats()).get("partition")
