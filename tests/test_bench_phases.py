@@ -1,5 +1,5 @@
 """`semipd bench` workloads of phases: the spec parser, arrivals and lengths per phase, per-phase
-summaries and table rows, and phased runs against a real `tiny` CPU server."""
+summaries and table rows, the phase plot, and phased runs against a real `tiny` CPU server."""
 
 import json
 import re
@@ -12,6 +12,7 @@ from semipd.cli.bench.metrics import RequestRecord, format_summary, summarize
 from semipd.cli.bench.phases import Phase, parse_phases, plan, resolve, warmup
 from semipd.cli.main import main
 from semipd.shared.errors import UserError
+from tests.test_bench_sweep import assert_png
 
 
 def test_phase_specs_parse_and_print_back():
@@ -113,16 +114,21 @@ def test_per_phase_summaries_from_records():
     assert lines[-1].split() == ["2:", "1s@4:10/11", "4.00", "3", "1", "1500.0", "1000.0", "50.0", "0.0%", "-"]
 
 
-def test_phase_rows_in_the_table_of_a_synthetic_report(tmp_path, capsys):
+def test_phase_plot_and_table_from_a_synthetic_report(tmp_path, capsys):
     records, phases = phased_records()
-    run = {"rate": 2.0, "summary": summarize(records, 4.0, 0.5, 0.1, phases)}
+    run = {"rate": 2.0, "summary": summarize(records, 4.0, 0.5, 0.1, phases), "started_s": 1.0,
+           "requests": [{"phase": r.phase, "send_s": r.send_s, "ttft_s": r.ttft_s, "ok": r.ok} for r in records]}
+    samples = [{"time_s": 1.0 + t / 4, "rate": 2.0, "prefill_sm": 40 if t < 8 else 70,
+                "decode_sm": 60 if t < 8 else 30} for t in range(16)]
     report = {"config": {"ttft_slo": 0.5, "tpot_slo": 0.1, "workload": "2s@2:10/11,1s@4:10/11"}, "modes": {
         "unified": {"runs": [run], "split_samples": [], "partition": None},
-        "dynamic": {"runs": [run], "split_samples": [], "partition": None}}}
+        "dynamic": {"runs": [run], "split_samples": samples, "started_unix": 1.7e9, "partition": None}}}
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     assert main(["bench", "--plot", str(path)]) == 0
+    assert_png(tmp_path / "phases-2.png")
     out = capsys.readouterr().out
+    assert "phases-2.png" in out
     rows = [line.split() for line in out.splitlines()]
     # under each mode's rate row, a row per phase: its means, sent rate, failed, E2E, TTFT, TPOT, SLO met
     assert rows.count(["1:", "10/11", "2.00", "-", "0", "750.0", "370.0", "50.0", "100.0%", "-", "-"]) == 2
@@ -171,5 +177,7 @@ def test_phased_runs_against_a_tiny_server(tmp_path, capsys):
     run = json.loads((out / "report.json").read_text())["modes"]["tiny"]["runs"][0]
     assert [p["spec"] for p in run["summary"]["phases"]] == ["3req@8:16/8", "3req@16:8/16"]
     assert [p["completed"] for p in run["summary"]["phases"]] == [3, 3]
+    assert [r["phase"] for r in run["requests"]] == [0, 0, 0, 1, 1, 1] and all(r["ok"] for r in run["requests"])
+    assert_png(out / "phases-8.png")
     rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
     assert ["1:", "16/8"] in rows and ["2:", "8/16"] in rows

@@ -22,6 +22,7 @@ class LoadRun:
     records: list[RequestRecord]
     duration_s: float
     phases: list[dict]      # each phase's spec, rate, means and span in the run (phases.plan)
+    started: float          # time.perf_counter() at the run's time 0, which every send_s counts from
 
 
 async def _measure(client: AsyncClient, index: int, phase: int, prompt_ids: list[int], params: dict,
@@ -86,7 +87,7 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
     config = {k: v for k, v in vars(args).items() if k != "func"} | {
         "rate": rate, "phases": [p.spec() for p in phases], "max_model_len": max_len,
         "lengths": "dataset" if pool else f"lognormal sigma {SIGMA}", "chars_per_token": CHARS_PER_TOKEN}
-    return LoadRun(config, records, duration, sent)
+    return LoadRun(config, records, duration, sent, start)
 
 
 def workload_phases(args, rate: float | None) -> list[workloads.Phase]:

@@ -36,9 +36,10 @@ POLL_S = 0.5
 WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not measured
 
 USAGE = """\
-A sweep writes report.json, latency.png, attainment.png and split-MODE.png (modes that report an
-SM split) to --out FOLDER (default bench-YYYYmmdd-HHMMSS), then prints a table with a row per rate
-(and per phase under it):
+A sweep writes report.json, latency.png, attainment.png, split-MODE.png (modes that report an
+SM split) and, for phased workloads, phases-RATE.png (per mode, each request's TTFT and the SM
+split over the run's phases) to --out FOLDER (default bench-YYYYmmdd-HHMMSS), then prints a table
+with a row per rate (and per phase under it):
   semipd bench --rates 2,4,8 --num-requests 200 --ttft-slo 0.3 --tpot-slo 0.05 [--address ADDR]
   semipd bench --rates ... --servers unified=ipc:///run/a.sock,static=tcp://127.0.0.1:5557
   semipd bench --rates ... --model M --launch NAME="SERVE FLAGS" [--launch ...]
@@ -102,7 +103,7 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
             if isinstance(part, dict) and all(isinstance(part.get(k), (int, float))
                                               for k in ("prefill_sm", "decode_sm")):
                 steps = {role: w.get("steps") for role, w in workers.items()} if isinstance(workers, dict) else None
-                samples.append({"time_s": time.monotonic() - started, "rate": rate,
+                samples.append({"time_s": time.perf_counter() - started, "rate": rate,
                                 "prefill_sm": part["prefill_sm"], "decode_sm": part["decode_sm"], "steps": steps})
             try:
                 await asyncio.wait_for(done.wait(), POLL_S)
@@ -111,13 +112,14 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
 
 
 async def sweep_server(args, name: str, address: str) -> dict:
-    """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate."""
+    """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate.
+    A phased workload's runs also keep each request's phase, send time and TTFT, for its plot."""
     args = argparse.Namespace(**vars(args) | {"address": address})
     await run_load(args, warmup(workload_phases(args, max(args.rates)), WARMUP_REQUESTS),
                    np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
-    started, started_unix, runs, samples = time.monotonic(), time.time(), [], []
+    started, started_unix, runs, samples = time.perf_counter(), time.time(), [], []
     for rate in args.rates:
-        began = time.monotonic() - started
+        began = time.perf_counter() - started
         done = asyncio.Event()
         poller = asyncio.ensure_future(_poll_split(address, started, rate, samples, done))
         try:
@@ -127,8 +129,11 @@ async def sweep_server(args, name: str, address: str) -> dict:
             done.set()
             await poller
         summary = summarize(run.records, run.duration_s, args.ttft_slo, args.tpot_slo, run.phases)
-        runs.append({"rate": rate, "summary": summary,
+        runs.append({"rate": rate, "summary": summary, "started_s": run.started - started,
                      "steps": step_means([x for x in samples if x["rate"] == rate], began)})
+        if "phases" in summary:
+            runs[-1]["requests"] = [{"phase": r.phase, "send_s": r.send_s, "ttft_s": r.ttft_s, "ok": r.ok}
+                                    for r in run.records]
     async with AsyncClient(address) as client:
         partition = (await client.stats()).get("partition")
     return {"address": address, "runs": runs, "max_rate_at_goal": max_rate_at_goal(runs),
