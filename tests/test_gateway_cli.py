@@ -1,11 +1,16 @@
-"""The gateway's lifecycle: `semipd api` before, beside and after its server."""
+"""The gateway's lifecycle: `semipd api` before, beside and after its server, and the one-command
+`semipd serve --http`, which starts a gateway beside the server and stops both."""
 
+import os
 import subprocess
 import sys
 import time
+import urllib.error
 
-from tests.gateway import Gateway, http, wait_healthy
-from tests.serving import ROOT, Server
+import pytest
+
+from tests.gateway import Gateway, http, wait_for_line, wait_healthy
+from tests.serving import ROOT, Server, terminate
 
 
 def completion(url: str) -> tuple[int, dict]:
@@ -39,6 +44,22 @@ def test_the_gateway_answers_503_while_its_server_is_away(tmp_path):
             time.sleep(0.2)
     finally:
         assert gateway.stop() == 0
+
+
+def test_serve_http_starts_a_gateway_beside_the_server_and_stops_both(tmp_path):
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "semipd", "serve", "--model", "tiny", "--device", "cpu",
+                                 "--address", f"ipc://{tmp_path}/front.sock", "--http", "127.0.0.1:0"],
+                                cwd=ROOT, stderr=err, env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))
+    try:
+        url = wait_for_line(str(log), proc)
+        assert wait_healthy(url)["model"] == "tiny"
+        assert completion(url)[0] == 200
+    finally:
+        assert terminate(proc) == 0
+    with pytest.raises(urllib.error.URLError):  # nothing listens there any more
+        http("GET", f"{url}/health")
 
 
 def test_a_port_in_use_is_one_clear_error(tmp_path):
