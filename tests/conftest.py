@@ -21,15 +21,30 @@ def _hf_config(arch: str):
     return Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **common)
 
 
-def save_tokenizer(path) -> None:
-    """A word-level tokenizer whose words t0..tN map to ids 0..N, saved as tokenizer files."""
+# Role markers of the chat tokenizer, in place of the last words of the vocabulary.
+CHAT_ROLES = {"<|system|>": VOCAB - 3, "<|user|>": VOCAB - 2, "<|assistant|>": VOCAB - 1}
+# Each message is its role marker and its words; an assistant's ends with <|end|>.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% if m.role == 'assistant' %}"
+                 "<|end|> {% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_tokenizer(path, end_of_turn: int | None = None) -> None:
+    """A word-level tokenizer whose words t0..tN map to ids 0..N, saved as tokenizer files. With
+    end_of_turn, a chat tokenizer: CHAT_TEMPLATE, its markers special tokens (left out of the
+    text), <|end|> at id end_of_turn and the roles at the last ids, in place of those words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
+    words = {f"t{i}": i for i in range(VOCAB)}
+    markers = {} if end_of_turn is None else CHAT_ROLES | {"<|end|>": end_of_turn}
+    for word, i in markers.items():
+        del words[f"t{i}"]
+        words[word] = i
+    tok = Tokenizer(models.WordLevel(words, unk_token="t2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    chat = {"additional_special_tokens": list(markers), "chat_template": CHAT_TEMPLATE} if markers else {}
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1",
-                            unk_token="t2").save_pretrained(path)
+                            unk_token="t2", **chat).save_pretrained(path)
 
 
 def make_checkpoint(path, arch: str, sharded: bool = False):

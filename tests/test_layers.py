@@ -12,7 +12,7 @@ LAYERS = [
     ["semipd.shared"],                                   # protocol, engine library, client SDK
     ["semipd.services.worker"],                          # a worker process's link and memory
     ["semipd.services.prefill", "semipd.services.decode", "semipd.services.unified"],
-    ["semipd.services.controller", "semipd.services.scm"],
+    ["semipd.services.controller", "semipd.services.scm", "semipd.services.gateway"],
     ["semipd.cli"],                                      # the command line and the bench
     ["semipd"],                                          # the public SDK names
 ]

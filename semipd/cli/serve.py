@@ -1,5 +1,7 @@
 """`semipd serve`: the controller with its workers (services/controller/serve.py runs it)."""
 
+import argparse
+
 from semipd.cli.args import add_model_args, positive_int
 from semipd.services.controller.moderation import add_moderation_args
 from semipd.services.controller.modes import add_mode_args
@@ -18,9 +20,18 @@ def add_parser(sub) -> None:
                    help="most prompt and output tokens together (default and cap: the model's context length)")
     p.add_argument("--address", default=None,
                    help="client socket (default: an ipc:// path in the runtime folder; tcp://127.0.0.1:PORT)")
+    p.add_argument("--http", type=host_port, metavar="HOST:PORT", default=None,
+                   help="also serve OpenAI's HTTP API there (`semipd api` as a child process)")
     add_moderation_args(p)
     add_mode_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def cmd_serve(args) -> None:

@@ -26,6 +26,9 @@ class GenerateRequest:
     prompt_ids: list[int] | None = None
     params: dict = field(default_factory=dict)   # SamplingParams fields
     moderate: bool = False                       # ask the content monitor to watch this request
+    # A chat ({"role", "content"} dicts) that the controller renders with the model's chat
+    # template; then prompt and prompt_ids are None.
+    messages: list[dict] | None = None
 
 
 @dataclass

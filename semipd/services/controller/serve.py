@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 
+from semipd.services.controller.gateway_child import GatewayChild
 from semipd.services.controller.moderation import moderation_config
 from semipd.services.controller.modes import mode_from_args
 from semipd.services.controller.mps import MpsDaemon, daemon_running
@@ -24,6 +25,7 @@ def serve(args) -> None:
     # MPS first: a process joins it (or not) when it creates its CUDA context.
     mps = MpsDaemon(os.path.join(runtime_dir(), f"mps-{os.getpid()}")) if args.start_mps else None
     controller = None
+    gateway = GatewayChild(args.http, address) if args.http else None
     try:
         on_gpu = config.torch_device().type == "cuda"
         mode.mps = on_gpu and (mps is not None or daemon_running())
@@ -32,12 +34,14 @@ def serve(args) -> None:
                   "(see --start-mps)", file=sys.stderr, flush=True)
         controller = Controller(config, address, worker_address, moderation_config(args), mode)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        controller.serve_forever()
+        controller.serve_forever(on_ready=gateway and gateway.start)
     except KeyboardInterrupt:
         pass
     finally:
         if controller is not None:
-            controller.close()
+            controller.close()  # open HTTP streams end with its error, then the gateway stops
+        if gateway is not None:
+            gateway.stop()
         if mps is not None:
             mps.stop()
         for addr in (address, worker_address):

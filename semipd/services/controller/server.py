@@ -19,6 +19,7 @@ from semipd.services.controller.lifecycle import WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
 from semipd.services.controller.partitioner import Partitioner
+from semipd.services.controller.prompts import chat_prompt
 from semipd.services.controller.requests import Request
 from semipd.services.controller.resident import ResidentMemory
 from semipd.services.controller.supervisor import Supervisor
@@ -155,9 +156,12 @@ class Controller:
             return reject(f"bad sampling parameters: {e}")
         mem = self.memory
         try:
-            if (msg.prompt is None) == (msg.prompt_ids is None):
-                raise UserError("give exactly one of prompt and prompt_ids")
-            prompt_ids = msg.prompt_ids if msg.prompt is None else mem.tokenizer.encode(msg.prompt)
+            if msg.messages is not None:
+                prompt_ids, params = chat_prompt(mem, msg, params)
+            elif (msg.prompt is None) == (msg.prompt_ids is None):
+                raise UserError("give exactly one of prompt, prompt_ids and messages")
+            else:
+                prompt_ids = msg.prompt_ids if msg.prompt is None else mem.tokenizer.encode(msg.prompt)
             check_request(prompt_ids, params, mem.model_config.vocab_size, mem.max_model_len,
                           mem.config.page_size, mem.num_pages)
         except UserError as e:

@@ -74,6 +74,14 @@ class AsyncClient:
         await self._send(request_id, frame)
         return AsyncStream(self, request_id)
 
+    async def chat(self, messages: list[dict], moderate: bool = False, **sampling) -> AsyncStream:
+        """Start a chat request: messages ({"role": ..., "content": ...}) are rendered with the
+        model's chat template by the server, whose end-of-turn token ends the answer with `stop`.
+        Without max_tokens the answer may run until the context is full."""
+        request_id, frame = generate_frame(None, None, moderate, sampling, messages)
+        await self._send(request_id, frame)
+        return AsyncStream(self, request_id)
+
     async def health(self) -> dict:
         return await self._call(HealthRequest)
 

@@ -68,11 +68,11 @@ def connect(ctx, address: str):
     return sock
 
 
-def generate_frame(prompt, prompt_ids, moderate, sampling) -> tuple[str, bytes]:
-    if (prompt is None) == (prompt_ids is None):
-        raise ValueError("give exactly one of prompt and prompt_ids")
+def generate_frame(prompt, prompt_ids, moderate, sampling, messages=None) -> tuple[str, bytes]:
+    if [prompt, prompt_ids, messages].count(None) != 2:
+        raise ValueError("give exactly one of prompt, prompt_ids and messages")
     request_id = uuid.uuid4().hex
-    frame = encode(GenerateRequest(request_id, prompt, prompt_ids, dict(sampling), moderate))
+    frame = encode(GenerateRequest(request_id, prompt, prompt_ids, dict(sampling), moderate, messages))
     decode(frame)  # the server's own check: a malformed request fails here, not as a timeout
     return request_id, frame
 

@@ -78,6 +78,14 @@ class Client:
         self._send(request_id, frame)
         return Stream(self, request_id)
 
+    def chat(self, messages: list[dict], moderate: bool = False, **sampling) -> Stream:
+        """Start a chat request: messages ({"role": ..., "content": ...}) are rendered with the
+        model's chat template by the server, whose end-of-turn token ends the answer with `stop`.
+        Without max_tokens the answer may run until the context is full."""
+        request_id, frame = generate_frame(None, None, moderate, sampling, messages)
+        self._send(request_id, frame)
+        return Stream(self, request_id)
+
     def health(self) -> dict:
         return self._call(HealthRequest)
 

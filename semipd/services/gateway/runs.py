@@ -1,0 +1,123 @@
+"""A job's n requests to the controller (`Run`): their messages merged into one sequence of
+events, each request timed for the metrics, and what is still running aborted on close."""
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import anyio
+
+from semipd.services.gateway.errors import APIError, bad_request
+from semipd.services.gateway.link import ControllerLink
+from semipd.services.gateway.metrics import GatewayMetrics
+from semipd.services.gateway.parsing import Job
+from semipd.shared.client import AsyncStream, ClientError, ServerError
+from semipd.shared.protocol import Delta, Final
+
+
+@dataclass
+class Choice:
+    """One of a job's requests to the engine."""
+    stream: AsyncStream
+    first_token_at: float | None = None
+    final: Final | None = None
+    aborted: bool = False
+    texts: list[str] = field(default_factory=list)
+
+
+class Run:
+    def __init__(self, link: ControllerLink, metrics: GatewayMetrics, started: float):
+        self.link = link
+        self.metrics = metrics
+        self.started = started  # when the HTTP request came in (time.monotonic())
+        self.choices: list[Choice] = []
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
+
+    @classmethod
+    async def start(cls, link: ControllerLink, metrics: GatewayMetrics, job: Job, started: float) -> "Run":
+        client = await link.client()
+        run = cls(link, metrics, started)
+        try:
+            for i in range(job.n):
+                sampling = dict(job.sampling)
+                if i and isinstance(sampling.get("seed"), int):  # n seeded answers, not n equal ones
+                    sampling["seed"] += i
+                if job.messages is not None:
+                    stream = await client.chat(job.messages, **sampling)
+                elif isinstance(job.prompt, str):
+                    stream = await client.generate(prompt=job.prompt, **sampling)
+                else:
+                    stream = await client.generate(prompt_ids=job.prompt, **sampling)
+                run._add(stream)
+        except (ValueError, OverflowError) as e:  # what msgpack or the protocol refuses to send
+            await run.close()
+            raise bad_request(f"cannot send this request: {e}") from None
+        except ClientError as e:  # the connection broke
+            await run.close()
+            raise await run._failure(e) from None
+        except BaseException:
+            await run.close()
+            raise
+        return run
+
+    def _add(self, stream: AsyncStream) -> None:
+        index = len(self.choices)
+        self.choices.append(Choice(stream))
+        self._pumps.append(asyncio.get_running_loop().create_task(self._pump(index, stream)))
+
+    async def _pump(self, index: int, stream: AsyncStream) -> None:
+        try:
+            async for delta in stream:
+                self._events.put_nowait((index, delta))
+            self._events.put_nowait((index, stream.final))
+        except ClientError as e:
+            self._events.put_nowait((index, e))
+
+    async def events(self):
+        """(choice index, new text, its Final or None) as they come, until every choice has its
+        Final; an APIError if one fails (a refusal comes before any text: a 400)."""
+        left = len(self.choices)
+        while left:
+            index, item = await self._events.get()
+            choice = self.choices[index]
+            now = time.monotonic()
+            if isinstance(item, Delta):
+                choice.first_token_at = choice.first_token_at or now
+                choice.texts.append(item.text)
+                yield index, item.text, None
+                continue
+            if isinstance(item, ClientError):
+                if isinstance(item, ServerError) and item.final is not None:
+                    self._finished(choice, item.final, now)
+                raise await self._failure(item)
+            self._finished(choice, item, now)
+            left -= 1
+            choice.texts.append(item.text)
+            yield index, item.text, item
+
+    def _finished(self, choice: Choice, final: Final, now: float) -> None:
+        choice.final = final
+        first = choice.first_token_at or (now if final.completion_tokens else None)  # a one-token answer
+        self.metrics.finished(final, self.started, first, now)
+
+    async def _failure(self, error: ClientError) -> APIError:
+        if isinstance(error, ServerError) and error.final is not None:
+            # The controller's refusals (bad values, a prompt beyond the context) come before any
+            # output; a request that fails after some (a worker died twice) is the server's fault.
+            status = 400 if error.final.completion_tokens == 0 else 500
+            return APIError(status, str(error))
+        await self.link.lost(error)
+        return APIError(503, f"lost the server: {error}", code="service_unavailable")
+
+    async def close(self) -> None:
+        """Abort the requests still running (the client left, or one of them failed). Shielded:
+        this runs when the HTTP request is cancelled, and the aborts must still go out."""
+        with anyio.CancelScope(shield=True):
+            for pump in self._pumps:
+                pump.cancel()
+            for choice in self.choices:
+                if choice.final is None and not choice.aborted:
+                    choice.aborted = True
+                    self.metrics.aborted()
+                    await choice.stream.aclose()
