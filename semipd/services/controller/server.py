@@ -352,7 +352,7 @@ class Controller:
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
         if self.moderation is not None:
-            poller.register(self.moderation.sock, zmq.POLLIN)
+            poller.register(self.moderation.link.sock, zmq.POLLIN)
         announced = False
         while True:
             events = dict(poller.poll(POLL_MS))
