@@ -60,53 +60,77 @@ def load_tokenizer(model: str):
     return HFTokenizer(model) if os.path.isdir(model) else ByteTokenizer()
 
 
+# A window still ending in an incomplete character after this many unread tokens holds bytes
+# that no later token completes (a character is at most 4 bytes): it is shown as it decodes,
+# with U+FFFD, so that the window stays short.
+MAX_WAIT_TOKENS = 16
+
+
 class Detokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas, at a cost per token that does not
+    grow with the output.
 
     Decoding a token alone can split a multi-byte character or drop a leading space, so each
-    delta is the difference between decoding a short window with and without the new tokens;
-    a window ending in an incomplete character waits for the next token. Text that could be the
-    start of a stop string is held back until it is known not to be one.
+    delta is the difference between decoding a short window (the tokens of the last delta, then
+    the new ones) with and without the new tokens; a window ending in an incomplete character
+    waits for the next token. Text that could be the start of a stop string is held back until
+    it is known not to be one, so a stop string can only begin in that hold-back or the new
+    text: only they are searched.
     """
 
     def __init__(self, tokenizer, stop: list[str] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
         self.stop = [s for s in stop if s]
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
-        self._prefix = 0   # decoding window start
-        self._read = 0     # tokens already turned into text
-        self._emitted = 0  # characters of text already returned
+        self._window: list[int] = []  # the last delta's tokens, then those not yet turned into text
+        self._read = 0                # of the window, the tokens already turned into text
+        self._held = ""               # text made but not yet returned
+        self._returned: list[str] = []  # text returned so far, in pieces (joined only when read)
+
+    @property
+    def text(self) -> str:
+        """The text so far (cut before a stop string once one is found)."""
+        return "".join(self._returned) + self._held
 
     def add(self, token_ids: list[int]) -> tuple[str, bool]:
         """Append tokens; return (text safe to show now, whether a stop string was reached).
 
         On a stop string the text is cut just before it, as OpenAI-style servers do."""
-        self.ids += token_ids
-        prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        window = self.tokenizer.decode(self.ids[self._prefix:])
-        if window.endswith("\ufffd"):
+        self._window += token_ids
+        window, new = self._decode()
+        if window.endswith("\ufffd") and len(self._window) - self._read <= MAX_WAIT_TOKENS:
             return "", False
-        searched_from = max(0, len(self.text) - self._holdback)
-        self.text += window[len(prefix_text):]
-        self._prefix, self._read = self._read, len(self.ids)
-        hits = [h for h in (self.text.find(s, searched_from) for s in self.stop) if h >= 0]
+        self._advance()
+        held = self._held + new
+        hits = [h for h in (held.find(s) for s in self.stop) if h >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
-            return self._take(len(self.text)), True
-        return self._take(len(self.text) - self._holdback), False
+            self._held = held[:min(hits)]
+            return self._take(len(self._held)), True
+        self._held = held
+        return self._take(len(held) - self._holdback), False
 
     def flush(self) -> str:
         """Everything not yet returned, a trailing incomplete character included (call when
         the sequence finishes)."""
-        if self._read < len(self.ids):
-            prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
-            self.text += self.tokenizer.decode(self.ids[self._prefix:])[len(prefix_text):]
-            self._read = len(self.ids)
-        return self._take(len(self.text))
+        if self._read < len(self._window):
+            self._held += self._decode()[1]
+            self._advance()
+        return self._take(len(self._held))
+
+    def _decode(self) -> tuple[str, str]:
+        """(the window's text, the text its unread tokens add)"""
+        known = self.tokenizer.decode(self._window[:self._read])
+        window = self.tokenizer.decode(self._window)
+        return window, window[len(known):]
+
+    def _advance(self) -> None:
+        """The unread tokens are text now: they become the next window's known start."""
+        del self._window[:self._read]
+        self._read = len(self._window)
 
     def _take(self, end: int) -> str:
-        end = max(end, self._emitted)
-        delta, self._emitted = self.text[self._emitted:end], end
+        """Return the held text before end (none if end is not past its start)."""
+        delta, self._held = self._held[:max(end, 0)], self._held[max(end, 0):]
+        if delta:
+            self._returned.append(delta)
         return delta

@@ -1,13 +1,11 @@
-"""The controller's side of content moderation: its link to the streaming content monitor
-(`semipd scm`) and what the monitor's answers do to the streams of monitored requests.
+"""The controller's side of content moderation: which requests the streaming content monitor
+(`semipd scm`) watches, and what its answers do to their streams.
 
 Which requests: `--moderate all`, or only those that ask (`moderate=True`, `semipd complete
 --moderate`); a request that asks on a server without `--scm` is refused.
 
-What the monitor sees: one ScmBatch per turn of the controller's loop carries every new stream,
-all new output and all closes. When the monitor's tokenizer is the served model's (their
-fingerprints match in the handshake), output goes as token ids; otherwise as the text deltas the
-client gets, which the monitor re-tokenizes. Progress (ScmScored) is counted in served tokens.
+What the monitor is sent, and the handshake: monitor_link.py. Progress (ScmScored) is counted
+in served tokens.
 
 When tokens reach the client (`--scm-show`):
 - scored (default): a token's delta is held until the monitor has scored it, so nothing past the
@@ -25,31 +23,23 @@ event), when a send finds no connection (the socket queues only to a connected p
 refuses a stream, or when sent tokens wait longer than `--scm-timeout` for a score. `open` lets
 the affected requests go on unmonitored (held deltas are released, the Final's verdict says
 monitored: false); `closed` ends them with an error. While the monitor is lost, new monitored
-requests get the same policy at once, and the controller says ScmHello every HELLO_EVERY_S until
-a monitor answers; every new connection gets a fresh handshake, so a monitor restarted with
-another tokenizer is never sent the wrong kind of input.
+requests get the same policy at once, and the controller says hello until a monitor answers.
 
 Verdict lag: for every scored token, the number of tokens the request generated after it before
 its score arrived; per request in the Final's verdict, for all requests in stats.
 """
 
 import collections
-import os
-import socket
-import sys
 import time
 from dataclasses import dataclass, field
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
+from semipd.services.controller.monitor_link import MonitorLink, warn
 from semipd.services.controller.requests import Request
 from semipd.shared import protocol
 from semipd.shared.errors import UserError
 from semipd.shared.runtime import default_monitor_address
-
-HELLO_EVERY_S = 0.5
-CLOSE_LINGER_MS = 1000  # on shutdown, time for the last closes to reach the monitor
 
 
 @dataclass
@@ -105,24 +95,9 @@ class Moderation:
     def __init__(self, config: ModerationConfig, ctx: zmq.Context, tokenizer, send_client, abort, name: str):
         self.config, self.tokenizer = config, tokenizer
         self._send_client, self._abort = send_client, abort  # the controller's
-        self.sock = ctx.socket(zmq.DEALER)
-        # The monitor keeps streams per peer identity and drops a peer's streams at its hello.
-        # ZeroMQ would give each connection a new one, so a reconnect or a restart of this server
-        # (name: its address, on this host) would leave its old streams held in the monitor.
-        self.sock.setsockopt(zmq.IDENTITY, f"semipd-controller {socket.gethostname()} {name}".encode()[:255])
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # no connection: send fails at once, nothing queues
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        self.sock.connect(config.address)
-        # Connection events: a monitor that went away or came back needs a fresh handshake.
-        self.events = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.ready = False
-        self.same_tokenizer = False
+        self.link = MonitorLink(ctx, config.address, tokenizer, name)
         self.watches: dict[int, Watch] = {}
         self.unmonitored: dict[int, str] = {}  # request seq_id -> why it went on unmonitored
-        self._batch, self._appends = protocol.ScmBatch(), {}
-        self._last_hello = -HELLO_EVERY_S
         self.counts = collections.Counter()
         self.lags = collections.Counter()
 
@@ -132,11 +107,11 @@ class Moderation:
         """Start watching a new request if it is to be monitored; an error to refuse it with."""
         if not (moderate or self.config.scope == "all"):
             return None
-        if not self.ready:
+        if not self.link.ready:
             return self._unwatched(req.seq_id, "the content monitor is not connected")
-        ids = self.same_tokenizer
+        ids = self.link.same_tokenizer
         text = None if ids else (prompt if prompt is not None else self.tokenizer.decode(req.prompt_ids))
-        self._batch.opens.append(protocol.ScmOpen(req.seq_id, text, req.prompt_ids if ids else None))
+        self.link.open(req.seq_id, text, req.prompt_ids if ids else None)
         self.watches[req.seq_id] = Watch(req, ids)
         self.counts["monitored"] += 1
         return None
@@ -167,69 +142,46 @@ class Moderation:
             w.final = final
             return None
         del self.watches[req.seq_id]
-        self._batch.closes.append(req.seq_id)
+        self.link.close_stream(req.seq_id)
         if final is not None:
             final.verdict = self._verdict(w)
         return final
 
-    def on_message(self, data: bytes) -> None:
-        try:
-            msg = protocol.decode(data)
-        except protocol.ProtocolError as e:
-            return self._warn(f"unreadable message from the content monitor: {e}")
-        if isinstance(msg, protocol.ScmReady):
-            if not self.ready:
-                self._warn(f"content monitor at {self.config.address} connected (threshold {msg.threshold}, "
-                           f"k {msg.k}, sending {'token ids' if msg.tokenizer == self.tokenizer.fingerprint() else 'text'})")
-            self.ready, self.same_tokenizer = True, msg.tokenizer == self.tokenizer.fingerprint()
-        elif isinstance(msg, protocol.ScmScored):
-            for stream_id, upto, verdict, error in zip(msg.stream_ids, msg.upto, msg.verdicts, msg.errors):
-                w = self.watches.get(stream_id)
-                if w is None:
-                    continue  # ended or given up here already
-                if verdict is not None and not isinstance(verdict.get("token_index"), int):
-                    error = f"a verdict without a token_index: {verdict!r}"
-                if error is not None:
-                    self._fail(w, f"the content monitor refused the stream: {error}")
-                    continue
-                self._record(w, upto)
-                if verdict is not None:
-                    self._flag(w, verdict)
-                else:
-                    self._advance(w)
-        elif isinstance(msg, protocol.Reply) and not msg.ok:
-            self._warn(f"the content monitor could not read a message: {msg.error}")
+    def on_scored(self, msg: protocol.ScmScored) -> None:
+        for stream_id, upto, verdict, error in zip(msg.stream_ids, msg.upto, msg.verdicts, msg.errors):
+            w = self.watches.get(stream_id)
+            if w is None:
+                continue  # ended or given up here already
+            if verdict is not None and not isinstance(verdict.get("token_index"), int):
+                error = f"a verdict without a token_index: {verdict!r}"
+            if error is not None:
+                self._fail(w, f"the content monitor refused the stream: {error}")
+                continue
+            self._record(w, upto)
+            if verdict is not None:
+                self._flag(w, verdict)
+            else:
+                self._advance(w)
 
     def tick(self) -> None:
         """End of a loop turn: read the monitor's answers, send what the turn produced, say hello
         while not connected, and apply the failure policy to a monitor that stopped answering."""
-        while self.events.poll(0):  # before the messages: a handshake answer follows its connection
-            if recv_monitor_message(self.events)["event"] == zmq.EVENT_DISCONNECTED and self.ready:
-                self._lost("the content monitor disconnected")
-            else:
-                self.ready = False  # connected anew: whoever listens now must answer a hello
-        while True:
-            try:
-                self.on_message(self.sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                break
+        if self.link.disconnected():  # before the messages: a handshake answer follows its connection
+            self._lost("the content monitor disconnected")
+        for msg in self.link.receive():
+            if isinstance(msg, protocol.ScmScored):
+                self.on_scored(msg)
         now = time.monotonic()
-        if not self.ready:
-            if now - self._last_hello >= HELLO_EVERY_S:
-                self._last_hello = now
-                self._try_send(protocol.encode(protocol.ScmHello(os.getpid())))
-            return
+        if not self.link.ready:
+            return self.link.hello(now)
         if any(w.waiting_since is not None and now - w.waiting_since > self.config.timeout_s
                for w in self.watches.values()):
             return self._lost(f"no scores from the content monitor for {self.config.timeout_s:g} s")
-        b = self._batch
-        if b.opens or b.appends or b.closes:
-            self._batch, self._appends = protocol.ScmBatch(), {}
-            if not all(self._try_send(data) for data in b.encoded()):
-                self._lost("the content monitor is not reachable")
+        if not self.link.send():
+            self._lost("the content monitor is not reachable")
 
     def health(self) -> str:
-        return "ready" if self.ready else "connecting"
+        return "ready" if self.link.ready else "connecting"
 
     def stats(self) -> dict:
         n = sum(self.lags.values())
@@ -243,7 +195,7 @@ class Moderation:
                     return lag
             return None
         return {"address": self.config.address, "status": self.health(), "show": self.config.show,
-                "sends": "token ids" if self.same_tokenizer else "text", "watching": len(self.watches),
+                "sends": "token ids" if self.link.same_tokenizer else "text", "watching": len(self.watches),
                 "monitored": self.counts["monitored"], "flagged": self.counts["flagged"],
                 "failures": self.counts["failures"], "scored_tokens": n,
                 "lag_tokens": {"mean": sum(k * c for k, c in lags) / n if n else None, "p50": quantile(0.5),
@@ -254,26 +206,13 @@ class Moderation:
         the monitor is told to drop every stream (best effort: a restart's hello does it too)."""
         for w in list(self.watches.values()):
             self._fail(w, "the server is shutting down")
-        for data in self._batch.encoded() if self.ready else ():
-            self._try_send(data)
-        self.sock.disable_monitor()
-        self.events.close(linger=0)
-        self.sock.close(linger=CLOSE_LINGER_MS)
+        self.link.close()
 
     # ---- inside -------------------------------------------------------------------------
 
     def _feed(self, w: Watch, text: str, token_ids: list[int], last: bool) -> None:
         w.sent += len(token_ids)
-        sid = w.req.seq_id
-        append = self._appends.get(sid)
-        if append is None:
-            append = self._appends[sid] = protocol.ScmAppend(sid, 0)
-            self._batch.appends.append(append)
-        append.upto, append.last = w.sent, last
-        if w.ids:
-            append.token_ids += token_ids
-        else:
-            append.text += text
+        self.link.append(w.req.seq_id, w.sent, text, token_ids if w.ids else None, last)
         if w.waiting_since is None:
             w.waiting_since = time.monotonic()
 
@@ -315,7 +254,7 @@ class Moderation:
         if self.watches.pop(sid, None) is None:  # ended meanwhile: a failed send to its client
             return                               # aborts all of that client's requests
         if tell_monitor:
-            self._batch.closes.append(sid)
+            self.link.close_stream(sid)
         self.counts["failures"] += 1
         if self.config.failure == "open":
             if w.final is None:  # noted first: a release whose send fails ends the request (finish)
@@ -335,9 +274,8 @@ class Moderation:
             self._abort(w.req, final)
 
     def _lost(self, reason: str) -> None:
-        self._warn(f"{reason}; applying --scm-failure {self.config.failure} and reconnecting")
-        self.ready = False
-        self._batch, self._appends, self._last_hello = protocol.ScmBatch(), {}, -HELLO_EVERY_S
+        warn(f"{reason}; applying --scm-failure {self.config.failure} and reconnecting")
+        self.link.lost()
         for w in list(self.watches.values()):
             self._fail(w, reason, tell_monitor=False)
 
@@ -358,13 +296,3 @@ class Moderation:
     def _verdict(self, w: Watch) -> dict:
         return {"monitored": True, "flagged": False, "scored_tokens": w.scored,
                 "lag_tokens_mean": w.lag_sum / w.scored if w.scored else None, "lag_tokens_max": w.lag_max}
-
-    def _try_send(self, data: bytes) -> bool:
-        try:
-            self.sock.send(data, zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
-
-    def _warn(self, text: str) -> None:
-        print(f"semipd: {text}", file=sys.stderr, flush=True)

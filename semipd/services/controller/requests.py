@@ -1,12 +1,11 @@
 """One client request as the controller tracks it: where its sequence is, its output so far
-(detokenized incrementally) and its timings."""
+and its timings. Its text is made on the detokenizer thread (detokenizer.py)."""
 
 import time
 from dataclasses import asdict, dataclass, field
 
 from semipd.shared import protocol
 from semipd.shared.sampling_params import SamplingParams
-from semipd.shared.tokenizer import Detokenizer
 
 
 @dataclass
@@ -17,8 +16,8 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
-    detok: Detokenizer
-    where: str = "prefill"             # the worker that holds the sequence: prefill | decode
+    where: str | None = "prefill"      # the worker that holds the sequence: prefill | decode
+                                       # (None: its worker has finished it, its text is on the way)
     output_ids: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)
@@ -29,11 +28,15 @@ class Request:
         return protocol.SeqState(self.seq_id, self.prompt_ids + self.output_ids, len(self.prompt_ids),
                                  asdict(self.params), self.seed)
 
-    def add_token(self, token: int) -> tuple[str, bool]:
-        """Record a new token; returns (text to show now, whether a stop string ended it)."""
+    def add_token(self, token: int) -> int:
+        """Record a new token; returns its place in the output."""
         self.output_ids.append(token)
         self.token_times.append(time.monotonic())
-        return self.detok.add([token])
+        return len(self.output_ids) - 1
+
+    def cut(self, index: int) -> None:
+        """A stop string ended the output at token index: forget the tokens after it."""
+        del self.output_ids[index + 1:], self.token_times[index + 1:]
 
     def delta(self, text: str, token: int) -> protocol.Delta:
         return protocol.Delta(self.request_id, text, [token])
@@ -42,7 +45,7 @@ class Request:
               verdict: dict | None = None) -> protocol.Final:
         times = self.token_times
         return protocol.Final(
-            self.request_id, reason, text + self.detok.flush(), list(token_ids),
+            self.request_id, reason, text, list(token_ids),
             prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
             ttft_s=times[0] - self.arrival if times else None,
             itl_s=[b - a for a, b in zip(times, times[1:])], error=error, verdict=verdict)

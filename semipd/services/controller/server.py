@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import zmq
 
+from semipd.services.controller.detokenizer import DetokenizerThread, End, Token
 from semipd.services.controller.lifecycle import WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
@@ -31,7 +32,6 @@ from semipd.shared.errors import UserError
 from semipd.shared.page_allocator import releaser
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.sockets import MAX_UNREAD, bind_router
-from semipd.shared.tokenizer import Detokenizer
 
 POLL_MS = 50
 MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
@@ -66,6 +66,9 @@ class Controller:
                                                     self._send_client, self._abort, address)
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.by_seq: dict[int, Request] = {}
+        self.detok = DetokenizerThread(self.ctx, self.memory.tokenizer)
+        # Ended here, their Finals waiting for the rest of their text from the detokenizer thread.
+        self.ending: dict[int, tuple[Request, protocol.Final]] = {}
         # Sequences ended here that a worker of the role may still hold (its AbortSeqs unread):
         # if the worker dies first, nothing else would free their pages.
         self.dropped: dict[str, set[int]] = {}
@@ -90,26 +93,38 @@ class Controller:
             for req in [r for r in self.requests.values() if r.client == client]:
                 self._abort(req, None)
 
-    def _finish(self, req: Request, final: protocol.Final | None) -> None:
-        """End a request once: forget it and send its Final (None: the client is gone)."""
+    def _finish(self, req: Request, final: protocol.Final | None, rest: bool = False) -> None:
+        """End a request once: forget it and send its Final (None: the client is gone). rest:
+        the Final also carries the text not yet shown, which the detokenizer thread sends back
+        after the deltas it is still making (they go out first); else its text is dropped."""
         if self.requests.pop((req.client, req.request_id), None) is None:
             return
         del self.by_seq[req.seq_id]
         if self.partitioner is not None and final is not None and final.finish_reason in ("stop", "length"):
             self._observe(req, final)
+        rest = rest and final is not None
+        self.detok.end(req.seq_id, rest)
+        if rest:
+            self.ending[req.seq_id] = (req, final)
+        else:
+            self._send_final(req, final)
+
+    def _send_final(self, req: Request, final: protocol.Final | None) -> None:
         if self.moderation is not None:  # None: the Final waits for the monitor's last scores
             final = self.moderation.finish(req, final)
         if final is not None:
             self._send_client(req.client, final)
 
-    def _abort(self, req: Request, final: protocol.Final | None) -> None:
-        """End a request that a worker still holds."""
+    def _abort(self, req: Request, final: protocol.Final | None, rest: bool = False) -> None:
+        """End a request that a worker may still hold."""
         self._drop(req)
-        self._finish(req, final)
+        self._finish(req, final, rest)
 
     def _drop(self, req: Request) -> None:
         """The worker holding the sequence drops it and frees its pages (a no-op if it already
         left: see on_prefill_done); should the worker die first, recover() frees them."""
+        if req.where is None:  # its worker has finished it
+            return
         self.supervisor.send(req.where, protocol.AbortSeqs([req.seq_id]))
         dropped = self.dropped.setdefault(req.where, set())
         dropped.add(req.seq_id)
@@ -130,8 +145,8 @@ class Controller:
             self.on_generate(client, msg)
         elif isinstance(msg, protocol.AbortRequest):
             req = self.requests.get((client, msg.request_id))
-            if req is not None:
-                self._abort(req, req.final("abort"))
+            if req is not None and req.where is not None:  # else its worker has finished it
+                self._abort(req, req.final("abort"), rest=True)
         elif isinstance(msg, protocol.HealthRequest):
             self._send_client(client, protocol.Reply(msg.request_id, True, self.health()))
         elif isinstance(msg, protocol.StatsRequest):
@@ -147,7 +162,8 @@ class Controller:
     def on_generate(self, client: bytes, msg: protocol.GenerateRequest) -> None:
         def reject(error: str):
             self._send_client(client, protocol.Final(msg.request_id, "error", error=error))
-        if (client, msg.request_id) in self.requests:  # not a Final: that id's stream is live
+        if (client, msg.request_id) in self.requests or any(  # not a Final: that id's stream is live
+                r.client == client and r.request_id == msg.request_id for r, _ in self.ending.values()):
             return self._send_client(client, protocol.Reply(msg.request_id, False,
                                                             error=f"request id {msg.request_id!r} is already in use"))
         try:
@@ -168,8 +184,7 @@ class Controller:
             return reject(str(e))
         if msg.moderate and self.moderation is None:
             return reject("this server has no content monitor (start it with --scm ADDR)")
-        req = Request(client, msg.request_id, next(self._seq_ids), prompt_ids, params,
-                      params.resolved_seed(), Detokenizer(mem.tokenizer, params.stop))
+        req = Request(client, msg.request_id, next(self._seq_ids), prompt_ids, params, params.resolved_seed())
         error = self.moderation and self.moderation.open(req, msg.prompt, msg.moderate)
         if error:
             return reject(error)
@@ -178,6 +193,7 @@ class Controller:
             self.partitioner.arrived(req.arrival)
         self.requests[(client, msg.request_id)] = req
         self.by_seq[req.seq_id] = req
+        self.detok.open(req.seq_id, params.stop)
         self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
 
     # ---- workers ------------------------------------------------------------------------
@@ -219,36 +235,56 @@ class Controller:
         handoff = []
         for state, finished in zip(msg.seqs, msg.finished):
             req = self.by_seq.get(state.seq_id)
-            if req is None or not self.on_token(req, state.token_ids[-1], finished):
+            if req is None:
                 if finished is None:  # ended here (aborted, or a stop string): free its pages
                     self.memory.allocator.free_owner(state.seq_id)
                 continue
-            req.where = "decode"
-            handoff.append(state)
-        # A failed send to one client aborts all its requests, those already in handoff too
-        # (their AbortSeqs went to decode ahead of them): keep them out and free their pages here.
-        for state in [s for s in handoff if s.seq_id not in self.by_seq]:
-            handoff.remove(state)
-            self.memory.allocator.free_owner(state.seq_id)
+            self.on_token(req, state.token_ids[-1], finished)
+            if finished is None:
+                req.where = "decode"
+                handoff.append(state)
         if handoff:
             self.supervisor.send("decode", protocol.RunSeqs(handoff))
 
     def on_decode_step(self, msg: protocol.DecodeStep) -> None:
         for seq_id, token, finished in zip(msg.seq_ids, msg.tokens, msg.finished):
             req = self.by_seq.get(seq_id)
-            if req is not None and not self.on_token(req, token, finished) and finished is None:
-                self._drop(req)  # a stop string
+            if req is not None:
+                self.on_token(req, token, finished)
 
-    def on_token(self, req: Request, token: int, finished: str | None) -> bool:
-        """Stream one new token; False if the request has ended (worker's reason or a stop string)."""
-        text, stopped = req.add_token(token)
-        if stopped or finished is not None:
-            self._finish(req, req.final("stop" if stopped else finished, text, [token]))
-            return False
-        delta = req.delta(text, token)
+    def on_token(self, req: Request, token: int, finished: str | None) -> None:
+        """Record one new token and hand it to the detokenizer thread (on_text streams it)."""
+        self.detok.token(req.seq_id, req.add_token(token), token, finished)
+        if finished is not None:
+            req.where = None
+
+    def on_text(self, pieces: list) -> None:
+        """The detokenizer thread's answers: stream the text, end requests whose worker finished
+        them or whose text reached a stop string, send Finals that waited for their text."""
+        for piece in pieces:
+            if isinstance(piece, End):
+                req, final = self.ending.pop(piece.seq_id)
+                final.text = piece.text
+                self._send_final(req, final)
+                continue
+            req = self.by_seq.get(piece.seq_id)
+            if req is None:
+                ended = self.ending.get(piece.seq_id)
+                if ended is not None:  # ended here: the deltas made before go out before its Final
+                    self._stream(ended[0], piece)
+            elif piece.stopped or piece.finished is not None:
+                if piece.stopped:  # a worker may hold it still (decode, if found after the hand-off)
+                    req.cut(piece.index)
+                    self._drop(req)
+                reason = "stop" if piece.stopped else piece.finished
+                self._finish(req, req.final(reason, piece.text, [piece.token]))
+            else:
+                self._stream(req, piece)
+
+    def _stream(self, req: Request, piece: Token) -> None:
+        delta = req.delta(piece.text, piece.token)
         if self.moderation is None or not self.moderation.hold(req, delta):
             self._send_client(req.client, delta)
-        return (req.client, req.request_id) in self.requests  # False if the client vanished
 
     def recover(self, role: str) -> None:
         """A worker died: reclaim the pages of everything it held and resume it through prefill
@@ -259,7 +295,8 @@ class Controller:
             self.memory.allocator.free_owner(req.seq_id)
             req.restarts += 1
             if req.restarts > MAX_RESTARTS_PER_REQUEST:
-                self._finish(req, req.final("error", error=f"the {role} worker died twice while serving it"))
+                self._finish(req, req.final("error", error=f"the {role} worker died twice while serving it"),
+                             rest=True)
                 continue
             req.where = self.prefill_role
             self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
@@ -351,11 +388,15 @@ class Controller:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        poller.register(self.detok.sock, zmq.POLLIN)
         if self.moderation is not None:
-            poller.register(self.moderation.sock, zmq.POLLIN)
+            poller.register(self.moderation.link.sock, zmq.POLLIN)
         announced = False
         while True:
+            self.detok.submit()  # what the last turn handed it
             events = dict(poller.poll(POLL_MS))
+            if self.detok.sock in events:
+                self.on_text(self.detok.answers())
             if self.back in events:
                 self._drain(self.back, self.on_worker)
             if self.front in events:
@@ -393,7 +434,8 @@ class Controller:
 
     def close(self) -> None:
         for req in list(self.requests.values()):  # every stream ends with one Final, now too
-            self._finish(req, req.final("error", error="the server is shutting down"))
+            self._finish(req, req.final("error", error="the server is shutting down"), rest=True)
+        self.on_text(self.detok.close())  # the last deltas, and the Finals
         if self.moderation is not None:
             self.moderation.close()
         self.supervisor.stop()
