@@ -1,9 +1,11 @@
-"""What the two end-to-end serving test files share: a Llama test checkpoint, a server over it
-(one per test module), and a workload of mixed lengths."""
+"""What the end-to-end serving test files share: a Llama test checkpoint, a server over it (one
+per test module), a workload of mixed lengths, and a raw client socket with raw requests."""
 
 import random
 
+import msgpack
 import pytest
+import zmq
 
 from tests.conftest import make_checkpoint
 from tests.serving import Server
@@ -28,3 +30,14 @@ def server(model):
     s = Server(model)
     yield s
     assert s.stop() == 0
+
+
+def raw_socket(address: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def generate(request_id="r", **fields) -> bytes:
+    return msgpack.packb(["GenerateRequest", {"request_id": request_id, **fields}])

@@ -14,25 +14,14 @@ import zmq
 from semipd.shared import protocol
 from semipd.shared.client import ServerError
 from tests.serving import ROOT, Server, wait_for
-from tests.serving_fixtures import workload
+from tests.serving_fixtures import generate, raw_socket, workload
 from tests.serving_fixtures import model, server  # noqa: F401 (fixtures, found by name)
-
-
-def raw_socket(address: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    return sock
 
 
 def ask(sock: zmq.Socket, frames) -> object:
     sock.send_multipart(frames if isinstance(frames, list) else [frames])
     assert sock.poll(10_000), "no answer"
     return protocol.decode(sock.recv())
-
-
-def generate(request_id="r", **fields) -> bytes:
-    return msgpack.packb(["GenerateRequest", {"request_id": request_id, **fields}])
 
 
 BAD_INPUTS = {

@@ -10,7 +10,7 @@ from semipd.shared.engine import Engine
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.tokenizer import Detokenizer, load_tokenizer
-from tests.test_serving import generate, model, raw_socket, server, workload  # noqa: F401 (fixtures)
+from tests.serving_fixtures import generate, model, raw_socket, server, workload  # noqa: F401 (fixtures)
 
 
 def stop_strings(engine: Engine, work) -> list[SamplingParams]:

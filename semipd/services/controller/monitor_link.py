@@ -11,7 +11,6 @@ goes as token ids; otherwise as the text deltas the client gets, which the monit
 import os
 import socket
 import sys
-import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message

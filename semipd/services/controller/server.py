@@ -6,21 +6,18 @@ always knows which worker holds each sequence: that is what lets it abort, recla
 resume requests when a worker dies. Each request ends with exactly one Final.
 """
 
-import itertools
-import json
 import sys
 import time
-from collections import deque
 from dataclasses import replace
 
 import zmq
 
-from semipd.services.controller.detokenizer import DetokenizerThread, End, Token
 from semipd.services.controller.lifecycle import WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
-from semipd.services.controller.partitioner import Partitioner
+from semipd.services.controller.partition_control import PartitionControl
 from semipd.services.controller.prompts import chat_prompt
+from semipd.services.controller.request_book import RequestBook
 from semipd.services.controller.requests import Request
 from semipd.services.controller.resident import ResidentMemory
 from semipd.services.controller.supervisor import Supervisor
@@ -29,24 +26,18 @@ from semipd.shared import protocol
 from semipd.shared.admission import check_request
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.errors import UserError
-from semipd.shared.page_allocator import releaser
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.sockets import MAX_UNREAD, bind_router
 
 POLL_MS = 50
-MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
 CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
-# Dropped sequences remembered per role before those already freed are forgotten (after which
-# only the few whose AbortSeqs is still on its way remain).
-PRUNE_DROPPED = 1024
+
+
 class Controller:
     def __init__(self, config: EngineConfig, address: str, worker_address: str,
                  moderation: ModerationConfig | None = None, mode: ServingMode | None = None):
         self.mode = mode or ServingMode({"prefill": DEFAULT_PREFILL_SM, "decode": DEFAULT_DECODE_SM})
         self.prefill_role = "unified" if self.mode.unified else "prefill"  # where requests start
-        self.partitioner = self.mode.partition and Partitioner(self.mode.partition, **{
-            f"{role}_sm": share for role, share in self.mode.shares.items()})
-        self.decisions: deque[dict] = deque(maxlen=100)
         self.memory = ResidentMemory(config)
         init_msg = self.memory.worker_init()
         self.address = address
@@ -60,19 +51,13 @@ class Controller:
             raise UserError(f"cannot bind {address}: {e}") from None
         self.supervisor = Supervisor(worker_address, self._send_worker,
                                      lambda sm: replace(init_msg, sm_percent=sm), self.mode.shares)
-        self.switcher = Switcher(self.supervisor, lambda seq_id: seq_id in self.by_seq,
+        self.switcher = Switcher(self.supervisor, lambda seq_id: seq_id in self.book.by_seq,
                                  self.memory.allocator.free_owner, self.mode.switch_timeout_s)
-        self.moderation = moderation and Moderation(moderation, self.ctx, self.memory.tokenizer,
-                                                    self._send_client, self._abort, address)
-        self.requests: dict[tuple[bytes, str], Request] = {}
-        self.by_seq: dict[int, Request] = {}
-        self.detok = DetokenizerThread(self.ctx, self.memory.tokenizer)
-        # Ended here, their Finals waiting for the rest of their text from the detokenizer thread.
-        self.ending: dict[int, tuple[Request, protocol.Final]] = {}
-        # Sequences ended here that a worker of the role may still hold (its AbortSeqs unread):
-        # if the worker dies first, nothing else would free their pages.
-        self.dropped: dict[str, set[int]] = {}
-        self._seq_ids = itertools.count()
+        self.split = PartitionControl(self.mode, self.supervisor, self.switcher)
+        self.book = RequestBook(self.ctx, self.memory, self.supervisor, self.split, self._send_client,
+                                self.prefill_role)
+        self.moderation = self.book.moderation = moderation and Moderation(
+            moderation, self.ctx, self.memory.tokenizer, self._send_client, self.book.abort, address)
         self.started = time.monotonic()
 
     # ---- sending ------------------------------------------------------------------------
@@ -90,46 +75,8 @@ class Controller:
             if isinstance(e, zmq.Again):
                 print(f"semipd: a client left {MAX_UNREAD} messages unread; its requests are ended",
                       file=sys.stderr, flush=True)
-            for req in [r for r in self.requests.values() if r.client == client]:
-                self._abort(req, None)
-
-    def _finish(self, req: Request, final: protocol.Final | None, rest: bool = False) -> None:
-        """End a request once: forget it and send its Final (None: the client is gone). rest:
-        the Final also carries the text not yet shown, which the detokenizer thread sends back
-        after the deltas it is still making (they go out first); else its text is dropped."""
-        if self.requests.pop((req.client, req.request_id), None) is None:
-            return
-        del self.by_seq[req.seq_id]
-        if self.partitioner is not None and final is not None and final.finish_reason in ("stop", "length"):
-            self._observe(req, final)
-        rest = rest and final is not None
-        self.detok.end(req.seq_id, rest)
-        if rest:
-            self.ending[req.seq_id] = (req, final)
-        else:
-            self._send_final(req, final)
-
-    def _send_final(self, req: Request, final: protocol.Final | None) -> None:
-        if self.moderation is not None:  # None: the Final waits for the monitor's last scores
-            final = self.moderation.finish(req, final)
-        if final is not None:
-            self._send_client(req.client, final)
-
-    def _abort(self, req: Request, final: protocol.Final | None, rest: bool = False) -> None:
-        """End a request that a worker may still hold."""
-        self._drop(req)
-        self._finish(req, final, rest)
-
-    def _drop(self, req: Request) -> None:
-        """The worker holding the sequence drops it and frees its pages (a no-op if it already
-        left: see on_prefill_done); should the worker die first, recover() frees them."""
-        if req.where is None:  # its worker has finished it
-            return
-        self.supervisor.send(req.where, protocol.AbortSeqs([req.seq_id]))
-        dropped = self.dropped.setdefault(req.where, set())
-        dropped.add(req.seq_id)
-        if len(dropped) > PRUNE_DROPPED:  # keep those still holding pages
-            dropped.intersection_update(self.memory.allocator.owners())
+            for req in [r for r in self.book.requests.values() if r.client == client]:
+                self.book.abort(req, None)
 
     # ---- clients ------------------------------------------------------------------------
 
@@ -138,23 +85,23 @@ class Controller:
             msg = protocol.decode(data)
         except protocol.ProtocolError as e:
             name, request_id = protocol.peek(data)
-            if name == "GenerateRequest" and request_id and (client, request_id) not in self.requests:
+            if name == "GenerateRequest" and request_id and (client, request_id) not in self.book.requests:
                 return self._send_client(client, protocol.Final(request_id, "error", error=str(e)))
             return self._send_client(client, protocol.Reply(request_id, False, error=str(e)))
         if isinstance(msg, protocol.GenerateRequest):
             self.on_generate(client, msg)
         elif isinstance(msg, protocol.AbortRequest):
-            req = self.requests.get((client, msg.request_id))
+            req = self.book.requests.get((client, msg.request_id))
             if req is not None and req.where is not None:  # else its worker has finished it
-                self._abort(req, req.final("abort"), rest=True)
+                self.book.abort(req, req.final("abort"), rest=True)
         elif isinstance(msg, protocol.HealthRequest):
             self._send_client(client, protocol.Reply(msg.request_id, True, self.health()))
         elif isinstance(msg, protocol.StatsRequest):
             self._send_client(client, protocol.Reply(msg.request_id, True, self.stats()))
         elif isinstance(msg, protocol.PartitionRequest):
-            error = self.partition({"prefill": msg.prefill_sm, "decode": msg.decode_sm}, "manual")
+            error = self.split.request({"prefill": msg.prefill_sm, "decode": msg.decode_sm}, "manual")
             self._send_client(client, protocol.Reply(msg.request_id, error is None,
-                                                     {} if error else self.partition_stats(), error))
+                                                     {} if error else self.split.stats(), error))
         else:
             self._send_client(client, protocol.Reply(getattr(msg, "request_id", ""), False,
                                                      error=f"{type(msg).__name__} is not a client message"))
@@ -162,8 +109,7 @@ class Controller:
     def on_generate(self, client: bytes, msg: protocol.GenerateRequest) -> None:
         def reject(error: str):
             self._send_client(client, protocol.Final(msg.request_id, "error", error=error))
-        if (client, msg.request_id) in self.requests or any(  # not a Final: that id's stream is live
-                r.client == client and r.request_id == msg.request_id for r, _ in self.ending.values()):
+        if self.book.in_use(client, msg.request_id):  # not a Final: that id's stream is live
             return self._send_client(client, protocol.Reply(msg.request_id, False,
                                                             error=f"request id {msg.request_id!r} is already in use"))
         try:
@@ -184,17 +130,11 @@ class Controller:
             return reject(str(e))
         if msg.moderate and self.moderation is None:
             return reject("this server has no content monitor (start it with --scm ADDR)")
-        req = Request(client, msg.request_id, next(self._seq_ids), prompt_ids, params, params.resolved_seed())
+        req = Request(client, msg.request_id, self.book.next_seq_id(), prompt_ids, params, params.resolved_seed())
         error = self.moderation and self.moderation.open(req, msg.prompt, msg.moderate)
         if error:
             return reject(error)
-        req.where = self.prefill_role
-        if self.partitioner is not None:
-            self.partitioner.arrived(req.arrival)
-        self.requests[(client, msg.request_id)] = req
-        self.by_seq[req.seq_id] = req
-        self.detok.open(req.seq_id, params.stop)
-        self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
+        self.book.admit(req)
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -217,29 +157,28 @@ class Controller:
             self.switcher.on_output(worker)
             self.on_decode_step(msg)
             if self.switcher.on_last_step(worker, msg):
-                self._settle()
+                self.split.settle()
         elif isinstance(msg, protocol.StepTimes):
             worker.step_times = (msg, time.monotonic())
         elif isinstance(msg, protocol.HandedOver):
             self.switcher.on_handed_over(worker, msg)
-            self._settle()
+            self.split.settle()
         elif isinstance(msg, protocol.Preempted):
             for state in msg.seqs:
-                req = self.by_seq.get(state.seq_id)
+                req = self.book.by_seq.get(state.seq_id)
                 if req is not None:
-                    req.where = self.prefill_role
-                    self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
+                    self.book.resume(req)
 
     def on_prefill_done(self, msg: protocol.PrefillDone) -> None:
         """First tokens. Until the hand-off reaches decode, the controller holds these pages."""
         handoff = []
         for state, finished in zip(msg.seqs, msg.finished):
-            req = self.by_seq.get(state.seq_id)
+            req = self.book.by_seq.get(state.seq_id)
             if req is None:
                 if finished is None:  # ended here (aborted, or a stop string): free its pages
                     self.memory.allocator.free_owner(state.seq_id)
                 continue
-            self.on_token(req, state.token_ids[-1], finished)
+            self.book.token(req, state.token_ids[-1], finished)
             if finished is None:
                 req.where = "decode"
                 handoff.append(state)
@@ -248,119 +187,11 @@ class Controller:
 
     def on_decode_step(self, msg: protocol.DecodeStep) -> None:
         for seq_id, token, finished in zip(msg.seq_ids, msg.tokens, msg.finished):
-            req = self.by_seq.get(seq_id)
+            req = self.book.by_seq.get(seq_id)
             if req is not None:
-                self.on_token(req, token, finished)
-
-    def on_token(self, req: Request, token: int, finished: str | None) -> None:
-        """Record one new token and hand it to the detokenizer thread (on_text streams it)."""
-        self.detok.token(req.seq_id, req.add_token(token), token, finished)
-        if finished is not None:
-            req.where = None
-
-    def on_text(self, pieces: list) -> None:
-        """The detokenizer thread's answers: stream the text, end requests whose worker finished
-        them or whose text reached a stop string, send Finals that waited for their text."""
-        for piece in pieces:
-            if isinstance(piece, End):
-                req, final = self.ending.pop(piece.seq_id)
-                final.text = piece.text
-                self._send_final(req, final)
-                continue
-            req = self.by_seq.get(piece.seq_id)
-            if req is None:
-                ended = self.ending.get(piece.seq_id)
-                if ended is not None:  # ended here: the deltas made before go out before its Final
-                    self._stream(ended[0], piece)
-            elif piece.stopped or piece.finished is not None:
-                if piece.stopped:  # a worker may hold it still (decode, if found after the hand-off)
-                    req.cut(piece.index)
-                    self._drop(req)
-                reason = "stop" if piece.stopped else piece.finished
-                self._finish(req, req.final(reason, piece.text, [piece.token]))
-            else:
-                self._stream(req, piece)
-
-    def _stream(self, req: Request, piece: Token) -> None:
-        delta = req.delta(piece.text, piece.token)
-        if self.moderation is None or not self.moderation.hold(req, delta):
-            self._send_client(req.client, delta)
-
-    def recover(self, role: str) -> None:
-        """A worker died: reclaim the pages of everything it held and resume it through prefill
-        (recomputing the K/V), or end it with an error if it has already survived a crash."""
-        for seq_id in self.dropped.pop(role, ()):  # ended here, perhaps never dropped there
-            self.memory.allocator.free_owner(seq_id)
-        for req in [r for r in self.requests.values() if r.where == role]:
-            self.memory.allocator.free_owner(req.seq_id)
-            req.restarts += 1
-            if req.restarts > MAX_RESTARTS_PER_REQUEST:
-                self._finish(req, req.final("error", error=f"the {role} worker died twice while serving it"),
-                             rest=True)
-                continue
-            req.where = self.prefill_role
-            self.supervisor.send(self.prefill_role, protocol.RunSeqs([req.state()]))
-
-    def _free_held_back(self) -> None:
-        """Free the pages that workers now dead (or killed in their wake) held back for a step
-        in flight: their requests had ended. A live worker's are its own to free."""
-        live = self.supervisor.live_pids()
-        for owner in self.memory.allocator.owners():
-            if (pid := releaser(owner)) is not None and pid not in live:
-                self.memory.allocator.free_owner(owner)
-
-    def _observe(self, req: Request, final: protocol.Final) -> None:
-        """Feed a finished request to the partitioner; log its decision and act on it. Not while
-        a switch is under way: the request ran on the old split, and a decision now would find
-        the switch running. _settle starts a new window once it is done."""
-        if self.switcher.active:
-            return
-        tpot = sum(final.itl_s) / len(final.itl_s) if final.itl_s else None
-        decision = self.partitioner.observe(req.arrival, final.ttft_s, tpot, time.monotonic())
-        if decision is None:
-            return
-        record = decision.to_dict()
-        self.decisions.append(record)
-        print(f"semipd: partition decision {json.dumps(record)}", file=sys.stderr, flush=True)
-        target = {"prefill": decision.next_prefill_sm, "decode": decision.next_decode_sm}
-        if self.partition(target, f"partitioner: {decision.action}") is not None:
-            self._settle()  # could not switch now: the partitioner keeps the split in effect
-
-    def _settle(self) -> None:
-        """Once no switch is under way, tell the partitioner which split is in effect from now."""
-        if self.partitioner is not None and not self.switcher.active:
-            workers = self.supervisor.workers
-            self.partitioner.switched(workers["prefill"].sm_percent, workers["decode"].sm_percent, time.monotonic())
-
-    def partition(self, shares: dict[str, int], reason: str) -> str | None:
-        """Start switching to a new SM split; an error message if it cannot be done now."""
-        if self.prefill_role == "unified":
-            return "a unified server has no prefill/decode split"
-        bad = next((v for v in shares.values() if not 1 <= v <= 100), None)
-        if bad is not None:
-            return f"SM shares are percentages in [1, 100], got {bad}"
-        if self.partitioner is not None:  # it plans on a grid; a split off it is not one it can hold
-            try:
-                self.partitioner.check((shares["prefill"], shares["decode"]))
-            except UserError as e:
-                return f"this server moves the split itself (--dynamic): {e}"
-        busy = [r for r, v in shares.items() if r in self.switcher.active and self.supervisor.workers[r].sm_percent != v]
-        if busy:
-            return f"the {busy[0]} worker is already switching; try again when it is done"
-        for role, share in shares.items():
-            self.switcher.request(role, share, reason)
-        return None
+                self.book.token(req, token, finished)
 
     # ---- status -------------------------------------------------------------------------
-
-    def partition_stats(self) -> dict:
-        workers = self.supervisor.workers
-        return {"mode": "unified" if self.prefill_role == "unified" else "semi-pd",
-                "prefill_sm": workers.get("prefill", workers.get("unified")).sm_percent,
-                "decode_sm": workers.get("decode", workers.get("unified")).sm_percent,
-                "mps": self.mode.mps, "dynamic": self.partitioner is not None,
-                "switching": sorted(self.switcher.active), "history": self.switcher.history,
-                "decisions": list(self.decisions)}
 
     def health(self) -> dict:
         # During a switch the role's new worker is closed for the few ms of the handover; its
@@ -371,12 +202,12 @@ class Controller:
                 "scm": self.moderation and self.moderation.health()}
 
     def stats(self) -> dict:
-        reqs = self.requests.values()
+        reqs = self.book.requests.values()
         return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
                 "workers": {role: {**self.supervisor.stats(role), "switch": self.switcher.stats(role)}
                             for role in self.supervisor.workers},
-                "partition": self.partition_stats(),
+                "partition": self.split.stats(),
                 "worker_restarts": self.supervisor.restarts, "page_size": self.memory.config.page_size,
                 "max_model_len": self.memory.max_model_len,
                 "scm": self.moderation and self.moderation.stats()}
@@ -388,15 +219,15 @@ class Controller:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
-        poller.register(self.detok.sock, zmq.POLLIN)
+        poller.register(self.book.detok.sock, zmq.POLLIN)
         if self.moderation is not None:
             poller.register(self.moderation.link.sock, zmq.POLLIN)
         announced = False
         while True:
-            self.detok.submit()  # what the last turn handed it
+            self.book.detok.submit()  # what the last turn handed it
             events = dict(poller.poll(POLL_MS))
-            if self.detok.sock in events:
-                self.on_text(self.detok.answers())
+            if self.book.detok.sock in events:
+                self.book.on_text(self.book.detok.answers())
             if self.back in events:
                 self._drain(self.back, self.on_worker)
             if self.front in events:
@@ -405,19 +236,16 @@ class Controller:
             deaths = self.supervisor.dead()
             for was, worker in deaths:
                 if self.switcher.on_death(was, worker):
-                    self.recover(worker.role)
-                self._settle()
+                    self.book.recover(worker.role)
+                self.split.settle()
             if deaths:
-                self._free_held_back()
+                self.book.free_held_back()
             if self.moderation is not None:
                 self.moderation.tick()
             if not announced and self.supervisor.all_ready():
                 announced = True
                 print(f"semipd: serving {self.memory.config.model} at {self.address}", file=sys.stderr, flush=True)
-                if self.partitioner is not None:  # switches will come: have standbys ready for them
-                    self.switcher.keep_standbys = True
-                    for role in self.supervisor.workers:
-                        self.supervisor.ensure_standby(role)
+                self.split.serving()
                 if on_ready:
                     on_ready()
 
@@ -433,9 +261,7 @@ class Controller:
                 self._send_client(frames[0], protocol.Reply("", False, error="send one frame per message"))
 
     def close(self) -> None:
-        for req in list(self.requests.values()):  # every stream ends with one Final, now too
-            self._finish(req, req.final("error", error="the server is shutting down"), rest=True)
-        self.on_text(self.detok.close())  # the last deltas, and the Finals
+        self.book.close()
         if self.moderation is not None:
             self.moderation.close()
         self.supervisor.stop()
