@@ -17,20 +17,17 @@ give-back never re-enters a visited split. A miss with no allowed move holds the
 ("stuck"). docs/architecture.md, "The partitioner", says why each part is as it is.
 """
 import bisect
-import itertools
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from semipd.services.controller.evidence import Evidence
 from semipd.services.controller.latency_model import Fit, fit_latency
 from semipd.shared.errors import UserError
 
 GIVE_BACK = 0.5        # a phase below this fraction of its SLO may give a step to the other
-LOAD_TOLERANCE = 0.25  # evidence holds until the load drops by more than this fraction, or more
-MAX_TOLERANCE = 0.5    # ...but never more than this (tiny windows: the median's noise is larger)
-LOAD_WINDOWS = 5       # windows whose median rate is the load evidence is compared with
 FIT_WINDOWS = 16       # recent windows the model is fitted over
 MAX_ARRIVALS = 1 << 16  # arrival times kept for measuring the rate
 OVERLOADED = 10        # a window with TTFT over this many SLOs had a growing queue: not fitted
@@ -102,16 +99,7 @@ class Partitioner:
         self._arrivals: list[float] = []                             # every arrival, in order
         self._settled_at = -math.inf
         self._points: deque[tuple] = deque(maxlen=FIT_WINDOWS)
-        self._rates: deque[float] = deque(maxlen=LOAD_WINDOWS)
-        self._load = math.inf                                        # median of _rates
-        self._visited: dict[tuple[int, int], float] = {}           # split -> lowest rate seen at
-        self._missed: dict[tuple[tuple[int, int], int], float] = {}  # (split, phase) -> lowest load
-        self._recent: deque[list] = deque(maxlen=LOAD_WINDOWS)  # newest windows' [key, own rate, load]
-        self._evidence: dict[tuple[tuple[int, int], int], float] = {}  # both of the above: what holds
-        # Three times the noise of the load median (a window's rate counts about 0.8 * window
-        # arrivals), so that noise alone does not forget evidence and let the splits cycle.
-        median_noise = 1.25 / math.sqrt(0.8 * config.window * LOAD_WINDOWS)
-        self.tolerance = min(MAX_TOLERANCE, max(LOAD_TOLERANCE, 3 * median_noise))
+        self.evidence = Evidence(config.window)
 
     def check(self, split: tuple[int, int]) -> None:
         cfg = self.config
@@ -158,10 +146,7 @@ class Partitioner:
         observed = (float(np.percentile([t for _, t, _ in self._window], cfg.percentile)),
                     float(np.percentile(tpots, cfg.percentile)) if tpots else None)
         missed = [i for i in (0, 1) if observed[i] is not None and observed[i] > self._slos[i]]
-        self._rates.append(rate)
-        self._load = float(np.median(self._rates))
-        _keep_lowest(self._visited, here, self._load)
-        self._file(here, missed, rate)
+        self.evidence.record(here, missed, rate)
         self._points.append((*here, rate, *observed))
         stable = [p for p in self._points if p[3] <= OVERLOADED * cfg.ttft_slo]
         timed = [p for p in self._points if p[4] is not None]
@@ -172,20 +157,6 @@ class Partitioner:
         predicted = [f.predict(target[i], rate) if f else None for i, f in enumerate(usable)]
         return Decision(now, len(self._window), cfg.percentile, rate, *observed, *here, *fits, *target,
                         *predicted, action, reason)
-
-    def _file(self, here: tuple[int, int], missed: list[int], rate: float) -> None:
-        """File this window's misses under the load, and those of the last LOAD_WINDOWS windows
-        again where the load has risen past the tolerance since (the median lags a rise)."""
-        for record in itertools.chain.from_iterable(self._recent):
-            if (1 - self.tolerance) * self._load > record[2]:
-                record[2] = max(record[2], min(record[1], self._load))
-        if len(self._recent) == self._recent.maxlen:  # the oldest window's misses are final
-            for key, _, load in self._recent[0]:
-                _keep_lowest(self._missed, key, load)
-        self._recent.append([[(here, i), rate, self._load] for i in missed])
-        self._evidence = dict(self._missed)
-        for key, _, load in itertools.chain.from_iterable(self._recent):
-            _keep_lowest(self._evidence, key, load)
 
     def _choose(self, observed, missed: list[int], rate: float, fits) -> tuple[tuple[int, int], str, str]:
         slos = self._slos
@@ -218,7 +189,7 @@ class Partitioner:
                 break
             # The model sees phase i's share only: a step past 100, which comes off the other
             # phase, changes nothing it can predict, so it never justifies one.
-            if self._allowed(target, fresh=False) and (not allowed or allowed[-1][i] < target[i]):
+            if self.evidence.allows(self.split, target, fresh=False) and (not allowed or allowed[-1][i] < target[i]):
                 allowed.append(target)
         if not allowed or fit is None:
             return allowed[0] if allowed else None
@@ -230,7 +201,7 @@ class Partitioner:
         taker = 1 - giver
         target = self._with(taker, self.split[taker] + self.config.step)
         if (target is None or _overlap(target) > max(_overlap(self.split), 0)
-                or not self._allowed(target, fresh=True)):
+                or not self.evidence.allows(self.split, target, fresh=True)):
             return None
         return None if fit and fit.predict(target[giver], rate) > GIVE_BACK * slo else target
 
@@ -243,22 +214,7 @@ class Partitioner:
             return None
         return (raised, other) if i == 0 else (other, raised)
 
-    def _allowed(self, target: tuple[int, int], fresh: bool) -> bool:
-        def holds(seen_load):
-            return seen_load is not None and self._load >= (1 - self.tolerance) * seen_load
-        if any(holds(self._evidence.get((target, i))) for i in (0, 1)):
-            return False
-        for i in (0, 1):
-            worst = max((s[i] for (s, j), r in self._evidence.items() if j == i and holds(r)), default=0)
-            if target[i] != self.split[i] and target[i] <= worst:
-                return False
-        return not (fresh and holds(self._visited.get(target)))
-
 
 def _overlap(split: tuple[int, int]) -> int:
     """SM percent both phases' caps cover (negative: none, with that much to spare)."""
     return sum(split) - 100
-
-
-def _keep_lowest(seen: dict, key, rate: float) -> None:
-    seen[key] = min(seen.get(key, math.inf), rate)
