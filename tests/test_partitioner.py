@@ -32,9 +32,10 @@ class Load:
     b2: float = 0.01
     contention: float = 0.0         # where quotas overlap, decode keeps only 100 - contention * x
     sigma: float = 0.1              # lognormal noise of each request's latency
+    prompt: int = 100               # prompt tokens: c is for prompts of 100
 
     def ttft(self, x: int) -> float:
-        room = x - self.c * self.rate
+        room = x - self.c * self.rate * self.prompt / 100
         return self.a1 / room + self.b1 if room > 0 else 100.0  # an overloaded queue
 
     def tpot(self, x: int, y: int) -> float:
@@ -65,7 +66,7 @@ class Sim:
             self.clock += self.rng.exponential(1 / load.rate)
             x, y = self.p.split
             noise = self.rng.lognormal(0.0, load.sigma, 2)
-            self.p.arrived(self.clock)
+            self.p.arrived(self.clock, load.prompt)
             d = self.p.observe(self.clock, load.ttft(x) * noise[0], load.tpot(x, y) * noise[1], self.clock)
             if d is not None:
                 decisions.append(d)
@@ -170,6 +171,22 @@ def test_a_load_spike_bans_nothing_once_it_has_passed(cfg):
         after = sim.run(load, 60)
         path(after[10:])
         assert meets(load, cfg, p.split, 1.05) and "stuck" not in {d.action for d in after[-15:]}, (seed, p.split)
+
+
+def test_a_shift_to_short_prompts_at_more_requests_forgets_prefills_misses():
+    """Prefill's misses are filed under the prompt tokens arriving per second. Under the
+    requests per second alone, those seen under long prompts held when twice the requests came
+    with short prompts, and banned the prefill shares decode now needed: stuck."""
+    cfg = PartitionConfig(0.3, 0.06, window=40, max_total=100)
+    long_prompts = Load(rate=10, prompt=300, a1=2.0, b1=0.02, c=2.0, a2=1.0)
+    short_prompts = Load(rate=20, prompt=20, a1=2.0, b1=0.02, c=2.0, a2=3.0)
+    for seed in range(3):
+        p = Partitioner(cfg, 50, 50)
+        sim = Sim(p, seed)
+        sim.run(long_prompts, 25)
+        assert p.split[0] >= 70 and meets(long_prompts, cfg, p.split)
+        after = sim.run(short_prompts, 30)
+        assert meets(short_prompts, cfg, p.split, 1.05) and settled(after[-10:]), (seed, p.split)
 
 
 def test_small_windows_do_not_cycle_on_noise():
@@ -284,7 +301,7 @@ def test_rate_is_the_load_the_window_met():
     p = Partitioner(PartitionConfig(0.3, 0.05, window=30), 50, 50)
     arrivals = [i / 20 for i in range(200)]  # 20 req/s for 10 s
     for t in arrivals:
-        p.arrived(t)
+        p.arrived(t, 100)
     decisions = [p.observe(t, 0.2, 0.03, now=10.0) for t in arrivals[:2] + arrivals[-28:]]
     assert decisions[-1].rate == pytest.approx(20, rel=0.1)
 

@@ -12,7 +12,8 @@ it would then pass GIVE_BACK of its SLO or the step deepens the overlap of the t
 Otherwise the split holds.
 
 Evidence keeps the moves from cycling: a miss at a share bans that split and every lower share
-of that phase while the load stays within `tolerance` of the load it was seen at, and a
+of that phase while that phase's load (prompt tokens per second for prefill, requests per
+second for decode) stays within `tolerance` of the load it was seen at, and a
 give-back never re-enters a visited split. A miss with no allowed move holds the split
 ("stuck"). docs/architecture.md, "The partitioner", says why each part is as it is.
 """
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from semipd.services.controller.evidence import Evidence
+from semipd.services.controller.evidence import LOAD_WINDOWS, Evidence
 from semipd.services.controller.latency_model import Fit, fit_latency
 from semipd.shared.errors import UserError
 
@@ -67,6 +68,7 @@ class Decision:
     requests: int                    # requests in the window
     percentile: float
     rate: float                      # arrivals per second (inf: all arrived at once)
+    prompt_rate: float               # their prompt tokens per second
     ttft_s: float                    # the window's TTFT percentile
     tpot_s: float | None             # None: no request had two output tokens
     prefill_sm: int                  # the split the window ran under
@@ -97,6 +99,7 @@ class Partitioner:
         self.split = (prefill_sm, decode_sm)
         self._window: list[tuple[float, float, float | None]] = []  # (arrived, TTFT, TPOT)
         self._arrivals: list[float] = []                             # every arrival, in order
+        self._prompts: list[int] = []                                # ...and its prompt tokens
         self._settled_at = -math.inf
         self._points: deque[tuple] = deque(maxlen=FIT_WINDOWS)
         self.evidence = Evidence(config.window)
@@ -115,11 +118,12 @@ class Partitioner:
         self.split, self._settled_at = (prefill_sm, decode_sm), now
         self._window.clear()
 
-    def arrived(self, arrived_s: float) -> None:
+    def arrived(self, arrived_s: float, prompt_tokens: int) -> None:
         """A request arrived (times on the clock observe() is given, in increasing order)."""
         self._arrivals.append(arrived_s)
+        self._prompts.append(prompt_tokens)
         if len(self._arrivals) > MAX_ARRIVALS:
-            del self._arrivals[:MAX_ARRIVALS // 2]
+            del self._arrivals[:MAX_ARRIVALS // 2], self._prompts[:MAX_ARRIVALS // 2]
 
     def observe(self, arrived_s: float, ttft_s: float, tpot_s: float | None, now: float) -> Decision | None:
         """One finished request (times on one clock); every `window`th counted one returns the
@@ -140,13 +144,15 @@ class Partitioner:
         # The load the window's requests met: every arrival within the middle 80% of their
         # arrival times (a long request that arrived long before would stretch the span).
         lo, hi = np.percentile([a for a, _, _ in self._window], (10, 90))
-        count = bisect.bisect_right(self._arrivals, hi) - bisect.bisect_left(self._arrivals, lo)
+        first, end = bisect.bisect_left(self._arrivals, lo), bisect.bisect_right(self._arrivals, hi)
+        count = end - first
         rate = (count - 1) / (hi - lo) if hi > lo and count > 1 else math.inf
+        prompt_rate = rate * float(np.mean(self._prompts[first:end])) if count else math.inf
         tpots = [t for _, _, t in self._window if t is not None]
         observed = (float(np.percentile([t for _, t, _ in self._window], cfg.percentile)),
                     float(np.percentile(tpots, cfg.percentile)) if tpots else None)
         missed = [i for i in (0, 1) if observed[i] is not None and observed[i] > self._slos[i]]
-        self.evidence.record(here, missed, rate)
+        self.evidence.record(here, missed, (prompt_rate, rate), self._prompt_cv())
         self._points.append((*here, rate, *observed))
         stable = [p for p in self._points if p[3] <= OVERLOADED * cfg.ttft_slo]
         timed = [p for p in self._points if p[4] is not None]
@@ -155,8 +161,13 @@ class Partitioner:
         usable = [f if f and f.usable else None for f in fits]
         target, action, reason = self._choose(observed, missed, rate, usable)
         predicted = [f.predict(target[i], rate) if f else None for i, f in enumerate(usable)]
-        return Decision(now, len(self._window), cfg.percentile, rate, *observed, *here, *fits, *target,
+        return Decision(now, len(self._window), cfg.percentile, rate, prompt_rate, *observed, *here, *fits, *target,
                         *predicted, action, reason)
+
+    def _prompt_cv(self) -> float:
+        """The spread (std / mean) of the prompt lengths of the arrivals the load median counts."""
+        recent = np.asarray(self._prompts[-round(0.8 * self.config.window * LOAD_WINDOWS):], dtype=float)
+        return float(recent.std() / recent.mean()) if len(recent) > 1 and recent.mean() > 0 else 0.0
 
     def _choose(self, observed, missed: list[int], rate: float, fits) -> tuple[tuple[int, int], str, str]:
         slos = self._slos
