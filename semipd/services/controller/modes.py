@@ -65,7 +65,7 @@ def mode_from_args(args) -> ServingMode:
         return ServingMode(shares, switch_timeout_s=args.switch_timeout)
     if args.ttft_slo is None or args.tpot_slo is None:
         raise UserError("--dynamic needs --ttft-slo and --tpot-slo")
-    from semipd.services.controller.partitioner import PartitionConfig
+    from semipd.services.controller.partition_config import PartitionConfig
     config = PartitionConfig(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, percentile=args.slo_percentile,
                              window=args.window, step=args.sm_step, max_steps=args.max_steps,
                              min_share=args.sm_step)
