@@ -25,7 +25,7 @@ class Evidence:
     def __init__(self, window: int):
         self._rates: deque[Load] = deque(maxlen=LOAD_WINDOWS)
         self.load: Load = (math.inf, math.inf)                   # medians of _rates
-        self._visited: dict[Split, list[float]] = {}             # split -> lowest load seen at
+        self._visited: dict[Split, list[Load]] = {}              # split -> the lowest loads seen at
         self._missed: dict[tuple[Split, int], float] = {}        # (split, phase) -> lowest load
         self._recent: deque[list] = deque(maxlen=LOAD_WINDOWS)   # newest decisions' [key, own rate, load]
         self._held: dict[tuple[Split, int], float] = {}          # both of the above: what holds
@@ -42,9 +42,9 @@ class Evidence:
                           _tolerance(self._median_noise))
         self._rates.append(rates)
         self.load = tuple(float(np.median([r[i] for r in self._rates])) for i in (0, 1))
-        lowest = self._visited.setdefault(here, [math.inf, math.inf])
-        for i in (0, 1):
-            lowest[i] = min(lowest[i], self.load[i])
+        seen = self._visited.setdefault(here, [])
+        if not any(all(v[i] <= self.load[i] for i in (0, 1)) for v in seen):  # keep the lowest loads
+            seen[:] = [v for v in seen if not all(self.load[i] <= v[i] for i in (0, 1))] + [self.load]
         self._file(here, missed, rates)
 
     def _file(self, here: Split, missed: list[int], rates: Load) -> None:
@@ -75,8 +75,8 @@ class Evidence:
             worst = max((s[i] for (s, j), r in self._held.items() if j == i and self._holds(i, r)), default=0)
             if target[i] != here[i] and target[i] <= worst:
                 return False
-        visited = self._visited.get(target)
-        return not (fresh and visited and all(self._holds(i, visited[i]) for i in (0, 1)))
+        seen = self._visited.get(target, ())
+        return not (fresh and any(all(self._holds(i, v[i]) for i in (0, 1)) for v in seen))
 
 
 def _tolerance(median_noise: float) -> float:
