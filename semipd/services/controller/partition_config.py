@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from semipd.services.controller.latency_model import Fit
+from semipd.services.controller.queue_model import QueueModel
 from semipd.shared.errors import UserError
 
 
@@ -13,9 +14,10 @@ class PartitionConfig:
     ttft_slo: float          # seconds
     tpot_slo: float          # seconds
     percentile: float = 90.0
-    window: int = 50         # finished requests per decision
+    window: int = 50         # finished requests per decision, at the latest
+    interval: float = 2.0    # seconds a decision on the load signals waits for, at the least
     step: int = 10           # SM percent per step; shares are multiples of it
-    max_steps: int = 3       # most steps one decision moves
+    max_steps: int | None = None  # most steps one decision moves (None: as far as the prediction says)
     min_share: int = 10      # least SM percent either phase keeps
     max_total: int = 200     # most that x + y may add up to (over 100: overlapping quotas)
 
@@ -24,8 +26,9 @@ class PartitionConfig:
             raise UserError("the TTFT and TPOT SLOs must be positive")
         if not 0 < self.percentile <= 100:
             raise UserError(f"the SLO percentile must be in (0, 100], got {self.percentile:g}")
-        if self.window < 2 or self.max_steps < 1:
-            raise UserError("the window needs at least 2 requests and max_steps at least 1")
+        if self.window < 2 or (self.max_steps is not None and self.max_steps < 1) or not self.interval > 0:
+            raise UserError("the window needs at least 2 requests, max_steps at least 1 and the "
+                            "decision interval more than 0 s")
         if not (0 < self.step <= self.min_share <= 100 and self.min_share % self.step == 0):
             raise UserError(f"min_share ({self.min_share}) must be a multiple of step "
                             f"({self.step}) in (0, 100]")
@@ -35,21 +38,25 @@ class PartitionConfig:
 
 @dataclass
 class Decision:
-    """One window's decision: its inputs, the model, the chosen split and why."""
-    time: float                      # the caller's clock at the window's last request
-    requests: int                    # requests in the window
+    """One decision: its inputs, the predictions, the chosen split and why."""
+    time: float                      # the caller's clock when it was taken
+    trigger: str                     # window: `window` requests finished; tick: the load signals
+    requests: int                    # requests judged
     percentile: float
     rate: float                      # arrivals per second (inf: all arrived at once)
     prompt_rate: float               # their prompt tokens per second
-    ttft_s: float                    # the window's TTFT percentile
-    tpot_s: float | None             # None: no request had two output tokens
-    prefill_sm: int                  # the split the window ran under
+    ttft_s: float | None             # the TTFT percentile (on a tick, waits so far count)
+    tpot_s: float | None             # None: too few requests to tell (on a tick)
+    prefill_sm: int                  # the split the requests ran under
     decode_sm: int
     ttft_fit: Fit | None
     tpot_fit: Fit | None
+    ttft_queue: QueueModel | None    # the queue at prefill, once its capacity is measured
+    ttft_model: str | None           # which predicted TTFT: queue, fit or None
+    tpot_model: str | None           # which predicted TPOT: fit, scaled or None
     next_prefill_sm: int             # the split chosen
     next_decode_sm: int
-    predicted_ttft_s: float | None   # the usable fits' predictions at the chosen split
+    predicted_ttft_s: float | None   # the predictions at the chosen split
     predicted_tpot_s: float | None
     action: str                      # hold, stuck, raise_/give_to_ + prefill/decode
     reason: str
