@@ -147,6 +147,6 @@ def test_report_keys_and_json():
             "slo_attainment", "goodput", "completed", "failed", "duration_s"} <= set(back["summary"])
     assert set(back["summary"]["ttft_s"]) == {"mean", "p50", "p90", "p99"}
     first = back["requests"][0]
-    assert {"index", "input_len", "output_len", "send_s", "ttft_s", "tpot_s", "itl_s", "e2e_s",
+    assert {"index", "input_len", "output_len", "send_s", "phase", "ttft_s", "tpot_s", "itl_s", "e2e_s",
             "output_tokens", "finish_reason", "error", "server_ttft_s", "server_tpot_s"} == set(first)
     assert first["tpot_s"] == pytest.approx(0.1) and back["requests"][4]["tpot_s"] is None

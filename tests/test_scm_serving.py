@@ -1,79 +1,24 @@
 """Moderation end to end: a real `semipd scm` process beside a real `semipd serve` (controller,
-prefill and decode processes), real sockets. Monitors that flag everything or nothing are
-checkpoints whose token head has a large bias; killing the monitor applies the failure policy."""
+prefill and decode processes), real sockets. Monitors flag everything or nothing; killing the
+monitor applies the failure policy. The tests here share two servers, one per monitor; those that
+need a server of their own are in tests/test_scm_faults.py."""
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 
 import pytest
 import zmq
 
 from semipd.shared import protocol
-from semipd.shared.client import AsyncClient, ServerError
-from tests.conftest import make_checkpoint
-from tests.scm_checkpoints import bpe_tokenizer, save_monitor
+from semipd.shared.client import ServerError
+from tests.scm_moderation import FLAG_ALL, FLAG_NONE, collect, monitor_checkpoint, prompts, served_model, socket_address
 from tests.scm_service import MonitorProcess, hello, wait_connected
 from tests.serving import ROOT, Server
 
 K = 4
-FLAG_ALL, FLAG_NONE = (0.0, 30.0), (30.0, 0.0)
-
-
-def prompts(n: int) -> list[list[int]]:
-    return [[3 + (7 * i + j) % 290 for j in range(5 + i % 9)] for i in range(n)]
-
-
-def served_model(tmp_path_factory, arch: str) -> str:
-    path = str(tmp_path_factory.mktemp(f"served-{arch}"))
-    make_checkpoint(path, arch)
-    return path
-
-
-def monitor_checkpoint(tmp_path_factory, served, bias, same_tokenizer: bool) -> str:
-    """A monitor with the served model's tokenizer (transformers loads both as Qwen2's, so
-    their fingerprints match and ids are sent) or with a BPE tokenizer of its own (text)."""
-    from transformers import AutoTokenizer
-    path = tmp_path_factory.mktemp("monitor")
-    tokenizer = AutoTokenizer.from_pretrained(served) if same_tokenizer else bpe_tokenizer()
-    save_monitor(path, tokenizer, token_bias=bias)
-    return str(path)
-
-
-def socket_address() -> str:
-    folder = os.path.join("/tmp", f"semipd-scm-{uuid.uuid4().hex[:8]}")
-    os.makedirs(folder)
-    return f"ipc://{folder}/scm.sock"
-
-
-async def collect(address: str, requests: list[tuple[list[int], bool]], max_tokens: int, after=None):
-    """Run requests (prompt ids, moderate) concurrently; per request (token ids received,
-    Final or ServerError). after(streams) runs once every stream has shown one token."""
-    async with AsyncClient(address) as client:
-        streams = [await client.generate(prompt_ids=p, moderate=m, temperature=0, max_tokens=max_tokens,
-                                         ignore_eos=True) for p, m in requests]
-        tokens = [[] for _ in streams]
-
-        async def read(i, stream):
-            try:
-                async for delta in stream:
-                    tokens[i] += delta.token_ids
-                return stream.final
-            except ServerError as e:
-                return e
-
-        tasks = [asyncio.ensure_future(read(i, s)) for i, s in enumerate(streams)]
-        if after is not None:
-            while not all(tokens) and not all(t.done() for t in tasks):
-                await asyncio.sleep(0.005)
-            after()
-        finals = await asyncio.gather(*tasks)
-    return [(t + (f.token_ids if isinstance(f, protocol.Final) else []), f) for t, f in zip(tokens, finals)]
 
 
 # ---- a monitor that flags every token, stepping at most every 20 ms; scored mode; closed policy --
@@ -239,100 +184,3 @@ def test_killed_monitor_with_open_policy_completes_unmonitored_then_reconnects(f
         assert stats["scm"]["failures"] - failures_before == 6
     finally:
         restarted.stop()
-
-
-@pytest.mark.parametrize("flags, message", [(["--moderate", "all"], "needs a content monitor"),
-                                            (["--scm", "localhost:5555"], "ipc:// or tcp://"),
-                                            (["--scm", "--scm-timeout", "0"], "must be positive")])
-def test_bad_moderation_flags_are_one_clear_error(flags, message):
-    r = subprocess.run([sys.executable, "-m", "semipd", "serve", "--model", "tiny", "--device", "cpu",
-                        "--address", socket_address(), *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-
-
-@contextmanager
-def scripted_monitor(*server_args: str):
-    """(a raw ROUTER in the monitor's place, which has said it is ready; a server moderating
-    every request with it): the test plays the monitor."""
-    address = socket_address()
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(address)
-    server = Server("tiny", "--scm", address, "--moderate", "all", *server_args)
-    try:
-        assert sock.poll(30_000)
-        peer, _ = sock.recv_multipart()  # a hello
-        sock.send_multipart([peer, protocol.encode(protocol.ScmReady("other", 0.5, 1, 100))])
-        wait_connected(server)
-        yield sock, server
-    finally:
-        assert server.stop() == 0
-        sock.close()
-
-
-def test_a_verdict_the_controller_cannot_place_fails_that_stream_only():
-    """A monitor peer (a raw socket: the real monitor does not send this) whose verdict lacks its
-    token_index. That stream ends by the failure policy; the controller keeps serving."""
-    with scripted_monitor("--scm-failure", "closed") as (sock, server):
-        stream = server.client.generate(prompt_ids=[5, 6], temperature=0, max_tokens=5)
-        while True:
-            assert sock.poll(30_000)
-            peer, data = sock.recv_multipart()
-            msg = protocol.decode(data)
-            if isinstance(msg, protocol.ScmBatch) and msg.appends:
-                a = msg.appends[0]
-                sock.send_multipart([peer, protocol.encode(protocol.ScmScored([a.stream_id], [a.upto],
-                                                                              [{"score": 0.99}], [None]))])
-                break
-        with pytest.raises(ServerError, match="a verdict without a token_index"):
-            stream.result()
-        assert server.client.health()["status"] == "ok"
-
-
-def test_a_restarted_server_frees_its_streams_in_the_monitor(tmp_path_factory):
-    """The monitor holds streams per controller and drops them at that controller's hello. A
-    server killed mid-stream and started again on its address must find them gone, not a full
-    monitor (here 2 streams) that leaves every new request unmonitored."""
-    served = served_model(tmp_path_factory, "qwen2")
-    monitor = MonitorProcess(monitor_checkpoint(tmp_path_factory, served, FLAG_NONE, True), socket_address(),
-                             "--max-streams", "2")
-    try:
-        server = Server(served, "--scm", monitor.address, "--moderate", "all")
-        wait_connected(server)
-        streams = [server.client.generate(prompt_ids=p, temperature=0, max_tokens=400, ignore_eos=True)
-                   for p in prompts(2)]
-        for stream in streams:
-            next(stream)  # both watched now: the monitor is full
-        server.proc.kill()
-        server.proc.wait()
-        server = Server(served, "--scm", monitor.address, "--moderate", "all", address=server.address)
-        try:
-            wait_connected(server)
-            [(_, final)] = asyncio.run(collect(server.address, [([5, 6], True)], 8))
-            assert final.finish_reason == "length" and final.verdict["monitored"] is True, final.verdict
-        finally:
-            assert server.stop() == 0
-    finally:
-        monitor.stop()
-
-
-def test_a_monitor_lost_after_its_client_left_leaves_the_server_serving():
-    """Two monitored requests of a client that has gone, their tokens held for scores that never
-    come. When the monitor is given up on, releasing the first one's tokens fails (the client is
-    gone) and ends both requests; failing the second as well crashed the controller."""
-    with scripted_monitor("--scm-timeout", "1") as (monitor, server):  # it says nothing more
-        client = zmq.Context.instance().socket(zmq.DEALER)
-        client.setsockopt(zmq.LINGER, 0)
-        client.connect(server.address)
-        params = {"temperature": 0, "max_tokens": 2000, "ignore_eos": True}
-        for i in range(2):
-            client.send(protocol.encode(protocol.GenerateRequest(f"r{i}", prompt_ids=[5, 6], params=params)))
-        appended = 0
-        while appended < 2:  # both have tokens held for the monitor
-            assert monitor.poll(30_000)
-            msg = protocol.decode(monitor.recv_multipart()[1])
-            appended += len(msg.appends) if isinstance(msg, protocol.ScmBatch) else 0
-        client.close()
-        time.sleep(3)  # past the monitor timeout
-        assert server.client.health()["status"] == "ok"
-        assert server.wait_idle()["kv_pages_free"] == server.stats()["kv_pages_total"]

@@ -18,7 +18,7 @@ from semipd.shared.loader import build_model
 from semipd.shared.model_runner import ModelRunner
 from semipd.shared.page_allocator import PageAllocator
 from semipd.shared.sampling_params import SamplingParams
-from semipd.shared.sequence import PENDING, Sequence
+from semipd.shared.sequence import Sequence
 from semipd.shared.shared_memory import SharedArena
 
 
@@ -96,10 +96,11 @@ class Worker:
     def apply_messages(self, timeout_ms: int, sched, read_last_step=lambda: None) -> bool:
         """Apply the controller's messages to a scheduler (add, drop, held, inherit); False once
         this worker must stop. A Handover comes between steps. What the worker holds goes at
-        once, pages and all, sequences in a step still in flight with their newest token PENDING;
-        then `read_last_step` waits for that step and sends its tokens (a DecodeStep that the
-        controller passes on: DecodeScheduler.inherit). The successor thus has its sequences
-        while the last step runs, and needs only their tokens when it ends."""
+        once, pages and all, sequences in a step still in flight with their newest token counted
+        as in flight (SeqState.num_in_flight); then `read_last_step` waits for that step and
+        sends its tokens (a DecodeStep that the controller passes on: DecodeScheduler.inherit).
+        The successor thus has its sequences while the last step runs, and needs only their
+        tokens when it ends."""
         for msg in self.link.receive(timeout_ms):
             if isinstance(msg, protocol.RunSeqs):
                 for state in msg.seqs:
@@ -110,7 +111,7 @@ class Worker:
                 sched.inherit(msg)
             elif isinstance(msg, protocol.Handover):
                 held = sched.held()
-                follows = any(s.token_ids[-1] == PENDING for s in held)
+                follows = any(s.num_in_flight for s in held)
                 self.link.send(protocol.HandedOver([to_state(s) for s in held], follows))
                 read_last_step()
                 return False
@@ -123,6 +124,7 @@ class Worker:
                        self.model_config.eos_token_ids, state.seed)
         seq.token_ids = list(state.token_ids)
         seq.block_table, seq.num_cached = list(state.block_table), state.num_cached
+        seq.num_in_flight = state.num_in_flight
         return seq
 
 
@@ -172,14 +174,14 @@ def send_tokens(link: ControllerLink, read: list[tuple[Sequence, int]]) -> None:
 
 def to_state(seq: Sequence) -> protocol.SeqState:
     return protocol.SeqState(seq.seq_id, seq.token_ids, seq.num_prompt, asdict(seq.params), seq.seed,
-                             seq.block_table, seq.num_cached)
+                             seq.block_table, seq.num_cached, seq.num_in_flight)
 
 
 def preload() -> None:
     """Import what the GPU path needs now, not when called up: a cold import of these costs
     seconds, while the switch to a new SM split should cost milliseconds. None of them creates
     a CUDA context (that would fix the MPS quota too early)."""
-    from transformers import AutoConfig, LlamaConfig, Qwen2Config  # noqa: F401 (lazy modules, 2 s)
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config  # noqa: F401 (lazy modules, slow)
     try:
         import cupy  # noqa: F401
         import semipd.shared.kernels.triton_attention  # noqa: F401

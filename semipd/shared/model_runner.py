@@ -67,7 +67,7 @@ class ModelRunner:
 
     def _block_tables(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
         """[B, width (default: the longest table)], zero-padded. Filled row by row in numpy:
-        nested Python lists cost ~20x more at decode batch sizes and full graph width."""
+        nested Python lists cost far more at decode batch sizes and full graph width."""
         host = torch.zeros(len(seqs), width or max(len(s.block_table) for s in seqs), dtype=torch.int32,
                            pin_memory=self.device.type == "cuda")
         table = host.numpy()  # a view: rows filled here are in the (pinned) tensor
@@ -78,10 +78,10 @@ class ModelRunner:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def _input_ids(self, ids: list[int], feed: tuple[torch.Tensor, list[int]] | None) -> torch.Tensor:
-        """Token ids on the device. Ids still PENDING on the GPU come from `feed`: (a step's
-        sampled tokens on the device, and for each of the first ids its row there, -1 where the
-        id is known)."""
+    def _input_ids(self, ids: list[int], feed) -> torch.Tensor:
+        """Token ids on the device. A token in flight stands as 0 in `ids` and comes from `feed`:
+        (a step's sampled tokens on the device, and for each of the first ids its row there, -1
+        where the id is known)."""
         out = self._tensor(ids, torch.int64)
         if feed is not None:
             tokens, rows = feed
@@ -92,7 +92,7 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_logits(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
         """Compute the chunks' K/V; logits [B, V] at each chunk's last token. A decode row is a
-        chunk of one token (its newest, which may be PENDING: see _input_ids)."""
+        chunk of one token (its newest, which may be in flight: see _input_ids)."""
         hidden = self.prefill_hidden(chunks, feed)
         last = self._tensor(list(itertools.accumulate(n for _, n in chunks)), torch.int64) - 1
         return self.model.compute_logits(hidden[last])
@@ -105,6 +105,7 @@ class ModelRunner:
         for seq, n in chunks:
             span = range(seq.num_cached, seq.num_cached + n)
             ids += seq.token_ids[span.start:span.stop]
+            ids += [0] * (span.stop - len(seq.token_ids))  # a token in flight: see _input_ids
             positions += span
             slots += [self._slot(seq, p) for p in span]
             cu_seqlens.append(cu_seqlens[-1] + n)
@@ -117,10 +118,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
-        """One step for each sequence's newest token (PENDING ones from `feed`: see _input_ids);
+        """One step for each sequence's newest token (one in flight from `feed`: see _input_ids);
         the head's output [B, ...]."""
         bs = len(seqs)
-        ids = self._input_ids([s.token_ids[-1] for s in seqs], feed)
+        ids = self._input_ids([0 if s.num_in_flight else s.token_ids[-1] for s in seqs], feed)
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [self._slot(s, p) for s, p in zip(seqs, positions)]
         kv_lens = [s.num_tokens for s in seqs]
@@ -185,8 +186,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[self._tensor(cu[1:], torch.int64) - 1])
             for params in WARM_UP_SAMPLING:  # greedy, plain sampling, the top-k/top-p/min-p path
                 self.sample([Sequence(0, [0], params, seed=0) for _ in lens], logits)
-        # token ids taken from the step in flight (the pipeline's feed): on an H200 the first
-        # clamp alone loads its kernels for some 20 ms, which a switch's second step would pay
+        # token ids taken from the step in flight (the pipeline's feed): the first clamp loads
+        # its kernels, which a switch's second step would otherwise pay
         self._input_ids([0, 0], (torch.zeros(1, dtype=torch.int64, device=self.device), [0, -1]))
 
     @torch.inference_mode()
@@ -213,4 +214,4 @@ class ModelRunner:
                 run()
             pool = graph.pool()
             self.graphs[bs] = graph
-            graph.replay()  # a graph's first launch uploads it (the process's first, some 15 ms)
+            graph.replay()  # a graph's first launch uploads it (the process's first costs most)

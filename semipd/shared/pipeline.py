@@ -2,8 +2,8 @@
 
 The host's work between steps (reading tokens, stop checks, the step's message, scheduling and
 building the next inputs) then runs while the GPU computes instead of leaving it idle. A token
-sampled by step N feeds step N+1 on the device (`feed`); on the host it is a PENDING placeholder
-until read. What running ahead costs:
+sampled by step N feeds step N+1 on the device (`feed`); until step N is read, only the step in
+flight holds it and the host counts it (`Sequence.num_in_flight`). What running ahead costs:
 - a sequence that samples a stop token at step N has already been given a row in step N+1,
   whose token is thrown away (max_tokens is known in advance: such a sequence sits out);
 - pages of a finished, aborted or preempted sequence may still be written by a launched step.
@@ -12,7 +12,7 @@ until read. What running ahead costs:
   reclaim them if this process dies; within one process the next writer queues behind it on the
   same CUDA stream, so pages can go back at once;
 - before a preemption the step in flight is read first (`drain`), so sequences leave with every
-  token known; a Handover sends them at once and that step's tokens after them (shared/worker.py).
+  token known; a Handover sends them at once and that step's tokens after them (services/worker.py).
 On the CPU every step completes when launched and the pipeline is simply synchronous."""
 
 from dataclasses import dataclass
@@ -21,13 +21,12 @@ from typing import Callable, Iterable
 import torch
 
 from semipd.shared.model_runner import ModelRunner
-from semipd.shared.sequence import PENDING, Sequence
+from semipd.shared.sequence import Sequence
 
 
 @dataclass
 class Step:
     seqs: list[Sequence]
-    slots: list[int]                 # where each sequence's PENDING placeholder is
     tokens: torch.Tensor             # sampled, on the device (feeds the next step)
     host: torch.Tensor               # their copy on the host, complete once `done` is
     done: torch.cuda.Event | None    # None on the CPU, where everything is synchronous
@@ -45,11 +44,11 @@ class StepPipeline:
 
     def feed(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[int]] | None:
         """For the runner: the in-flight step's tokens and, per sequence, its row there (-1 where
-        the sequence's newest token is known on the host)."""
+        the sequence has no token in flight)."""
         if self.inflight is None:
             return None
         rows = {id(s): i for i, s in enumerate(self.inflight.seqs)}
-        return self.inflight.tokens, [rows[id(s)] if s.token_ids[-1] == PENDING else -1 for s in seqs]
+        return self.inflight.tokens, [rows[id(s)] if s.num_in_flight else -1 for s in seqs]
 
     def launch(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int]]:
         """Sample the next token of each sequence from `logits` on the device, then read the
@@ -61,18 +60,15 @@ class StepPipeline:
         done = torch.cuda.Event() if self.cuda else None
         if done is not None:
             done.record()
-        slots = []
         for seq in seqs:
-            seq.num_cached = seq.num_tokens
-            slots.append(seq.num_tokens)
-            seq.token_ids.append(PENDING)
+            seq.launched()
         read = self.drain()
-        self.inflight = Step(seqs, slots, tokens, host, done)
+        self.inflight = Step(seqs, tokens, host, done)
         return read
 
     def drain(self) -> list[tuple[Sequence, int]]:
         """Wait for the step in flight; (sequence, token) for each of its live sequences, the
-        token filled in (a finished sequence has its finish_reason set)."""
+        token received (a finished sequence has its finish_reason set)."""
         step, self.inflight = self.inflight, None
         if step is None:
             return []
@@ -82,12 +78,12 @@ class StepPipeline:
             self.allocator.free(pages)
         self.held_back = []
         alive, out = {id(s) for s in self.alive()}, []
-        for seq, slot, token in zip(step.seqs, step.slots, step.host.tolist()):
+        for seq, token in zip(step.seqs, step.host.tolist()):
             if id(seq) in alive:
-                seq.fill(slot, token)
+                seq.receive(token)
                 out.append((seq, token))
-            else:  # finished or dropped meanwhile: forget the placeholder
-                del seq.token_ids[slot:]
+            else:  # finished or dropped meanwhile
+                seq.forget_in_flight()
         return out
 
     def free(self, pages: list[int]) -> None:

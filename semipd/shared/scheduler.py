@@ -5,7 +5,7 @@
 from collections import deque
 
 from semipd.shared.kv_cache import pages_for
-from semipd.shared.sequence import PENDING, Sequence
+from semipd.shared.sequence import Sequence
 
 
 def grow(seq: Sequence, num_tokens: int, allocator, page_size: int) -> bool:
@@ -94,19 +94,19 @@ class DecodeScheduler:
         self.inherited: dict[int, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
-        if seq.token_ids[-1] == PENDING:
+        if seq.num_in_flight:
             self.inherited[seq.seq_id] = seq
         else:
             self.running.append(seq)
 
     def inherit(self, step) -> None:
-        """The predecessor's last step (a DecodeStep): fill in the inherited sequences' newest
-        tokens and let them run. Those it finished are gone (the predecessor freed their pages);
+        """The predecessor's last step (a DecodeStep): the inherited sequences receive their
+        newest tokens and run. Those it finished are gone (the predecessor freed their pages);
         it also carries those that ended on their way here (the controller frees their pages)."""
         for seq_id, token, finished in zip(step.seq_ids, step.tokens, step.finished):
             seq = self.inherited.pop(seq_id, None)
             if seq is not None and finished is None:
-                seq.fill(seq.num_tokens - 1, token)
+                seq.receive(token)
                 self.running.append(seq)
 
     def schedule(self, preempt: bool = True) -> tuple[list[Sequence], list[Sequence]] | None:

@@ -2,13 +2,20 @@
 
 from semipd.shared.sampling_params import SamplingParams
 
-PENDING = -1  # a token still being sampled on the GPU (see Sequence.fill)
-
 
 class Sequence:
-    """Invariant between steps: every token but the newest has its K/V in the cache
-    (num_cached == num_tokens - 1) once prefill is done; before that num_cached counts the
-    prompt tokens computed so far (chunked prefill, or recomputation after preemption)."""
+    """`token_ids` holds the tokens known on the host: the prompt, then each output once read.
+    A step is launched before the one before it is read (shared/pipeline.py), so the newest token
+    may still be on the device, held only by the step in flight (this process's, or for a
+    sequence handed over, its predecessor's): `num_in_flight` counts such tokens, which follow
+    `token_ids` (0 or 1 between steps).
+
+    - num_tokens = len(token_ids) + num_in_flight: every token, known or in flight;
+    - num_cached: the tokens whose K/V is in the cache or written by a step already launched;
+    - between steps, once prefill is done, every token but the newest has its K/V
+      (num_cached == num_tokens - 1), and the newest, known or in flight, is the next step's
+      input. Before that num_cached counts the prompt tokens computed so far (chunked prefill,
+      or recomputation after preemption)."""
 
     def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
                  eos_token_ids: list[int] = (), seed: int | None = None):
@@ -20,11 +27,12 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.block_table: list[int] = []
         self.num_cached = 0
+        self.num_in_flight = 0
         self.finish_reason: str | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_in_flight
 
     @property
     def output_ids(self) -> list[int]:
@@ -32,26 +40,30 @@ class Sequence:
 
     @property
     def num_output(self) -> int:
-        return len(self.token_ids) - self.num_prompt
+        return self.num_tokens - self.num_prompt
 
     def append(self, token: int) -> None:
         """Add a sampled token and decide whether the sequence is finished."""
         self.token_ids.append(token)
-        self._check(len(self.token_ids) - 1)
-
-    def fill(self, index: int, token: int) -> None:
-        """The sampled token for the PENDING placeholder at `index` (a step launched before the
-        previous one was read). Finishing here drops the placeholders after it."""
-        self.token_ids[index] = token
-        self._check(index)
-        if self.finish_reason is not None:
-            del self.token_ids[index + 1:]
-
-    def _check(self, index: int) -> None:
-        if self.token_ids[index] in self.stop_ids:
+        if token in self.stop_ids:
             self.finish_reason = "stop"
-        elif index + 1 - self.num_prompt >= self.params.max_tokens:
+        elif len(self.token_ids) - self.num_prompt >= self.params.max_tokens:
             self.finish_reason = "length"
+
+    def launched(self) -> None:
+        """A step was launched on the newest token: it writes that token's K/V and samples the
+        next one, in flight until read (`receive`) or thrown away (`forget_in_flight`)."""
+        self.num_cached = self.num_tokens
+        self.num_in_flight += 1
+
+    def receive(self, token: int) -> None:
+        """The oldest token in flight, read on the host (steps are read in launch order)."""
+        self.num_in_flight -= 1
+        self.append(token)
+
+    def forget_in_flight(self) -> None:
+        """The oldest token in flight is thrown away: the sequence ended before it was read."""
+        self.num_in_flight -= 1
 
     def reset_cache(self) -> list[int]:
         """Forget the cached K/V (preemption); the caller frees the returned pages."""

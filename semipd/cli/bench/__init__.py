@@ -4,15 +4,21 @@ Arrivals: exponential gaps with mean 1/--rate (a Gamma process with burstiness 1
 sends every request at once. Every request sets ignore_eos and max_tokens to its planned output
 length, so outputs are exactly as long as planned.
 
+A --workload of phases (phases.py) sends phases back to back in one run, each with its own rate
+and length means, to show a server under a load that shifts; presets name a shape (sharegpt, the
+default, and prompt-heavy) or a schedule of phases (shifting). Per-phase figures come with the
+overall ones.
+
 Lengths come from one of two sources, both clipped to [4, 2048] input and [4, 1024] output tokens:
 - --dataset FILE in ShareGPT format: the input is a conversation's first human turn, the output
   its first gpt reply after it. The client has no tokenizer, so each length is len(text) / 4
   tokens, the usual four characters per token of English text under BPE vocabularies.
-- otherwise an approximation of ShareGPT: independent lognormal input and output lengths, sigma
-  1.0, with means 251 input tokens (ShareGPT as the semi-PD paper, arXiv 2504.19867, reports it)
-  and 203 output tokens (vLLM's ShareGPT run in github.com/vllm-project/vllm/pull/18566 generated
-  203,068 tokens for 1,000 requests). Not a fit: real ShareGPT lengths are more skewed and
-  correlated. The lognormal's location is solved so the means hold after clipping.
+- otherwise independent lognormal input and output lengths, sigma 1.0, around the workload's
+  means; the default approximates ShareGPT, with means 251 input tokens (ShareGPT as the semi-PD
+  paper, arXiv 2504.19867, reports it) and 203 output tokens (vLLM's ShareGPT run in
+  github.com/vllm-project/vllm/pull/18566 generated 203,068 tokens for 1,000 requests). Not a
+  fit: real ShareGPT lengths are more skewed and correlated. The lognormal's location is solved so
+  the means hold after clipping.
 Prompts are random token ids in [0, 256) of the planned length, not text, so that no tokenizer
 changes their length: ids below 256 exist in every preset's byte vocabulary and in real ones.
 

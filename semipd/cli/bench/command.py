@@ -9,9 +9,9 @@ import numpy as np
 
 from semipd.cli.args import add_address_arg
 from semipd.cli.bench import sweep
-from semipd.cli.bench.load import check_load_args, run_load
+from semipd.cli.bench.load import check_load_args, run_load, workload_phases
 from semipd.cli.bench.metrics import build_report, format_summary, summarize
-from semipd.cli.bench.workload import INPUT_MEAN, OUTPUT_MEAN
+from semipd.cli.bench.phases import SCHEDULES, SHAPES, SPEC_HELP, USAGE, is_phased
 from semipd.shared.client import ClientError
 from semipd.shared.errors import UserError, first_line
 
@@ -19,7 +19,7 @@ from semipd.shared.errors import UserError, first_line
 def cmd_bench(args) -> None:
     if sweep.wanted(args):
         return sweep.cmd_sweep(args)
-    if args.rate is None:
+    if args.rate is None and not is_phased(args.workload):
         raise UserError("give --rate, or --rates for a sweep, or --plot REPORT")
     check_load_args(args)
     if args.out:  # before the run, so that a bad path does not cost its results
@@ -30,14 +30,14 @@ def cmd_bench(args) -> None:
         except OSError as e:
             raise UserError(f"--out {args.out}: cannot create its folder ({first_line(e)})") from None
     try:
-        config, records, duration = asyncio.run(run_load(args, np.random.default_rng(args.seed)))
+        run = asyncio.run(run_load(args, workload_phases(args, args.rate), np.random.default_rng(args.seed)))
     except ClientError as e:
         raise UserError(first_line(e)) from None
-    summary = summarize(records, duration, args.ttft_slo, args.tpot_slo)
+    summary = summarize(run.records, run.duration_s, args.ttft_slo, args.tpot_slo, run.phases)
     print(format_summary(summary))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(build_report(config, records, summary), f)
+            json.dump(build_report(run.config, run.records, summary), f)
         print(f"report: {args.out}")
 
 
@@ -51,13 +51,16 @@ def _positive(text: str) -> float:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="load a running server with Poisson arrivals; report TTFT, TPOT, "
                                      "ITL, E2E, SLO attainment and goodput; sweep rates over modes",
-                       description=sweep.USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=USAGE + sweep.USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_address_arg(p)
-    p.add_argument("--rate", type=_positive, help="requests per second (inf: all at once)")
+    p.add_argument("--rate", type=_positive, help="requests per second (inf: all at once); with phases, the "
+                                                  "first phase's rate, the others scaled alike")
     p.add_argument("--num-requests", type=int, help="requests per run (per rate in a sweep)")
+    p.add_argument("--workload", metavar="NAME|PHASES",
+                   help=f"{', '.join([*SHAPES, *SCHEDULES])} or phases {SPEC_HELP} (above)")
     p.add_argument("--dataset", help="ShareGPT-format JSON file to take the lengths from")
-    p.add_argument("--input-len-mean", type=_positive, help=f"mean prompt tokens (default {INPUT_MEAN:g})")
-    p.add_argument("--output-len-mean", type=_positive, help=f"mean output tokens (default {OUTPUT_MEAN:g})")
+    p.add_argument("--input-len-mean", type=_positive, help="mean prompt tokens (default: the workload's)")
+    p.add_argument("--output-len-mean", type=_positive, help="mean output tokens (default: the workload's)")
     p.add_argument("--seed", type=int, default=0, help="seed for lengths, arrivals and prompts")
     p.add_argument("--ttft-slo", type=_positive, help="TTFT objective in seconds")
     p.add_argument("--tpot-slo", type=_positive, help="TPOT objective in seconds")

@@ -1,23 +1,34 @@
-"""One run at one rate: send the planned requests at their arrival times and record each one."""
+"""One run: send the planned requests of a workload's phases at their arrival times and record each one."""
 
 import asyncio
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
+from semipd.cli.bench import phases as workloads
 from semipd.cli.bench.metrics import RequestRecord, token_timing
-from semipd.cli.bench.workload import (CHARS_PER_TOKEN, INPUT_MEAN, OUTPUT_MEAN, SIGMA, arrival_times, load_sharegpt,
-                                   plan_lengths)
+from semipd.cli.bench.workload import CHARS_PER_TOKEN, SIGMA, load_sharegpt
 from semipd.shared.client import AsyncClient, ServerError
 from semipd.shared.errors import UserError
 
 
-async def _measure(client: AsyncClient, index: int, prompt_ids: list[int], params: dict,
+@dataclass
+class LoadRun:
+    """One run's outcome: what was asked, each request's record and the phases as they were sent."""
+    config: dict
+    records: list[RequestRecord]
+    duration_s: float
+    phases: list[dict]      # each phase's spec, rate, means and span in the run (phases.plan)
+    started: float          # time.perf_counter() at the run's time 0, which every send_s counts from
+
+
+async def _measure(client: AsyncClient, index: int, phase: int, prompt_ids: list[int], params: dict,
                    start: float) -> RequestRecord:
     sent = time.perf_counter()
-    record = RequestRecord(index, len(prompt_ids), params["max_tokens"], sent - start)
+    record = RequestRecord(index, len(prompt_ids), params["max_tokens"], sent - start, phase)
     chunks = []
     try:
         async with await client.generate(prompt_ids=prompt_ids, **params) as stream:
@@ -38,9 +49,9 @@ async def _measure(client: AsyncClient, index: int, prompt_ids: list[int], param
     return record
 
 
-async def run_load(args, rng: np.random.Generator,
-                   desc: str = "requests") -> tuple[dict, list[RequestRecord], float]:
-    """One run at args.rate against args.address: (config, per-request records, seconds)."""
+async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator,
+                   desc: str = "requests") -> LoadRun:
+    """One run of the phases against args.address."""
     pool = load_sharegpt(args.dataset) if args.dataset else None
     async with AsyncClient(args.address) as client:
         status = (await client.health()).get("status", "ok")  # fails fast when nobody answers
@@ -50,17 +61,15 @@ async def run_load(args, rng: np.random.Generator,
         max_len = (await client.stats()).get("max_model_len")
         if not isinstance(max_len, int):
             raise UserError("the server's stats do not report max_model_len")
-        lengths = plan_lengths(args.num_requests, rng, pool, args.input_len_mean or INPUT_MEAN,
-                               args.output_len_mean or OUTPUT_MEAN, max_len)
-        requests = [(rng.integers(0, 256, n_in).tolist(),
-                     {"max_tokens": n_out, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
-                    for n_in, n_out in lengths]
-        arrivals = arrival_times(args.rate, args.num_requests, rng)
+        planned, sent = workloads.plan(phases, rng, max_len, pool)
+        requests = [(p.phase, rng.integers(0, 256, p.input_len).tolist(),
+                     {"max_tokens": p.output_len, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
+                    for p in planned]
         bar = tqdm(total=len(requests), desc=desc, unit="req")
         start = time.perf_counter()
 
         async def one(i: int) -> RequestRecord:
-            await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
+            await asyncio.sleep(max(0.0, start + planned[i].send_s - time.perf_counter()))
             record = await _measure(client, i, *requests[i], start)
             bar.update(1)
             return record
@@ -74,14 +83,34 @@ async def run_load(args, rng: np.random.Generator,
             await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
         duration = time.perf_counter() - start
+    rate = args.rate if args.rate is None or math.isfinite(args.rate) else "inf"
     config = {k: v for k, v in vars(args).items() if k != "func"} | {
-        "rate": "inf" if math.isinf(args.rate) else args.rate, "max_model_len": max_len,
+        "rate": rate, "phases": [p.spec() for p in phases], "max_model_len": max_len,
         "lengths": "dataset" if pool else f"lognormal sigma {SIGMA}", "chars_per_token": CHARS_PER_TOKEN}
-    return config, records, duration
+    return LoadRun(config, records, duration, sent, start)
+
+
+def workload_phases(args, rate: float | None) -> list[workloads.Phase]:
+    """The phases that args' --workload and its flags send at a rate."""
+    return workloads.resolve(args.workload, rate, args.num_requests, args.input_len_mean, args.output_len_mean)
 
 
 def check_load_args(args) -> None:
+    if workloads.is_phased(args.workload):
+        try:
+            workloads.resolve(args.workload, None)
+        except UserError as e:
+            raise UserError(f"--workload {args.workload}: {e}") from None
+        for flag in ("num_requests", "input_len_mean", "output_len_mean", "dataset"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--workload {args.workload} sets how many requests and how long: "
+                                f"leave out --{flag.replace('_', '-')}")
+        if args.rate is not None and math.isinf(args.rate):
+            raise UserError("a phased workload keeps its phases' durations: give a finite --rate")
+        return
     if args.num_requests is None or args.num_requests < 1:
         raise UserError(f"--num-requests must be at least 1, got {args.num_requests}")
     if args.dataset and (args.input_len_mean or args.output_len_mean):
         raise UserError("--dataset sets the lengths: leave out --input-len-mean and --output-len-mean")
+    if args.dataset and args.workload:
+        raise UserError("--dataset sets the lengths: leave out --workload")

@@ -12,6 +12,7 @@ class RequestRecord:
     input_len: int
     output_len: int                  # planned: the request's max_tokens
     send_s: float                    # from the start of the run
+    phase: int = 0                   # index into the run's phases
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
@@ -85,30 +86,44 @@ def meets_slo(r: RequestRecord, ttft_slo: float | None, tpot_slo: float | None) 
         and (tpot_slo is None or r.tpot_s is None or r.tpot_s <= tpot_slo)
 
 
-def summarize(records: list[RequestRecord], duration_s: float, ttft_slo: float | None = None,
-              tpot_slo: float | None = None) -> dict:
+def request_figures(records: list[RequestRecord], ttft_slo: float | None = None,
+                    tpot_slo: float | None = None) -> dict:
+    """What a set of requests shows on its own, without the run's duration: counts, the rate they
+    were sent at, latency distributions, the backlog trend and SLO attainment."""
     done = [r for r in records if r.ok]
-    output_tokens = sum(r.output_tokens for r in done)
-    summary = {
+    figures = {
         "requests": len(records), "completed": len(done), "failed": len(records) - len(done),
-        "duration_s": duration_s, "input_tokens": sum(r.input_len for r in done),
-        "output_tokens": output_tokens,
         "offered_rate": offered_rate(records),
-        "request_throughput": len(done) / duration_s,
-        "output_token_throughput": output_tokens / duration_s,
         "ttft_s": distribution([r.ttft_s for r in done if r.ttft_s is not None]),
         "tpot_s": distribution([r.tpot_s for r in done if r.tpot_s is not None]),
         "itl_s": distribution([gap for r in done for gap in r.itl_s]),
         "e2e_s": distribution([r.e2e_s for r in done]),
         "server_ttft_s": distribution([r.server_ttft_s for r in done if r.server_ttft_s is not None]),
         "server_tpot_s": distribution([r.server_tpot_s for r in done if r.server_tpot_s is not None]),
-        "backlog_trend": backlog_trend(done),
-        "ttft_slo_s": ttft_slo, "tpot_slo_s": tpot_slo, "slo_attainment": None, "goodput": None,
+        "backlog_trend": backlog_trend(done), "slo_attainment": None,
     }
     if records and (ttft_slo is not None or tpot_slo is not None):
-        met = sum(meets_slo(r, ttft_slo, tpot_slo) for r in records)
-        summary["slo_attainment"] = met / len(records)
-        summary["goodput"] = met / duration_s
+        figures["slo_attainment"] = sum(meets_slo(r, ttft_slo, tpot_slo) for r in records) / len(records)
+    return figures
+
+
+def summarize(records: list[RequestRecord], duration_s: float, ttft_slo: float | None = None,
+              tpot_slo: float | None = None, phases: list[dict] | None = None) -> dict:
+    """The run's figures; with more than one phase (phases.plan's), each phase's under "phases"."""
+    done = [r for r in records if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    summary = request_figures(records, ttft_slo, tpot_slo) | {
+        "duration_s": duration_s, "input_tokens": sum(r.input_len for r in done),
+        "output_tokens": output_tokens,
+        "request_throughput": len(done) / duration_s,
+        "output_token_throughput": output_tokens / duration_s,
+        "ttft_slo_s": ttft_slo, "tpot_slo_s": tpot_slo, "goodput": None,
+    }
+    if summary["slo_attainment"] is not None:
+        summary["goodput"] = summary["slo_attainment"] * len(records) / duration_s
+    if phases and len(phases) > 1:
+        summary["phases"] = [phase | request_figures([r for r in records if r.phase == i], ttft_slo, tpot_slo)
+                             for i, phase in enumerate(phases)]
     return summary
 
 
@@ -121,9 +136,30 @@ def trend(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def latency_cells(f: dict) -> list[str]:
+    """Failed, mean E2E, P90 TTFT, P90 TPOT and SLO attainment of request_figures: the columns that
+    a run's phase table and a sweep's table share."""
+    attained = f["slo_attainment"]
+    return [str(f["failed"]), ms(f["e2e_s"]["mean"]), ms(f["ttft_s"]["p90"]), ms(f["tpot_s"]["p90"]),
+            "-" if attained is None else f"{attained:.1%}"]
+
+
+def format_phases(phases: list[dict]) -> list[str]:
+    head = ("sent req/s", "done", "failed", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms", "SLO met", "backlog")
+    lines = [f"{'phase':<20}" + "".join(f"{h:>12}" for h in head)]
+    for i, p in enumerate(phases, 1):
+        sent = "-" if p["offered_rate"] is None else f"{p['offered_rate']:.2f}"
+        cells = [sent, str(p["completed"]), *latency_cells(p), trend(p["backlog_trend"])]
+        label = f"{i}: {p['spec']}"
+        lines.append(f"{label:<20}" + "".join(f"{c:>12}" for c in cells))
+    return lines
+
+
 def format_summary(s: dict) -> str:
-    def ms(v):
-        return "-" if v is None else f"{v * 1e3:.1f}"
     offered = s.get("offered_rate")
     lines = [f"requests: {s['completed']} completed, {s['failed']} failed in {s['duration_s']:.2f} s"
              + ("" if offered is None else f", sent at {offered:.2f} req/s"),
@@ -138,4 +174,6 @@ def format_summary(s: dict) -> str:
         slos = [f"{n} <= {ms(s[f'{n.lower()}_slo_s'])} ms" for n in ("TTFT", "TPOT") if s[f"{n.lower()}_slo_s"]]
         lines.append(f"SLO attainment ({', '.join(slos)}): {s['slo_attainment']:.1%}, "
                      f"goodput {s['goodput']:.2f} req/s")
+    if s.get("phases"):
+        lines += format_phases(s["phases"])
     return "\n".join(lines)

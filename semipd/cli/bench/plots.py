@@ -14,8 +14,9 @@ def _ms(summary: dict, metric: str, stat: str) -> float:
 
 def plot_report(report: dict, out_dir: str) -> list[str]:
     """latency.png (P90 TTFT, P90 TPOT, mean E2E against rate per mode, with the SLOs),
-    attainment.png (SLO attainment against rate, with the 90% goal) and split-MODE.png (the SM split
-    over time) for every mode that reported one. Returns the paths written."""
+    attainment.png (SLO attainment against rate, with the 90% goal), split-MODE.png (the SM split
+    over time) for every mode that reported one and, for a phased workload, phases-RATE.png (see
+    _plot_phases). Returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,7 +58,55 @@ def plot_report(report: dict, out_dir: str) -> list[str]:
     for name, mode in modes.items():
         if mode.get("split_samples"):
             paths.append(_plot_split(plt, name, mode, out_dir))
+    phased: dict[float, list[tuple[str, dict, dict]]] = {}
+    for name, mode in modes.items():
+        for run in mode["runs"]:
+            if run["summary"].get("phases") and run.get("requests"):
+                phased.setdefault(run["rate"], []).append((name, mode, run))
+    for rate, rows in phased.items():
+        paths.append(_plot_phases(plt, rate, rows, config.get("ttft_slo"), out_dir))
     return paths
+
+
+def _plot_phases(plt, rate: float, rows: list[tuple[str, dict, dict]], ttft_slo: float | None,
+                 out_dir: str) -> str:
+    """One run per mode at one rate: each request's TTFT against its send time above the SM split
+    over the same seconds, both over the phases (shaded, with their means and rates), so a reader
+    sees whether the split followed the shift and what the requests of each phase met."""
+    fig, axes = plt.subplots(2 * len(rows), 1, sharex=True, squeeze=False, figsize=(11, 4.5 * len(rows)),
+                             gridspec_kw={"height_ratios": [3, 2] * len(rows)})
+    for (name, mode, run), ttft_ax, split_ax in zip(rows, axes[0::2, 0], axes[1::2, 0]):
+        phases = run["summary"]["phases"]
+        for ax in (ttft_ax, split_ax):
+            for i, p in enumerate(phases):
+                ax.axvspan(p["start_s"], p["end_s"], color="gray", alpha=0.06 if i % 2 else 0.16, linewidth=0)
+            ax.grid(True, alpha=0.3)
+        for p in phases:
+            ttft_ax.text((p["start_s"] + p["end_s"]) / 2, 0.93, f"{p['input_len_mean']:g}/{p['output_len_mean']:g} "
+                         f"tokens in/out, {p['rate']:g} req/s", transform=ttft_ax.get_xaxis_transform(), ha="center",
+                         va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+        done = [r for r in run["requests"] if r["ok"] and r["ttft_s"] is not None]
+        ttft_ax.scatter([r["send_s"] for r in done], [r["ttft_s"] * 1e3 for r in done], s=6, label="TTFT")
+        failed = [r["send_s"] for r in run["requests"] if not r["ok"]]
+        if failed:  # drawn at the top edge: they have no TTFT to place them by
+            ttft_ax.scatter(failed, [1.0] * len(failed), marker="x", color="red", clip_on=False,
+                            transform=ttft_ax.get_xaxis_transform(), label="failed")
+        if ttft_slo:
+            ttft_ax.axhline(ttft_slo * 1e3, color="gray", linestyle="--", label=f"SLO {ttft_slo * 1e3:g} ms")
+        ttft_ax.set(ylabel="TTFT (ms)", yscale="log", title=f"{name} at {rate:g} req/s")
+        ttft_ax.legend(loc="lower right", fontsize=8)
+        samples = [s for s in mode.get("split_samples") or [] if s["rate"] == rate]
+        times = [s["time_s"] - run["started_s"] for s in samples]
+        for key, label, style in (("prefill_sm", "prefill SM %", "-"), ("decode_sm", "decode SM %", "--")):
+            split_ax.step(times, [s[key] for s in samples], style, where="post", label=label)
+        if samples:
+            split_ax.legend(loc="lower right", fontsize=8)
+        else:
+            split_ax.text(0.5, 0.5, "no SM split reported", transform=split_ax.transAxes, ha="center")
+        split_ax.set(ylabel="SM %", ylim=(0, 110))
+    end = max(max(p["end_s"], run["summary"]["duration_s"]) for _, _, run in rows for p in run["summary"]["phases"])
+    axes[-1, 0].set(xlabel="time since the run began (s)", xlim=(0, end))
+    return _save(fig, out_dir, f"phases-{rate:g}.png")
 
 
 def _plot_split(plt, name: str, mode: dict, out_dir: str) -> str:

@@ -1,8 +1,9 @@
-"""`semipd bench` sweeps: bench.py's single-rate run repeated over --rates against one running
-server, several, or servers launched here one mode at a time; then a JSON report, PNG plots
-(plots.py) and a table with each mode's highest rate at >= 90% SLO attainment. The
-table's backlog column (bench.backlog_trend) says which rates the server kept up with; a rate
-above ~1 was met only for as long as the run lasted.
+"""`semipd bench` sweeps: load.py's run repeated over --rates (a phased workload's rates scaled
+so its first phase runs at each) against one running server, several, or servers launched here
+one mode at a time; then a JSON report, PNG plots (plots.py) and a table (table.py) with each
+mode's highest rate at >= 90% SLO attainment. The table's backlog column
+(metrics.backlog_trend) says which rates the server kept up with; a rate above ~1 was met only
+for as long as the run lasted.
 
 While a run goes, the server's stats are polled every POLL_S seconds for its SM split
 (`partition.prefill_sm` / `decode_sm`; absent on servers that do not partition), so a dynamic
@@ -17,29 +18,28 @@ import json
 import math
 import os
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from semipd.cli.bench import plots
-from semipd.cli.bench.load import check_load_args, run_load
-from semipd.cli.bench.metrics import summarize, trend
-from semipd.shared.client import AsyncClient, Client, ClientError
+from semipd.cli.bench.launched import Launched
+from semipd.cli.bench.load import check_load_args, run_load, workload_phases
+from semipd.cli.bench.metrics import summarize
+from semipd.cli.bench.phases import warmup
+from semipd.cli.bench.table import format_table, max_rate_at_goal
+from semipd.shared.client import AsyncClient, ClientError
 from semipd.shared.errors import UserError, first_line
 
 POLL_S = 0.5
 WARMUP_REQUESTS = 32     # first requests compile kernels for new shapes: not measured
-LAUNCH_TIMEOUT_S = 600   # loading a large model's weights takes minutes
-ATTAINMENT_GOAL = 0.9
 
 USAGE = """\
-A sweep writes report.json, latency.png, attainment.png and split-MODE.png (modes that report an
-SM split) to --out FOLDER (default bench-YYYYmmdd-HHMMSS), then prints a table:
+A sweep writes report.json, latency.png, attainment.png, split-MODE.png (modes that report an
+SM split) and, for phased workloads, phases-RATE.png (per mode, each request's TTFT and the SM
+split over the run's phases) to --out FOLDER (default bench-YYYYmmdd-HHMMSS), then prints a table
+with a row per rate (and per phase under it):
   semipd bench --rates 2,4,8 --num-requests 200 --ttft-slo 0.3 --tpot-slo 0.05 [--address ADDR]
   semipd bench --rates ... --servers unified=ipc:///run/a.sock,static=tcp://127.0.0.1:5557
   semipd bench --rates ... --model M --launch NAME="SERVE FLAGS" [--launch ...]
@@ -91,48 +91,6 @@ def wanted(args) -> bool:
     return bool(args.rates or args.servers or args.launch or args.plot)
 
 
-class Launched:
-    """`semipd serve` for one mode, with its sockets and log in a fresh folder."""
-
-    def __init__(self, name: str, model: str, flags: list[str], log_path: str):
-        self.name, self.folder = name, tempfile.mkdtemp(prefix="semipd-bench-")
-        self.address = f"ipc://{self.folder}/front.sock"
-        self.log_path, self.log = log_path, open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "semipd", "serve", "--model", model, "--address", self.address,
-             *flags], env=dict(os.environ, XDG_RUNTIME_DIR=self.folder),
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        while self.proc.poll() is None:
-            try:
-                with Client(self.address, timeout_s=2) as client:
-                    if client.health().get("status") == "ok":
-                        return
-            except ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise UserError(f"the {self.name} server was not ready within {LAUNCH_TIMEOUT_S} s "
-                                f"(log: {self.log_path})")
-            time.sleep(0.2)
-        with open(self.log_path) as f:
-            last = [line for line in f.read().splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise UserError(f"the {self.name} server exited with status {self.proc.returncode}: {last[0]} "
-                        f"(log: {self.log_path})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 async def _poll_split(address: str, started: float, rate: float, samples: list, done: asyncio.Event) -> None:
     """Every POLL_S: the server's split, if it reports one, with its workers' step times."""
     async with AsyncClient(address, timeout_s=10) as client:
@@ -145,7 +103,7 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
             if isinstance(part, dict) and all(isinstance(part.get(k), (int, float))
                                               for k in ("prefill_sm", "decode_sm")):
                 steps = {role: w.get("steps") for role, w in workers.items()} if isinstance(workers, dict) else None
-                samples.append({"time_s": time.monotonic() - started, "rate": rate,
+                samples.append({"time_s": time.perf_counter() - started, "rate": rate,
                                 "prefill_sm": part["prefill_sm"], "decode_sm": part["decode_sm"], "steps": steps})
             try:
                 await asyncio.wait_for(done.wait(), POLL_S)
@@ -154,24 +112,28 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
 
 
 async def sweep_server(args, name: str, address: str) -> dict:
-    """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate."""
-    warmup = argparse.Namespace(**vars(args) | {"address": address, "rate": max(args.rates),
-                                                "num_requests": min(args.num_requests, WARMUP_REQUESTS)})
-    await run_load(warmup, np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
-    started, started_unix, runs, samples = time.monotonic(), time.time(), [], []
+    """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate.
+    A phased workload's runs also keep each request's phase, send time and TTFT, for its plot."""
+    args = argparse.Namespace(**vars(args) | {"address": address})
+    await run_load(args, warmup(workload_phases(args, max(args.rates)), WARMUP_REQUESTS),
+                   np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
+    started, started_unix, runs, samples = time.perf_counter(), time.time(), [], []
     for rate in args.rates:
-        began = time.monotonic() - started
+        began = time.perf_counter() - started
         done = asyncio.Event()
         poller = asyncio.ensure_future(_poll_split(address, started, rate, samples, done))
         try:
-            run_args = argparse.Namespace(**vars(args) | {"address": address, "rate": rate})
-            _, records, duration = await run_load(run_args, np.random.default_rng(args.seed),
-                                                  desc=f"{name} @ {rate:g} req/s")
+            run = await run_load(args, workload_phases(args, rate), np.random.default_rng(args.seed),
+                                 desc=f"{name} @ {rate:g} req/s")
         finally:
             done.set()
             await poller
-        runs.append({"rate": rate, "summary": summarize(records, duration, args.ttft_slo, args.tpot_slo),
+        summary = summarize(run.records, run.duration_s, args.ttft_slo, args.tpot_slo, run.phases)
+        runs.append({"rate": rate, "summary": summary, "started_s": run.started - started,
                      "steps": step_means([x for x in samples if x["rate"] == rate], began)})
+        if "phases" in summary:
+            runs[-1]["requests"] = [{"phase": r.phase, "send_s": r.send_s, "ttft_s": r.ttft_s, "ok": r.ok}
+                                    for r in run.records]
     async with AsyncClient(address) as client:
         partition = (await client.stats()).get("partition")
     return {"address": address, "runs": runs, "max_rate_at_goal": max_rate_at_goal(runs),
@@ -196,41 +158,6 @@ def step_means(samples: list[dict], began_s: float) -> dict:
     return {role: {"step_ms": mean(rs, "step_ms", True), "gpu_ms": mean(rs, "gpu_ms", True),
                    "mean_batch": mean(rs, "mean_batch", True), "busy": mean(rs, "busy", False)}
             for role, rs in ((role, list(by_key.values())) for role, by_key in reports.items())}
-
-
-def max_rate_at_goal(runs: list[dict]) -> float | None:
-    """The highest swept rate whose SLO attainment is at least ATTAINMENT_GOAL (None: none)."""
-    met = [r["rate"] for r in runs if (r["summary"]["slo_attainment"] or 0) >= ATTAINMENT_GOAL]
-    return max(met, default=None)
-
-
-def format_table(report: dict) -> str:
-    def ms(v):
-        return "-" if v is None else f"{v * 1e3:.1f}"
-    def step(run):  # the token-producing worker's mean step: wall / GPU ms
-        steps = run.get("steps") or {}
-        d = steps.get("decode") or steps.get("unified")
-        return "-" if d is None else "/".join("-" if d[k] is None else f"{d[k]:.1f}" for k in ("step_ms", "gpu_ms"))
-    head = ("rate req/s", "sent req/s", "done req/s", "failed", "mean E2E ms", "P90 TTFT ms", "P90 TPOT ms",
-            "SLO met", "backlog", "step/GPU ms")
-    lines = []
-    for name, mode in report["modes"].items():
-        lines += [f"{name}:", "  " + "".join(f"{h:>13}" for h in head)]
-        for run in mode["runs"]:
-            s = run["summary"]
-            sent = s.get("offered_rate")  # absent from reports made before it was
-            cells = (f"{run['rate']:g}", "-" if sent is None else f"{sent:.2f}", f"{s['request_throughput']:.2f}",
-                     str(s["failed"]), ms(s["e2e_s"]["mean"]),
-                     ms(s["ttft_s"]["p90"]), ms(s["tpot_s"]["p90"]), f"{s['slo_attainment']:.1%}",
-                     trend(s.get("backlog_trend")), step(run))
-            lines.append("  " + "".join(f"{c:>13}" for c in cells))
-    lines.append(f"highest rate with >= {ATTAINMENT_GOAL:.0%} SLO attainment:")
-    for name, mode in report["modes"].items():
-        best = max_rate_at_goal(mode["runs"])  # from the runs, so a report joined by hand is right too
-        backlog = next((r["summary"].get("backlog_trend") for r in mode["runs"] if r["rate"] == best), None)
-        lines.append(f"  {name}: " + ("none of the rates swept" if best is None else f"{best:g} req/s"
-                                      + ("" if backlog is None else f" (backlog {trend(backlog)})")))
-    return "\n".join(lines)
 
 
 def _write_plots(report: dict, out: str, required: bool) -> None:

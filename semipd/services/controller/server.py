@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import zmq
 
+from semipd.services.controller.lifecycle import WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
 from semipd.services.controller.partitioner import Partitioner
@@ -185,7 +186,7 @@ class Controller:
         if worker is None:
             return  # a dead worker's last words: its requests were already recovered
         if isinstance(msg, protocol.WorkerReady):
-            if worker is self.supervisor.incoming.get(worker.role):
+            if worker.state is WorkerState.PREPARING:  # called up by a switch
                 self.switcher.on_ready(worker, msg.prepare_parts_s)
             else:
                 self.supervisor.open(worker)
@@ -311,10 +312,6 @@ class Controller:
 
     # ---- status -------------------------------------------------------------------------
 
-    def _standby_stats(self, role: str) -> dict | None:
-        standby = self.supervisor.standby.get(role)
-        return standby and {"pid": standby.proc.pid, "ready": standby.identity is not None}
-
     def partition_stats(self) -> dict:
         workers = self.supervisor.workers
         return {"mode": "unified" if self.prefill_role == "unified" else "semi-pd",
@@ -336,9 +333,8 @@ class Controller:
         reqs = self.requests.values()
         return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
-                "workers": {role: {"pid": w.proc.pid, "sm_percent": w.sm_percent, "ready": w.ready,
-                                   "standby": self._standby_stats(role), "steps": w.step_stats()}
-                            for role, w in self.supervisor.workers.items()},
+                "workers": {role: {**self.supervisor.stats(role), "switch": self.switcher.stats(role)}
+                            for role in self.supervisor.workers},
                 "partition": self.partition_stats(),
                 "worker_restarts": self.supervisor.restarts, "page_size": self.memory.config.page_size,
                 "max_model_len": self.memory.max_model_len,
@@ -362,8 +358,8 @@ class Controller:
                 self._drain(self.front, self.on_client)
             self.switcher.check_timeouts(time.monotonic())
             deaths = self.supervisor.dead()
-            for where, worker in deaths:
-                if self.switcher.on_death(where, worker):
+            for was, worker in deaths:
+                if self.switcher.on_death(was, worker):
                     self.recover(worker.role)
                 self._settle()
             if deaths:

@@ -3,8 +3,11 @@
 A worker process starts, imports everything, says hello and waits for its WorkerInit, which
 carries its MPS quota. The current worker of a role gets it at once; a standby gets it only when a
 new SM split calls it up (see switcher.py), so calling one up costs no imports. Messages for a
-worker that is not ready yet wait in its queue. A worker is known by its socket identity
+worker that is not open yet wait in its queue. A worker is known by its socket identity
 (role-pid), so anything a predecessor still had in flight is recognised.
+
+Every live worker is one handle in one list; where it is (current, standby, called up, handing
+over) is its state (lifecycle.py), which changes only through `WorkerHandle.move_to`.
 """
 
 import os
@@ -13,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from semipd.services.controller.lifecycle import CURRENT, WAITING, WORKER_MOVES, WorkerState, advance
 from semipd.shared import protocol
 
 
@@ -20,13 +24,19 @@ from semipd.shared import protocol
 class WorkerHandle:
     role: str
     proc: subprocess.Popen
+    state: WorkerState
     sm_percent: int | None = None
     identity: bytes | None = None      # set by the worker's hello
-    activated: float | None = None     # when it was given its WorkerInit (monotonic s)
-    ready: bool = False                # open for messages (a successor opens after the handover)
     last_output: float | None = None   # when its last tokens arrived (monotonic s)
     step_times: tuple | None = None    # (its last StepTimes, when it came)
     queue: list = field(default_factory=list)
+
+    def move_to(self, state: WorkerState) -> None:
+        advance(f"{self.role} worker (pid {self.proc.pid})", WORKER_MOVES, self.state, state)
+        self.state = state
+
+    def summary(self) -> dict:
+        return {"pid": self.proc.pid, "state": self.state.value}
 
     def step_stats(self) -> dict | None:
         """Its last StepTimes as means per step; None before its first report."""
@@ -43,62 +53,88 @@ class Supervisor:
         self.worker_address = worker_address
         self._send = send              # send(identity, message) on the controller's worker socket
         self._init = init              # init(sm_percent) -> WorkerInit
-        self.workers: dict[str, WorkerHandle] = {}   # the current worker of each role
-        self.standby: dict[str, WorkerHandle] = {}   # imported, waiting to be called up
-        self.incoming: dict[str, WorkerHandle] = {}  # called up, not yet current
-        self.retiring: list[WorkerHandle] = []       # handing over to a successor
+        self.handles: list[WorkerHandle] = []  # every live worker
         self.shares = shares
         self.restarts = 0
 
-    def _spawn(self, role: str) -> WorkerHandle:
+    def _spawn(self, role: str, state: WorkerState) -> WorkerHandle:
         cmd = [sys.executable, "-m", f"semipd.services.{role}", "--controller", self.worker_address]
-        return WorkerHandle(role, subprocess.Popen(cmd, env=dict(os.environ)))
+        worker = WorkerHandle(role, subprocess.Popen(cmd, env=dict(os.environ)), state)
+        self.handles.append(worker)
+        return worker
+
+    def _start(self, role: str, sm_percent: int | None) -> None:
+        """A new current worker for the role."""
+        self.activate(self._spawn(role, WorkerState.STARTING), sm_percent)
 
     def start_all(self) -> None:
         for role, share in self.shares.items():
-            self.workers[role] = self._spawn(role)
-            self.activate(self.workers[role], share)
+            self._start(role, share)
+
+    def current(self, role: str) -> WorkerHandle:
+        return next(w for w in self.handles if w.role == role and w.state in CURRENT)
+
+    @property
+    def workers(self) -> dict[str, WorkerHandle]:
+        """The current worker of each role."""
+        return {role: self.current(role) for role in self.shares}
+
+    def standby_of(self, role: str) -> WorkerHandle | None:
+        return next((w for w in self.handles if w.role == role and w.state in WAITING), None)
 
     def ensure_standby(self, role: str) -> None:
-        if role not in self.standby:
-            self.standby[role] = self._spawn(role)
+        if self.standby_of(role) is None:
+            self._spawn(role, WorkerState.IMPORTING)
+
+    def call_up(self, role: str) -> WorkerHandle:
+        """The role's standby, now preparing (activate it); the next standby starts importing at
+        once: switches can come seconds apart."""
+        self.ensure_standby(role)
+        worker = self.standby_of(role)
+        worker.move_to(WorkerState.PREPARING)
+        self.ensure_standby(role)
+        return worker
 
     def activate(self, worker: WorkerHandle, sm_percent: int | None) -> None:
         """Give a worker its quota and the memory handles (at its hello if it has not said it)."""
-        worker.sm_percent, worker.activated = sm_percent, time.monotonic()
+        worker.sm_percent = sm_percent
         if worker.identity is not None:
             self._send(worker.identity, self._init(sm_percent))
 
-    def _all(self):
-        yield from self.workers.values()
-        yield from self.standby.values()
-        yield from self.incoming.values()
-        yield from self.retiring
+    def stats(self, role: str) -> dict:
+        """The role's current worker and its standby, each with its state."""
+        w, standby = self.current(role), self.standby_of(role)
+        return {**w.summary(), "sm_percent": w.sm_percent, "ready": w.state is WorkerState.SERVING,
+                "standby": standby and {**standby.summary(), "ready": standby.state is WorkerState.STANDBY},
+                "steps": w.step_stats()}
 
     def live_pids(self) -> set[int]:
-        return {w.proc.pid for w in self._all() if w.proc.poll() is None}
+        return {w.proc.pid for w in self.handles if w.proc.poll() is None}
 
     def handle_of(self, identity: bytes) -> WorkerHandle | None:
         """The live worker with this identity; None for a dead one's last words."""
-        return next((w for w in self._all() if w.identity == identity), None)
+        return next((w for w in self.handles if w.identity == identity), None)
 
     def hello(self, identity: bytes, msg: protocol.WorkerHello) -> None:
-        worker = next((w for w in self._all() if w.proc.pid == msg.pid and w.role == msg.role), None)
-        if worker is not None:
-            worker.identity = identity
-            if worker.activated is not None:
-                self._send(identity, self._init(worker.sm_percent))
+        worker = next((w for w in self.handles if w.proc.pid == msg.pid and w.role == msg.role), None)
+        if worker is None:
+            return
+        worker.identity = identity
+        if worker.state is WorkerState.IMPORTING:
+            worker.move_to(WorkerState.STANDBY)
+        elif worker.state in (WorkerState.STARTING, WorkerState.PREPARING):
+            self._send(identity, self._init(worker.sm_percent))
 
     def open(self, worker: WorkerHandle) -> None:
-        """Mark ready and deliver what waited for it."""
-        worker.ready = True
+        """Open it for messages and deliver what waited for it."""
+        worker.move_to(WorkerState.SERVING)
         for msg in worker.queue:
             self._send(worker.identity, msg)
         worker.queue.clear()
 
     def send(self, role: str, msg) -> None:
-        worker = self.workers[role]
-        if worker.ready:
+        worker = self.current(role)
+        if worker.state is WorkerState.SERVING:
             self._send(worker.identity, msg)
         else:
             worker.queue.append(msg)
@@ -107,60 +143,64 @@ class Supervisor:
         self._send(worker.identity, msg)
 
     def promote(self, worker: WorkerHandle) -> WorkerHandle | None:
-        """Make an incoming worker current (closed until the handover ends); returns the old one.
-        None if the old one never opened (a replacement for a dead worker, still starting): it
-        holds nothing but its queue, which passes to the new worker, and it is stopped."""
-        old = self.workers[worker.role]
-        del self.incoming[worker.role]
-        self.workers[worker.role] = worker
-        if not old.ready:
+        """Make a called-up worker current (closed until the handover ends); returns the old one,
+        now handing over. None if the old one never opened (a replacement for a dead worker,
+        still starting): it holds nothing but its queue, which passes to the new worker, and it
+        is stopped."""
+        old = self.current(worker.role)
+        if old.state is WorkerState.STARTING:
             worker.queue = old.queue + worker.queue
-            self.kill(old)
-            return None
-        self.retiring.append(old)
-        worker.ready = False
+            self._end(old)
+            old = None
+        else:
+            old.move_to(WorkerState.HANDING_OVER)
+        worker.move_to(WorkerState.TAKING_OVER)
         return old
 
-    def dead(self) -> list[tuple[str, WorkerHandle]]:
-        """(where it was, handle) for every worker that exited since the last call. A current
-        worker is replaced at once, with the same quota; the caller decides about the others."""
-        events = []
-        for where, pool in (("current", self.workers), ("standby", self.standby), ("incoming", self.incoming)):
-            for role, w in list(pool.items()):
-                if w.proc.poll() is not None:
-                    events.append((where, w))
-                    del pool[role]
-        for w in [w for w in self.retiring if w.proc.poll() is not None]:
-            self.retiring.remove(w)
-            events.append(("retiring", w))
-        for where, w in events:
-            if where == "current":
+    def dead(self) -> list[tuple[WorkerState, WorkerHandle]]:
+        """(its state when it died, handle) for every worker that exited since the last call,
+        current workers first. A current worker is replaced at once, with the same quota; the
+        caller decides about the others."""
+        exited = [w for w in self.handles if w.proc.poll() is not None]
+        events = [(w.state, w) for w in sorted(exited, key=lambda w: w.state not in CURRENT)]
+        for was, w in events:
+            self._bury(w)
+            if was in CURRENT:
                 self._replace(w, f"exited with {w.proc.returncode}")
         return events
 
     def kill(self, worker: WorkerHandle) -> None:
-        """Kill a worker now. Unlike a death, dead() will not report it: the caller deals with
-        what it held. A current worker is replaced at once, with the same quota."""
+        """Kill a worker now (a no-op for one already dead). Unlike a death, dead() will not
+        report it: the caller deals with what it held. A current worker is replaced at once,
+        with the same quota."""
+        if worker.state is WorkerState.DEAD:
+            return
+        was_current = worker.state in CURRENT
+        self._end(worker)
+        if was_current:
+            self._replace(worker, "was stopped")
+
+    def _end(self, worker: WorkerHandle) -> None:
         worker.proc.kill()
         worker.proc.wait()
-        if worker in self.retiring:
-            self.retiring.remove(worker)
-        if self.workers.get(worker.role) is worker:
-            self._replace(worker, "was stopped")
+        self._bury(worker)
+
+    def _bury(self, worker: WorkerHandle) -> None:
+        worker.move_to(WorkerState.DEAD)
+        self.handles.remove(worker)
 
     def _replace(self, worker: WorkerHandle, why: str) -> None:
         print(f"semipd: {worker.role} worker (pid {worker.proc.pid}) {why}; starting a new one",
               file=sys.stderr, flush=True)
         self.restarts += 1
-        self.workers[worker.role] = self._spawn(worker.role)
-        self.activate(self.workers[worker.role], worker.sm_percent)
+        self._start(worker.role, worker.sm_percent)
 
     def all_ready(self) -> bool:
-        return all(w.ready for w in self.workers.values())
+        return all(w.state is WorkerState.SERVING for w in self.workers.values())
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask politely (Shutdown), then SIGTERM, then SIGKILL, as honcho does."""
-        handles = list(self._all())
+        handles = list(self.handles)
         for w in handles:
             if w.identity is not None:
                 self._send(w.identity, protocol.Shutdown())

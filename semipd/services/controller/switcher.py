@@ -11,7 +11,7 @@ a new worker process. The switch for one role (prefill and decode switch indepen
    block tables; the pages stay allocated and the K/V stays in place). The controller passes the
    live sequences to the new worker, then its queue: it is open;
 4. a decode worker has a step in flight then (last_step_follows): the sequences in it go with
-   their newest token PENDING and wait in the new worker until the old one's last DecodeStep,
+   their newest token in flight and wait in the new worker until the old one's last DecodeStep,
    passed on, fills them in. Sending the sequences (every token id) overlaps that last step,
    and only its tokens stand between it and the new worker's first step. The old worker exits.
 
@@ -29,8 +29,9 @@ then handled like any other (the old worker stays, or its requests are recovered
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from semipd.services.controller.lifecycle import CURRENT, SWITCH_MOVES, WAITING, SwitchPhase, WorkerState, advance
 from semipd.services.controller.supervisor import Supervisor, WorkerHandle
 from semipd.shared import protocol
 
@@ -47,17 +48,23 @@ class Switch:
     reason: str
     worker: WorkerHandle                # the standby called up
     cold: bool                          # the standby had not finished starting
-    requested: float                    # time.monotonic() throughout
-    ready_at: float | None = None
+    phase: SwitchPhase = SwitchPhase.PREPARING
+    # when each phase it has been in began (time.monotonic(), throughout)
+    times: dict[SwitchPhase, float] = field(default_factory=lambda: {SwitchPhase.PREPARING: time.monotonic()})
     prepare_parts: dict | None = None     # the new worker's own account of its preparation
     old_step_s: float | None = None       # the old worker's mean step when handing over: the gap's floor
     old: WorkerHandle | None = None
-    handover_at: float | None = None
-    handed_over_at: float | None = None   # HandedOver arrived
-    resent_at: float | None = None        # the new worker had all it needs: sequences, last tokens
     moved: int = 0                        # live sequences passed on
     ended: list[int] | None = None        # ended in transit: pages freed when the old worker is done
     stalled: str | None = None            # why the timeout stopped a worker of this switch
+
+    def move_to(self, phase: SwitchPhase) -> None:
+        advance(f"{self.role} switch to {self.to_sm}% SMs", SWITCH_MOVES, self.phase, phase)
+        self.phase, self.times[phase] = phase, time.monotonic()
+
+    def stats(self) -> dict:
+        return {"phase": self.phase.value, "from_sm": self.from_sm, "to_sm": self.to_sm,
+                "new": self.worker.summary(), "old": self.old and self.old.summary()}
 
 
 class Switcher:
@@ -73,16 +80,13 @@ class Switcher:
 
     def request(self, role: str, sm_percent: int, reason: str) -> None:
         """Start moving `role` to a new share; no-op if it has that share or is switching."""
-        current = self.sup.workers[role]
+        current = self.sup.current(role)
         if role in self.active or current.sm_percent == sm_percent:
             return
         self.keep_standbys = True
-        self.sup.ensure_standby(role)
-        worker = self.sup.standby.pop(role)
+        worker = self.sup.call_up(role)
         cold = worker.identity is None  # still importing: the switch waits for that
-        self.sup.ensure_standby(role)   # the next one imports now: switches can come seconds apart
-        self.sup.incoming[role] = worker
-        self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold, time.monotonic())
+        self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold)
         self.sup.activate(worker, sm_percent)
 
     def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> None:
@@ -90,14 +94,14 @@ class Switcher:
         sw = self.active[worker.role]
         if sw.stalled is not None:  # too late: the timeout has killed it (its death ends the switch)
             return
-        sw.ready_at, sw.prepare_parts = time.monotonic(), prepare_parts
-        steps = self.sup.workers[worker.role].step_stats()
+        sw.prepare_parts = prepare_parts
+        steps = self.sup.current(worker.role).step_stats()
         if steps and steps["age_s"] < FRESH_STEPS_S:
             sw.old_step_s = steps["step_ms"] / 1e3
         sw.old = self.sup.promote(worker)
         if sw.old is None:  # the old worker never started: nothing to hand over
             return self._finish(sw, 0)
-        sw.handover_at = time.monotonic()
+        sw.move_to(SwitchPhase.HANDING_OVER)
         self.sup.send_to(sw.old, protocol.Handover())
 
     def on_output(self, worker: WorkerHandle) -> None:
@@ -106,14 +110,14 @@ class Switcher:
         gap = self._gap.get(worker.role)
         if gap is not None and worker is gap[1].worker:
             record, sw = gap
-            record["gap_s"], record["gap_parts_s"]["first_step"] = now - sw.old.last_output, now - sw.resent_at
+            record["gap_s"] = now - sw.old.last_output
+            record["gap_parts_s"]["first_step"] = now - sw.times[SwitchPhase.DONE]
             del self._gap[worker.role]
 
     def on_handed_over(self, worker: WorkerHandle, msg: protocol.HandedOver) -> None:
         sw = self.active.get(worker.role)
         if sw is None or worker is not sw.old:
             return
-        sw.handed_over_at = time.monotonic()
         live, sw.ended = [], []
         for state in msg.seqs:
             if self.alive(state.seq_id):
@@ -123,84 +127,96 @@ class Switcher:
         sw.moved = len(live)
         if live:
             self.sup.send_to(sw.worker, protocol.RunSeqs(live))
-        if not msg.last_step_follows:
-            sw.resent_at = time.monotonic()
+        if msg.last_step_follows:
+            sw.move_to(SwitchPhase.LAST_STEP)
+        else:
             self._finish(sw, sw.moved)
 
     def on_last_step(self, worker: WorkerHandle, msg: protocol.DecodeStep) -> bool:
         """A DecodeStep arrived: the last one of a worker that has handed over is passed on, and
         the switch is over (True)."""
         sw = self.active.get(worker.role)
-        if sw is None or worker is not sw.old or sw.handed_over_at is None:
+        if sw is None or worker is not sw.old or sw.phase is not SwitchPhase.LAST_STEP:
             return False
         self.sup.send_to(sw.worker, msg)
-        sw.resent_at = time.monotonic()
         self._finish(sw, sw.moved)
         return True
 
     def _finish(self, sw: Switch, moved: int | None, error: str | None = None) -> None:
-        """The old worker is done (or dead): no step of it writes pages any more."""
-        now = time.monotonic()
+        """The old worker is done (or dead): no step of it writes pages any more. Done, the new
+        worker has all it needs: the sequences and their last tokens."""
+        sw.move_to(SwitchPhase.FAILED if error else SwitchPhase.DONE)
         del self.active[sw.role]
         for seq_id in sw.ended or ():
             self.free_owner(seq_id)
-        if self.sup.workers.get(sw.role) is sw.worker:
+        if self.sup.current(sw.role) is sw.worker:
             self.sup.open(sw.worker)
-        shares = {role: w.sm_percent for role, w in self.sup.workers.items()}
-        record = {"time": time.time(), "role": sw.role, "from_sm": sw.from_sm, "to_sm": sw.to_sm,
-                  "prefill_sm": shares.get("prefill"), "decode_sm": shares.get("decode"),
-                  "reason": sw.reason, "cold_start": sw.cold,
-                  "prepare_s": None if sw.ready_at is None else sw.ready_at - sw.requested,
-                  "prepare_parts_s": sw.prepare_parts,
-                  "handover_s": None if sw.handover_at is None else now - sw.handover_at,
-                  "moved_seqs": moved, "old_step_s": sw.old_step_s, "gap_s": None, "gap_parts_s": None, "error": error}
-        self.history.append(record)
+        if error is None and sw.old is not None:
+            sw.old.move_to(WorkerState.RETIRING)
+        self.history.append(record := self._record(sw, moved, error))
         if moved and sw.old.last_output is not None:
-            record["gap_parts_s"] = {"hand_over": sw.resent_at - sw.old.last_output}
+            record["gap_parts_s"] = {"hand_over": sw.times[SwitchPhase.DONE] - sw.old.last_output}
             self._gap[sw.role] = (record, sw)
+
+    def _record(self, sw: Switch, moved: int | None, error: str | None) -> dict:
+        """The switch's entry in the history (`semipd stats` -> partition.history)."""
+        end, times = sw.times[sw.phase], sw.times
+        ready = times.get(SwitchPhase.HANDING_OVER, times.get(SwitchPhase.DONE))  # none: failed preparing
+        handover = times.get(SwitchPhase.HANDING_OVER)
+        shares = {role: w.sm_percent for role, w in self.sup.workers.items()}
+        return {"time": time.time(), "role": sw.role, "from_sm": sw.from_sm, "to_sm": sw.to_sm,
+                "prefill_sm": shares.get("prefill"), "decode_sm": shares.get("decode"),
+                "reason": sw.reason, "cold_start": sw.cold,
+                "prepare_s": None if ready is None else ready - times[SwitchPhase.PREPARING],
+                "prepare_parts_s": sw.prepare_parts,
+                "handover_s": None if handover is None else end - handover,
+                "moved_seqs": moved, "old_step_s": sw.old_step_s, "gap_s": None, "gap_parts_s": None, "error": error}
 
     def check_timeouts(self, now: float) -> None:
         """Stop the worker holding up a switch past the timeout; dead() then reports it."""
         for sw in self.active.values():
             if sw.stalled is not None:
                 continue
-            if sw.ready_at is None and now - sw.requested > self.timeout_s:
+            handover = sw.times.get(SwitchPhase.HANDING_OVER)
+            if sw.phase is SwitchPhase.PREPARING and now - sw.times[SwitchPhase.PREPARING] > self.timeout_s:
                 stuck, sw.stalled = sw.worker, f"new {sw.role} worker was not ready after {self.timeout_s:g} s"
-            elif sw.handover_at is not None and now - sw.handover_at > self.timeout_s:
+            elif handover is not None and now - handover > self.timeout_s:
                 stuck, sw.stalled = sw.old, f"old {sw.role} worker did not hand over in {self.timeout_s:g} s"
             else:
                 continue
             print(f"semipd: {sw.stalled}; stopping it (pid {stuck.proc.pid})", file=sys.stderr, flush=True)
             stuck.proc.kill()
 
-    def on_death(self, where: str, worker: WorkerHandle) -> bool:
-        """A worker exited (the supervisor has replaced a current one). True if the requests of
-        its role must be recovered (their pages freed and recomputed through prefill)."""
+    def on_death(self, was: WorkerState, worker: WorkerHandle) -> bool:
+        """A worker exited in state `was` (the supervisor has replaced a current one). True if the
+        requests of its role must be recovered (their pages freed and recomputed through prefill)."""
         sw = self.active.get(worker.role)
-        if where == "standby":
+        if was in WAITING:
             if self.keep_standbys:
                 self.sup.ensure_standby(worker.role)
             return False
         if sw is None:
-            return where == "current"
-        if where == "incoming":       # died while preparing: the old worker simply stays
+            return was in CURRENT
+        if was is WorkerState.PREPARING:  # died while preparing: the old worker simply stays
             self._finish(sw, None, sw.stalled or f"new {worker.role} worker exited while starting")
             return False
-        if where == "retiring" and worker is sw.old:  # died before its hand-over was complete
+        if was is WorkerState.HANDING_OVER:  # died before its hand-over was complete
             sw.worker.queue.clear()   # recovery resends everything the role held...
             # ...some of which the new worker already holds, or it has died too (not yet noticed:
             # recovery must not open it): a fresh one (same share) takes its place
-            if sw.handed_over_at is not None or sw.worker.proc.poll() is not None:
+            if sw.phase is SwitchPhase.LAST_STEP or sw.worker.proc.poll() is not None:
                 self.sup.kill(sw.worker)
-            when = "before handing over" if sw.handed_over_at is None else "during its last step"
+            when = "before handing over" if sw.phase is SwitchPhase.HANDING_OVER else "during its last step"
             self._finish(sw, 0, sw.stalled or f"old {worker.role} worker exited {when}")
             return True
-        if where == "current" and worker is sw.worker:  # the successor died mid-switch
+        if was is WorkerState.TAKING_OVER:  # the successor died mid-switch
             # The old worker may still be writing into pages that recovery is about to free.
             self.sup.kill(sw.old)
             self._finish(sw, 0, f"new {worker.role} worker exited during the hand-over")
             return True
-        return where == "current"
+        return was in CURRENT
 
-    def busy(self) -> bool:
-        return bool(self.active)
+    def stats(self, role: str) -> dict | None:
+        """The role's switch under way: its phase and the two workers in it; None if none."""
+        sw = self.active.get(role)
+        return sw and sw.stats()

@@ -1,0 +1,171 @@
+"""The client SDK for asyncio, `AsyncClient`, and its request streams."""
+
+import asyncio
+import time
+import uuid
+
+import zmq.asyncio
+
+from semipd.shared.client.common import (ClientError, Result, ServerTimeout, StreamState, connect,
+                                         generate_frame, incoming, reply_data)
+from semipd.shared.protocol import AbortRequest, Delta, HealthRequest, PartitionRequest, StatsRequest, encode
+from semipd.shared.runtime import default_server_address
+
+
+class AsyncStream(StreamState):
+    def __init__(self, client: "AsyncClient", request_id: str):
+        super().__init__(request_id)
+        self._client = client
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._done:
+            raise StopAsyncIteration
+        msg = await self._client._receive(self.request_id)
+        if not isinstance(msg, Delta):
+            self._client._inbox.pop(self.request_id, None)
+        delta = self._take(msg)
+        if delta is None:
+            raise StopAsyncIteration
+        return delta
+
+    async def result(self) -> Result:
+        async for _ in self:
+            pass
+        return self._result()
+
+    async def aclose(self) -> None:
+        """Abort the request unless it has already ended."""
+        if not self._done:
+            self._done = True
+            await self._client._abort(self.request_id)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+
+class AsyncClient:
+    """One reader task routes every incoming message to its request's asyncio queue."""
+
+    def __init__(self, address: str | None = None, timeout_s: float = 60.0):
+        self.address = address or default_server_address()
+        self.timeout_s = timeout_s
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self._sock = connect(self._ctx, self.address)
+        except BaseException:
+            self._ctx.term()
+            raise
+        self._inbox: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+        self._failure: ClientError | None = None  # why the reader stopped, for later requests
+        self._last_heard = time.monotonic()
+        self._closed = False
+
+    async def generate(self, prompt: str | None = None, prompt_ids: list[int] | None = None,
+                       moderate: bool = False, **sampling) -> AsyncStream:
+        """Start a request; `sampling` holds SamplingParams fields (max_tokens=..., ...)."""
+        request_id, frame = generate_frame(prompt, prompt_ids, moderate, sampling)
+        await self._send(request_id, frame)
+        return AsyncStream(self, request_id)
+
+    async def health(self) -> dict:
+        return await self._call(HealthRequest)
+
+    async def stats(self) -> dict:
+        return await self._call(StatsRequest)
+
+    async def partition(self, prefill_sm: int, decode_sm: int) -> dict:
+        return await self._call(PartitionRequest, prefill_sm=prefill_sm, decode_sm=decode_sm)
+
+    async def close(self) -> None:
+        """Abort every open request, then close the socket (queued aborts get LINGER_MS)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for request_id in self._inbox:
+            await self._sock.send(encode(AbortRequest(request_id)))
+        self._inbox.clear()
+        self._sock.close()
+        self._ctx.term()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def _call(self, cls, **fields) -> dict:
+        request_id = uuid.uuid4().hex
+        await self._send(request_id, encode(cls(request_id, **fields)))
+        try:
+            return reply_data(await self._receive(request_id))
+        finally:
+            self._inbox.pop(request_id, None)
+
+    async def _send(self, request_id: str, frame: bytes) -> None:
+        if self._closed:
+            raise ClientError("the client is closed")
+        if self._failure is not None:
+            raise self._failure
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        self._inbox[request_id] = asyncio.Queue()
+        try:
+            await self._sock.send(frame)
+        except BaseException:
+            self._inbox.pop(request_id, None)
+            raise
+
+    async def _abort(self, request_id: str) -> None:
+        if not self._closed and self._inbox.pop(request_id, None) is not None:
+            await self._sock.send(encode(AbortRequest(request_id)))
+
+    async def _receive(self, request_id: str):
+        inbox = self._inbox.get(request_id)
+        if inbox is None:
+            raise ClientError(f"request {request_id} was closed")
+        waiting_since = time.monotonic()
+        while True:
+            if not inbox.empty():
+                msg = inbox.get_nowait()
+                break
+            left = max(waiting_since, self._last_heard) + self.timeout_s - time.monotonic()
+            if left <= 0:
+                raise ServerTimeout(f"no answer from the server at {self.address} for "
+                                    f"{self.timeout_s:g} s (is it running?)")
+            try:  # a timed-out get leaves its item queued, so nothing is lost
+                msg = await asyncio.wait_for(inbox.get(), left)
+                break
+            except asyncio.TimeoutError:
+                pass  # the deadline moved if the server spoke to other requests meanwhile
+        if isinstance(msg, ClientError):
+            raise msg
+        return msg
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._sock.recv()
+                self._last_heard = time.monotonic()
+                msg = incoming(data)
+                inbox = self._inbox.get(msg.request_id)
+                if inbox is not None:  # else an aborted or abandoned request: drop it
+                    inbox.put_nowait(msg)
+                # recv() of a waiting message completes without yielding: yield here, or a busy
+                # socket starves the streams (and their timestamps) until it runs dry.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a broken connection or server: fail every waiting request
+            self._failure = e if isinstance(e, ClientError) else ClientError(f"connection failed: {e}")
+            for inbox in self._inbox.values():
+                inbox.put_nowait(self._failure)
