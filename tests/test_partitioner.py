@@ -10,7 +10,6 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from semipd.services.controller.latency_model import fit_latency
 from semipd.services.controller.partitioner import Decision, PartitionConfig, Partitioner
 from semipd.shared.errors import UserError
 
@@ -32,9 +31,10 @@ class Load:
     b2: float = 0.01
     contention: float = 0.0         # where quotas overlap, decode keeps only 100 - contention * x
     sigma: float = 0.1              # lognormal noise of each request's latency
+    prompt: int = 100               # prompt tokens: c is for prompts of 100
 
     def ttft(self, x: int) -> float:
-        room = x - self.c * self.rate
+        room = x - self.c * self.rate * self.prompt / 100
         return self.a1 / room + self.b1 if room > 0 else 100.0  # an overloaded queue
 
     def tpot(self, x: int, y: int) -> float:
@@ -65,7 +65,7 @@ class Sim:
             self.clock += self.rng.exponential(1 / load.rate)
             x, y = self.p.split
             noise = self.rng.lognormal(0.0, load.sigma, 2)
-            self.p.arrived(self.clock)
+            self.p.arrived(self.clock, load.prompt)
             d = self.p.observe(self.clock, load.ttft(x) * noise[0], load.tpot(x, y) * noise[1], self.clock)
             if d is not None:
                 decisions.append(d)
@@ -172,6 +172,22 @@ def test_a_load_spike_bans_nothing_once_it_has_passed(cfg):
         assert meets(load, cfg, p.split, 1.05) and "stuck" not in {d.action for d in after[-15:]}, (seed, p.split)
 
 
+def test_a_shift_to_short_prompts_at_more_requests_forgets_prefills_misses():
+    """Prefill's misses are filed under the prompt tokens arriving per second. Under the
+    requests per second alone, those seen under long prompts held when twice the requests came
+    with short prompts, and banned the prefill shares decode now needed: stuck."""
+    cfg = PartitionConfig(0.3, 0.06, window=40, max_total=100)
+    long_prompts = Load(rate=10, prompt=300, a1=2.0, b1=0.02, c=2.0, a2=1.0)
+    short_prompts = Load(rate=20, prompt=20, a1=2.0, b1=0.02, c=2.0, a2=3.0)
+    for seed in range(3):
+        p = Partitioner(cfg, 50, 50)
+        sim = Sim(p, seed)
+        sim.run(long_prompts, 25)
+        assert p.split[0] >= 70 and meets(long_prompts, cfg, p.split)
+        after = sim.run(short_prompts, 30)
+        assert meets(short_prompts, cfg, p.split, 1.05) and settled(after[-10:]), (seed, p.split)
+
+
 def test_small_windows_do_not_cycle_on_noise():
     """Windows of 20 requests: a window's rate is off by 25% and more at times, and so the median
     load drifted past a fixed 25% tolerance: 2 of these 100 infeasible loads cycled between two
@@ -229,26 +245,6 @@ def test_the_model_sets_how_many_steps_to_take(seed):
     assert meets(Load(rate=10, sigma=0.02), cfg, p.split)
 
 
-def test_fit_recovers_the_model_and_reports_r2():
-    xs, rates = [30, 50, 70] * 3, [5] * 3 + [10] * 3 + [15] * 3
-    ttft = [5.0 / (x - 1.0 * r) + 0.05 for x, r in zip(xs, rates)]
-    fit = fit_latency(xs, rates, ttft, queueing=True)
-    assert fit.a == pytest.approx(5.0) and fit.b == pytest.approx(0.05) and fit.c == pytest.approx(1.0)
-    assert fit.r2 == pytest.approx(1.0) and (fit.points, fit.shares) == (9, 3)
-    assert fit.predict(40, 12) == pytest.approx(5.0 / 28 + 0.05)
-    assert fit.predict(20, 25) == math.inf  # the arrivals need more SMs than it has
-
-    rng = np.random.default_rng(0)
-    ys = [20, 40, 60, 80] * 4
-    tpot = [(1.5 / y + 0.01) * rng.lognormal(0, 0.03) for y in ys]
-    fit = fit_latency(ys, [1.0] * len(ys), tpot, queueing=False)
-    assert fit.c == 0 and fit.a == pytest.approx(1.5, rel=0.15) and 0.9 < fit.r2 < 1
-    assert fit.predict(30, math.inf) == pytest.approx(1.5 / 30 + 0.01, rel=0.05)
-
-    assert fit_latency([50, 50], [5, 6], [0.1, 0.2], queueing=True) is None  # one share only
-    assert fit_latency([30, 60], [5, 5], [0.1, 0.2], queueing=False) is None  # more SMs, slower
-
-
 def test_decision_records_inputs_fits_and_predictions():
     cfg = PartitionConfig(0.3, 0.05, window=20)
     load = Load(rate=20)  # TTFT misses at x = 30
@@ -259,7 +255,9 @@ def test_decision_records_inputs_fits_and_predictions():
     assert first.requests == 20 and first.percentile == 90 and 10 < first.rate < 40
     assert first.ttft_s > 0.3 and "TTFT" in first.reason and first.predicted_ttft_s is None
     assert second.ttft_fit is not None and second.ttft_fit.shares == 2
-    assert second.predicted_ttft_s is not None and second.predicted_tpot_s is None  # one decode share
+    # One decode share: no TPOT fit, and its 1/y scaling predicts, at that share, what was seen.
+    assert second.predicted_ttft_s is not None and second.tpot_fit is None and second.tpot_model == "scaled"
+    assert second.predicted_tpot_s == pytest.approx(second.tpot_s)
     for d in decisions:
         record = json.loads(json.dumps(d.to_dict(), allow_nan=False))
         assert set(record) >= {"time", "rate", "ttft_s", "tpot_s", "prefill_sm", "decode_sm", "ttft_fit",
@@ -284,7 +282,7 @@ def test_rate_is_the_load_the_window_met():
     p = Partitioner(PartitionConfig(0.3, 0.05, window=30), 50, 50)
     arrivals = [i / 20 for i in range(200)]  # 20 req/s for 10 s
     for t in arrivals:
-        p.arrived(t)
+        p.arrived(t, 100)
     decisions = [p.observe(t, 0.2, 0.03, now=10.0) for t in arrivals[:2] + arrivals[-28:]]
     assert decisions[-1].rate == pytest.approx(20, rel=0.1)
 

@@ -41,9 +41,13 @@ def add_mode_args(p) -> None:
     g.add_argument("--ttft-slo", type=float, default=None, help="seconds (with --dynamic)")
     g.add_argument("--tpot-slo", type=float, default=None, help="seconds (with --dynamic)")
     g.add_argument("--slo-percentile", type=float, default=90.0)
-    g.add_argument("--window", type=int, default=50, help="finished requests per partitioning decision")
+    g.add_argument("--window", type=int, default=50,
+                   help="finished requests per partitioning decision, at the latest")
+    g.add_argument("--decision-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="least time before a partitioning decision on a miss that requests in flight already show")
     g.add_argument("--sm-step", type=int, default=10, help="SM percent per partitioning step")
-    g.add_argument("--max-steps", type=int, default=3, help="most steps one decision moves a share")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="most steps one decision moves a share (default: as many as the prediction says)")
     g.add_argument("--switch-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="stop a new worker not ready, or an old one not handed over, this long into a switch")
     g.add_argument("--start-mps", action="store_true",
@@ -65,10 +69,10 @@ def mode_from_args(args) -> ServingMode:
         return ServingMode(shares, switch_timeout_s=args.switch_timeout)
     if args.ttft_slo is None or args.tpot_slo is None:
         raise UserError("--dynamic needs --ttft-slo and --tpot-slo")
-    from semipd.services.controller.partitioner import PartitionConfig
+    from semipd.services.controller.partition_config import PartitionConfig
     config = PartitionConfig(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, percentile=args.slo_percentile,
-                             window=args.window, step=args.sm_step, max_steps=args.max_steps,
-                             min_share=args.sm_step)
+                             window=args.window, interval=args.decision_interval, step=args.sm_step,
+                             max_steps=args.max_steps, min_share=args.sm_step)
     for name, share in shares.items():
         if share % config.step:
             raise UserError(f"with --dynamic the {name} share ({share}) must be a multiple of --sm-step ({config.step})")
