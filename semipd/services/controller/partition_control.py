@@ -6,8 +6,11 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 
+from semipd.services.controller.load_signals import gather
 from semipd.services.controller.modes import ServingMode
+from semipd.services.controller.partition_config import Decision
 from semipd.services.controller.partitioner import Partitioner
 from semipd.services.controller.requests import Request
 from semipd.services.controller.supervisor import Supervisor
@@ -26,7 +29,7 @@ class PartitionControl:
 
     def arrived(self, req: Request) -> None:
         if self.partitioner is not None:
-            self.partitioner.arrived(req.arrival)
+            self.partitioner.arrived(req.arrival, len(req.prompt_ids))
 
     def finished(self, req: Request, final: protocol.Final) -> None:
         """Feed a request that completed to the partitioner; log its decision and act on it. Not
@@ -35,7 +38,17 @@ class PartitionControl:
         if self.partitioner is None or final.finish_reason not in ("stop", "length") or self.switcher.active:
             return
         tpot = sum(final.itl_s) / len(final.itl_s) if final.itl_s else None
-        decision = self.partitioner.observe(req.arrival, final.ttft_s, tpot, time.monotonic())
+        self._act(self.partitioner.observe(req.arrival, final.ttft_s, tpot, time.monotonic()))
+
+    def tick(self, requests: Iterable[Request], now: float) -> None:
+        """Between finished requests: decide on the load signals once the partitioner says a
+        decision is due (a shift shows in the requests in flight seconds before any finishes)."""
+        if self.partitioner is not None and not self.switcher.active and self.partitioner.due(now):
+            prefill = self.supervisor.current("prefill").step_times
+            self._act(self.partitioner.tick(gather(requests, prefill, now)))
+
+    def _act(self, decision: Decision | None) -> None:
+        """Log a partitioner's decision and start the switch it chose."""
         if decision is None:
             return
         record = decision.to_dict()

@@ -232,7 +232,9 @@ class Controller:
                 self._drain(self.back, self.on_worker)
             if self.front in events:
                 self._drain(self.front, self.on_client)
-            self.switcher.check_timeouts(time.monotonic())
+            now = time.monotonic()
+            self.switcher.check_timeouts(now)
+            self.split.tick(self.book.requests.values(), now)
             deaths = self.supervisor.dead()
             for was, worker in deaths:
                 if self.switcher.on_death(was, worker):
