@@ -1,1 +1,2 @@
-"""semipd process roles: controller, prefill, decode, scm."""
+"""semipd's processes, one package per role (controller, prefill, decode, unified, scm, gateway),
+and worker.py, what every worker role shares."""

@@ -1,4 +1,4 @@
-"""What the prefill and decode processes share: the link to the controller and the mapping of its
+"""What every worker process (prefill, decode, unified) shares: the link to the controller and the mapping of its
 memory (weights, KV pool, page allocator) into this process without copying."""
 
 import argparse

@@ -190,7 +190,7 @@ class HandedOver:
     last_step_follows, the worker had a step in flight: the sequences in it have their newest
     token in flight (SeqState.num_in_flight), and that step's DecodeStep, the worker's last
     message, follows. The controller passes it on to the successor, which holds those sequences
-    until then (DecodeScheduler.add)."""
+    until then (DecodeScheduler.inherited, released by inherit)."""
     seqs: list[SeqState]
     last_step_follows: bool = False
 

@@ -16,8 +16,9 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
-    where: str | None = "prefill"      # the worker that holds the sequence: prefill | decode
-                                       # (None: its worker has finished it, its text is on the way)
+    # The role whose worker holds the sequence (prefill, decode or unified), set when admitted;
+    # None: no worker does (not yet admitted, or its worker has finished it)
+    where: str | None = None
     output_ids: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     token_times: list[float] = field(default_factory=list)

@@ -51,7 +51,7 @@ class Controller:
             raise UserError(f"cannot bind {address}: {e}") from None
         self.supervisor = Supervisor(worker_address, self._send_worker,
                                      lambda sm: replace(init_msg, sm_percent=sm), self.mode.shares)
-        self.switcher = Switcher(self.supervisor, lambda seq_id: seq_id in self.book.by_seq,
+        self.switcher = Switcher(self.supervisor, self._alive,
                                  self.memory.allocator.free_owner, self.mode.switch_timeout_s)
         self.split = PartitionControl(self.mode, self.supervisor, self.switcher)
         self.book = RequestBook(self.ctx, self.memory, self.supervisor, self.split, self._send_client,
@@ -59,6 +59,10 @@ class Controller:
         self.moderation = self.book.moderation = moderation and Moderation(
             moderation, self.ctx, self.memory.tokenizer, self._send_client, self.book.abort, address)
         self.started = time.monotonic()
+
+    def _alive(self, seq_id: int) -> bool:
+        """Whether a request still wants this sequence (the switcher asks in a hand-over)."""
+        return seq_id in self.book.by_seq
 
     # ---- sending ------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from semipd.services.gateway.errors import APIError, JSONResponse, bad_request
 from semipd.services.gateway.formatting import DONE, Answer, event
-from semipd.services.gateway.link import ControllerLink
+from semipd.services.gateway.link import UpstreamController
 from semipd.services.gateway.metrics import GatewayMetrics
 from semipd.services.gateway.parsing import Job, chat_job, completion_job
 from semipd.services.gateway.runs import Run
@@ -33,7 +33,7 @@ class Gateway:
 
     def __init__(self, address: str, api_key: str | None = None, served_model_name: str | None = None):
         self.api_key = api_key
-        self.link = ControllerLink(address, served_model_name)
+        self.link = UpstreamController(address, served_model_name)
         self.metrics = GatewayMetrics()
         self.created = int(time.time())
 

@@ -15,7 +15,7 @@ HEALTH_TIMEOUT_S = 5.0  # a controller that takes longer to answer counts as unr
 HEALTH_POLL_S = 2.0
 
 
-class ControllerLink:
+class UpstreamController:
     def __init__(self, address: str, served_model_name: str | None):
         self.address = address
         self.model_name = served_model_name  # None until the controller has said its model

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from semipd.services.gateway.errors import APIError, bad_request
-from semipd.services.gateway.link import ControllerLink
+from semipd.services.gateway.link import UpstreamController
 from semipd.services.gateway.metrics import GatewayMetrics
 from semipd.services.gateway.parsing import Job
 from semipd.shared.client import AsyncStream, ClientError, ServerError
@@ -26,7 +26,7 @@ class Choice:
 
 
 class Run:
-    def __init__(self, link: ControllerLink, metrics: GatewayMetrics, started: float):
+    def __init__(self, link: UpstreamController, metrics: GatewayMetrics, started: float):
         self.link = link
         self.metrics = metrics
         self.started = started  # when the HTTP request came in (time.monotonic())
@@ -35,7 +35,7 @@ class Run:
         self._pumps: list[asyncio.Task] = []
 
     @classmethod
-    async def start(cls, link: ControllerLink, metrics: GatewayMetrics, job: Job, started: float) -> "Run":
+    async def start(cls, link: UpstreamController, metrics: GatewayMetrics, job: Job, started: float) -> "Run":
         client = await link.client()
         run = cls(link, metrics, started)
         try:
