@@ -107,7 +107,8 @@ def test_chat_without_a_template_is_refused(gateway):
 
 
 def test_models_and_health(server, gateway):
-    assert [m.id for m in client(gateway).models.list()] == [NAME]
+    [card] = client(gateway).models.list().data
+    assert card.id == NAME and card.max_model_len == server.stats()["max_model_len"]  # as vLLM's card
     assert http("GET", f"{gateway.url}/v1/models")[0] == 401
     status, health = http("GET", f"{gateway.url}/health")
     assert status == 200 and health["status"] == "ok" and health["model"] == server.client.health()["model"]

@@ -130,3 +130,10 @@ def test_an_upward_import_or_a_cycle_is_caught():
 def test_function_level_imports_are_in_the_graph():
     # cli/serve.py imports the controller's serve() inside cmd_serve, so as not to load torch early
     assert "semipd.services.controller.serve" in import_graph()["semipd.cli.serve"]
+
+
+def test_the_bench_is_a_client_of_the_services():
+    # It drives a server through the SDK or over HTTP, so it measures what any client sees.
+    graph = import_graph()
+    assert [(m, t) for m, targets in graph.items() if m.startswith("semipd.cli.bench")
+            for t in targets if t.startswith("semipd.services")] == []

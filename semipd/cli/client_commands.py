@@ -6,8 +6,8 @@ import sys
 import time
 from dataclasses import asdict
 
-from semipd.cli.args import (add_address_arg, add_prompt_args, add_sampling_args, at_least, print_completions,
-                             sampling_params)
+from semipd.cli.args import (add_address_arg, add_json_arg, add_prompt_args, add_sampling_args, at_least,
+                             print_completions, sampling_params)
 from semipd.shared.client import AsyncClient, Client, ClientError, ServerError
 from semipd.shared.errors import UserError, first_line
 
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     add_address_arg(comp)
     add_prompt_args(comp)
     add_sampling_args(comp)
+    add_json_arg(comp)
     comp.add_argument("--moderate", action="store_true",
                       help="have the content monitor watch the outputs and stop harmful ones")
     comp.add_argument("--wait", type=at_least(float, 0, "a number of seconds, 0 or more"), default=0,

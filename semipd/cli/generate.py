@@ -1,6 +1,7 @@
 """`semipd generate`: run prompts in this process (no server) and print the outputs."""
 
-from semipd.cli.args import add_model_args, add_prompt_args, add_sampling_args, print_completions, sampling_params
+from semipd.cli.args import (add_json_arg, add_model_args, add_prompt_args, add_sampling_args, print_completions,
+                             sampling_params)
 from semipd.shared.errors import UserError
 
 
@@ -9,6 +10,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_prompt_args(p)
     add_sampling_args(p)
+    add_json_arg(p)
     p.set_defaults(func=cmd_generate)
 
 

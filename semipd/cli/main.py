@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from semipd.cli import api, client_commands, generate, serve
+from semipd.cli import api, chat, client_commands, generate, serve
 from semipd.cli.bench import command as bench
 from semipd.services.scm import cli as scm_cli, evaluate as scm_eval, train as scm_train
 from semipd.shared.errors import UserError
@@ -14,7 +14,7 @@ from semipd.shared.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semipd", description="semi-PD LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, serve, api, client_commands, bench, scm_train, scm_eval, scm_cli):
+    for module in (generate, serve, api, client_commands, chat, bench, scm_train, scm_eval, scm_cli):
         module.add_parser(sub)
     return parser
 

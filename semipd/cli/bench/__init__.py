@@ -30,5 +30,7 @@ Whether the server kept up with the rate, or only absorbed a burst as long as th
 the backlog trend (`backlog_trend`): a queue that grows for as long as requests arrive can leave
 attainment high over a short run.
 
-Sweeps over rates and serving modes, with plots, are in sweep.py; they reuse run_load.
+Requests go to a semipd server through the SDK, or with --backend openai to any OpenAI-compatible
+server over HTTP (backends.py, openai_backend.py). Sweeps over rates and serving modes, with plots,
+are in sweep.py; they reuse run_load.
 """

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from semipd.cli.args import add_address_arg
-from semipd.cli.bench import sweep
+from semipd.cli.bench import backends, sweep
 from semipd.cli.bench.load import check_load_args, run_load, workload_phases
 from semipd.cli.bench.metrics import build_report, format_summary, summarize
 from semipd.cli.bench.phases import SCHEDULES, SHAPES, SPEC_HELP, USAGE, is_phased
@@ -51,8 +51,9 @@ def _positive(text: str) -> float:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="load a running server with Poisson arrivals; report TTFT, TPOT, "
                                      "ITL, E2E, SLO attainment and goodput; sweep rates over modes",
-                       description=USAGE + sweep.USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=USAGE + sweep.USAGE + backends.BACKEND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_address_arg(p)
+    backends.add_args(p)
     p.add_argument("--rate", type=_positive, help="requests per second (inf: all at once); with phases, the "
                                                   "first phase's rate, the others scaled alike")
     p.add_argument("--num-requests", type=int, help="requests per run (per rate in a sweep)")

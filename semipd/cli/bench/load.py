@@ -9,9 +9,9 @@ import numpy as np
 from tqdm import tqdm
 
 from semipd.cli.bench import phases as workloads
+from semipd.cli.bench.backends import Refused, SemipdBackend, check_args as check_backend_args
 from semipd.cli.bench.metrics import RequestRecord, token_timing
 from semipd.cli.bench.workload import CHARS_PER_TOKEN, SIGMA, load_sharegpt
-from semipd.shared.client import AsyncClient, ServerError
 from semipd.shared.errors import UserError
 
 
@@ -25,42 +25,29 @@ class LoadRun:
     started: float          # time.perf_counter() at the run's time 0, which every send_s counts from
 
 
-async def _measure(client: AsyncClient, index: int, phase: int, prompt_ids: list[int], params: dict,
+async def _measure(backend, index: int, phase: int, prompt_ids: list[int], params: dict,
                    start: float) -> RequestRecord:
     sent = time.perf_counter()
     record = RequestRecord(index, len(prompt_ids), params["max_tokens"], sent - start, phase)
-    chunks = []
     try:
-        async with await client.generate(prompt_ids=prompt_ids, **params) as stream:
-            async for delta in stream:
-                chunks.append((time.perf_counter() - sent, len(delta.token_ids)))
-    except ServerError as e:
-        if e.final is None:  # not a rejected request but a broken server: stop the run
-            raise
+        answer = await backend.send(prompt_ids, params)
+    except Refused as e:
         record.finish_reason, record.error = "error", str(e)
         return record
-    record.e2e_s = time.perf_counter() - sent
-    chunks.append((record.e2e_s, len(stream.final.token_ids)))
-    record.ttft_s, record.itl_s = token_timing(chunks)
-    record.output_tokens = sum(k for _, k in chunks)
-    final = stream.final
-    record.finish_reason, record.server_ttft_s = final.finish_reason, final.ttft_s
-    record.server_tpot_s = sum(final.itl_s) / len(final.itl_s) if final.itl_s else None
+    record.e2e_s = answer.ended - sent
+    record.ttft_s, record.itl_s = token_timing([(t - sent, k) for t, k in answer.chunks])
+    record.output_tokens, record.finish_reason = answer.output_tokens, answer.finish_reason
+    record.server_ttft_s, record.server_tpot_s = answer.server_ttft_s, answer.server_tpot_s
     return record
 
 
 async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator,
                    desc: str = "requests") -> LoadRun:
-    """One run of the phases against args.address."""
+    """One run of the phases against args' server (backends.target)."""
     pool = load_sharegpt(args.dataset) if args.dataset else None
-    async with AsyncClient(args.address) as client:
-        status = (await client.health()).get("status", "ok")  # fails fast when nobody answers
-        if status != "ok":
-            raise UserError(f"the server is not ready yet (status {status!r}); try again shortly")
+    async with open_backend(args) as backend:
         # Plan only requests the server can take: its context length bounds prompt + output.
-        max_len = (await client.stats()).get("max_model_len")
-        if not isinstance(max_len, int):
-            raise UserError("the server's stats do not report max_model_len")
+        max_len = await backend.max_model_len()
         planned, sent = workloads.plan(phases, rng, max_len, pool)
         requests = [(p.phase, rng.integers(0, 256, p.input_len).tolist(),
                      {"max_tokens": p.output_len, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
@@ -70,7 +57,7 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
 
         async def one(i: int) -> RequestRecord:
             await asyncio.sleep(max(0.0, start + planned[i].send_s - time.perf_counter()))
-            record = await _measure(client, i, *requests[i], start)
+            record = await _measure(backend, i, *requests[i], start)
             bar.update(1)
             return record
 
@@ -84,10 +71,17 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
             bar.close()
         duration = time.perf_counter() - start
     rate = args.rate if args.rate is None or math.isfinite(args.rate) else "inf"
-    config = {k: v for k, v in vars(args).items() if k != "func"} | {
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")} | {
         "rate": rate, "phases": [p.spec() for p in phases], "max_model_len": max_len,
         "lengths": "dataset" if pool else f"lognormal sigma {SIGMA}", "chars_per_token": CHARS_PER_TOKEN}
     return LoadRun(config, records, duration, sent, start)
+
+
+def open_backend(args):
+    if args.backend == "openai":
+        from semipd.cli.bench.openai_backend import OpenAIBackend  # httpx2: only when it is used
+        return OpenAIBackend(args.base_url, args.model, args.api_key)
+    return SemipdBackend(args.address)
 
 
 def workload_phases(args, rate: float | None) -> list[workloads.Phase]:
@@ -96,6 +90,7 @@ def workload_phases(args, rate: float | None) -> list[workloads.Phase]:
 
 
 def check_load_args(args) -> None:
+    check_backend_args(args)
     if workloads.is_phased(args.workload):
         try:
             workloads.resolve(args.workload, None)

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from semipd.cli.bench import plots
+from semipd.cli.bench import backends, plots
 from semipd.cli.bench.launched import Launched
 from semipd.cli.bench.load import check_load_args, run_load, workload_phases
 from semipd.cli.bench.metrics import summarize
@@ -54,10 +54,12 @@ with a row per rate (and per phase under it):
 
 def add_args(p) -> None:
     p.add_argument("--rates", type=rates_arg, help="sweep these request rates (comma-separated req/s)")
-    p.add_argument("--servers", type=servers_arg, help="sweep these running servers: NAME=ADDR,NAME=ADDR")
+    p.add_argument("--servers", type=servers_arg, help="sweep these running servers: NAME=ADDR,NAME=ADDR "
+                                                             "(with --backend openai: NAME=BASE_URL,...)")
     p.add_argument("--launch", action="append", type=launch_arg, default=[], metavar='NAME="FLAGS"',
                    help="start a server with these serve flags and sweep it (repeatable; needs --model)")
-    p.add_argument("--model", help="the model --launch serves")
+    p.add_argument("--model", help="the model --launch serves; with --backend openai, the model to ask for "
+                                   "(default: the first that /v1/models lists)")
     p.add_argument("--plot", metavar="REPORT", help="plot a sweep's report.json again and print its table")
 
 
@@ -114,28 +116,32 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
 async def sweep_server(args, name: str, address: str) -> dict:
     """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate.
     A phased workload's runs also keep each request's phase, send time and TTFT, for its plot."""
-    args = argparse.Namespace(**vars(args) | {"address": address})
+    args = argparse.Namespace(**backends.with_target(args, address))
+    polled = args.backend == "semipd"  # the SM split is semipd's, and only its SDK reads the stats
     await run_load(args, warmup(workload_phases(args, max(args.rates)), WARMUP_REQUESTS),
                    np.random.default_rng(args.seed + 1), desc=f"{name} warm-up")
     started, started_unix, runs, samples = time.perf_counter(), time.time(), [], []
     for rate in args.rates:
         began = time.perf_counter() - started
         done = asyncio.Event()
-        poller = asyncio.ensure_future(_poll_split(address, started, rate, samples, done))
+        poller = asyncio.ensure_future(_poll_split(address, started, rate, samples, done)) if polled else None
         try:
             run = await run_load(args, workload_phases(args, rate), np.random.default_rng(args.seed),
                                  desc=f"{name} @ {rate:g} req/s")
         finally:
             done.set()
-            await poller
+            if poller is not None:
+                await poller
         summary = summarize(run.records, run.duration_s, args.ttft_slo, args.tpot_slo, run.phases)
         runs.append({"rate": rate, "summary": summary, "started_s": run.started - started,
                      "steps": step_means([x for x in samples if x["rate"] == rate], began)})
         if "phases" in summary:
             runs[-1]["requests"] = [{"phase": r.phase, "send_s": r.send_s, "ttft_s": r.ttft_s, "ok": r.ok}
                                     for r in run.records]
-    async with AsyncClient(address) as client:
-        partition = (await client.stats()).get("partition")
+    partition = None
+    if polled:
+        async with AsyncClient(address) as client:
+            partition = (await client.stats()).get("partition")
     return {"address": address, "runs": runs, "max_rate_at_goal": max_rate_at_goal(runs),
             "started_unix": started_unix, "split_samples": samples,
             "partition": partition if isinstance(partition, dict) else None}
@@ -188,9 +194,7 @@ def _targets(args) -> list[tuple[str, str | list[str]]]:
     """(mode name, address to sweep or serve flags to launch with) in sweep order."""
     if args.servers and args.launch:
         raise UserError("give --servers or --launch, not both")
-    if bool(args.launch) != bool(args.model):
-        raise UserError("--launch needs --model, and --model is only for --launch")
-    targets = args.servers or args.launch or [("server", args.address)]
+    targets = args.servers or args.launch or [("server", backends.target(args))]
     names = [name for name, _ in targets]
     if len(set(names)) < len(names):
         raise UserError(f"mode names must differ, got {', '.join(names)}")
@@ -209,7 +213,7 @@ def cmd_sweep(args) -> None:
     out = args.out or time.strftime("bench-%Y%m%d-%H%M%S")
     os.makedirs(out, exist_ok=True)
     config = {k: v for k, v in vars(args).items()
-              if k not in ("func", "rate", "plot", "launch", "servers", "address")}
+              if k not in ("func", "rate", "plot", "launch", "servers", "address", "base_url", "api_key")}
     report = {"config": config, "modes": {}}
     for name, target in targets:
         log = os.path.join(out, f"{name}.log")

@@ -63,10 +63,13 @@ class Gateway:
         return await self._generate(request, chat_job, chat=True)
 
     async def models(self, request: Request) -> Response:
+        """The served model; its context length as vLLM's card has it, so that clients (`semipd
+        bench --backend openai`) can size their requests."""
         self._authorize(request)
         if self.link.model_name is None:
             await self.link.health()
-        card = {"id": self.link.model_name, "object": "model", "created": self.created, "owned_by": "semipd"}
+        card = {"id": self.link.model_name, "object": "model", "created": self.created, "owned_by": "semipd",
+                "max_model_len": (await self.link.stats())["max_model_len"]}
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, _request: Request) -> Response:
