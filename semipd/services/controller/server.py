@@ -57,6 +57,7 @@ class Controller:
             moderation, self.ctx, self.memory.tokenizer, self._send_client, self.book.abort, address)
         self.intake = Intake(self.ctx, self.memory, self.book, self._send_client)
         self.started = time.monotonic()
+        self.stopping = False      # set by stop(): the loop ends at its next turn
 
     # ---- sending ------------------------------------------------------------------------
 
@@ -195,7 +196,7 @@ class Controller:
         if self.moderation is not None:
             poller.register(self.moderation.link.sock, zmq.POLLIN)
         announced = False
-        while True:
+        while not self.stopping:
             self.book.detok.submit()  # what the last turn handed it
             events = dict(poller.poll(POLL_MS))
             if self.book.detok.sock in events:
@@ -224,6 +225,11 @@ class Controller:
                 self.split.serving()
                 if on_ready:
                     on_ready()
+
+    def stop(self) -> None:
+        """End serve_forever at its next turn (within POLL_MS). Safe in a signal handler: it
+        raises nothing into whatever the loop was doing (a send half done, a lock just taken)."""
+        self.stopping = True
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
         while True:
