@@ -17,6 +17,7 @@ from semipd.shared.engine_config import DTYPES
 from semipd.shared.loader import build_model
 from semipd.shared.model_runner import ModelRunner
 from semipd.shared.page_allocator import PageAllocator
+from semipd.shared.runtime import parent_pid
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.sequence import Sequence
 from semipd.shared.shared_memory import SharedArena
@@ -34,7 +35,7 @@ class ControllerLink:
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_WORKER_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(address)
-        self.parent = os.getppid()
+        self.parent = parent_pid()  # not getppid(): the controller may have died already
 
     def send(self, msg) -> None:
         self.sock.send(protocol.encode(msg))

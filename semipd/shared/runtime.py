@@ -1,7 +1,11 @@
-"""Where a user's semipd runtime files live: ipc:// sockets and allocator lock files."""
+"""Where a user's semipd runtime files live (ipc:// sockets and allocator lock files), and how a
+server's child processes die with it."""
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 import tempfile
 
 from semipd.shared.errors import UserError
@@ -47,3 +51,33 @@ def refuse_if_listening(address: str) -> None:
     """Before loading anything: UserError if a server already listens at this ipc:// address."""
     if address.startswith("ipc://") and ipc_listening(address):
         raise UserError(f"a server is already listening at {address}")
+
+
+PARENT_ENV = "SEMIPD_PARENT_PID"  # set for a child by child_env(): the pid it must not outlive
+PR_SET_PDEATHSIG = 1               # from <linux/prctl.h>
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child process that must die with this one (die_with_parent)."""
+    return dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+
+
+def parent_pid() -> int:
+    """The pid this process must not outlive: the one child_env() named, else its parent now."""
+    return int(os.environ.get(PARENT_ENV) or os.getppid())
+
+
+def die_with_parent() -> None:
+    """First thing in a child started with child_env(): on Linux the kernel SIGKILLs it when the
+    parent dies, even while it is deep in an import. A parent that died before the request was
+    made is noticed here (the child has been handed to another process). Elsewhere only the
+    workers' poll of their parent remains. Note: Linux sends the signal when the *thread* that
+    started the child ends, so parents start children from their main thread."""
+    if PARENT_ENV not in os.environ:
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid():
+        os._exit(0)

@@ -4,6 +4,8 @@ once the controller serves and stopped when it stops, for the one-command case."
 import subprocess
 import sys
 
+from semipd.shared.runtime import child_env
+
 STOP_WAIT_S = 10  # past this the gateway is killed (it gives open answers GRACE_S to end)
 
 
@@ -15,7 +17,7 @@ class GatewayChild:
 
     def start(self) -> None:
         """Called by the controller once it serves; the key, if any, comes from $SEMIPD_API_KEY."""
-        self.proc = subprocess.Popen(self.command)
+        self.proc = subprocess.Popen(self.command, env=child_env())  # dies with this process
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -32,8 +32,13 @@ def serve(args) -> None:
         if on_gpu and not mode.mps and not mode.unified:
             print("semipd: no MPS daemon: the SM shares are recorded but not enforced "
                   "(see --start-mps)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while loading: its cleanup runs
         controller = Controller(config, address, worker_address, moderation_config(args), mode)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # From now on a signal only asks the loop to end: raised as an exception it could land
+        # anywhere (between Popen.poll's lock and its try, in a half-sent message) and hang the
+        # stop path or leave it half done (issue 25).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: controller.stop())
         controller.serve_forever(on_ready=gateway and gateway.start)
     except KeyboardInterrupt:
         pass

@@ -12,21 +12,18 @@ from dataclasses import replace
 
 import zmq
 
+from semipd.services.controller.intake import Intake
 from semipd.services.controller.lifecycle import WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
 from semipd.services.controller.partition_control import PartitionControl
-from semipd.services.controller.prompts import chat_prompt
 from semipd.services.controller.request_book import RequestBook
-from semipd.services.controller.requests import Request
 from semipd.services.controller.resident import ResidentMemory
 from semipd.services.controller.supervisor import Supervisor
 from semipd.services.controller.switcher import Switcher
 from semipd.shared import protocol
-from semipd.shared.admission import check_request
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.errors import UserError
-from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.sockets import MAX_UNREAD, bind_router
 
 POLL_MS = 50
@@ -58,7 +55,9 @@ class Controller:
                                 self.prefill_role)
         self.moderation = self.book.moderation = moderation and Moderation(
             moderation, self.ctx, self.memory.tokenizer, self._send_client, self.book.abort, address)
+        self.intake = Intake(self.ctx, self.memory, self.book, self._send_client)
         self.started = time.monotonic()
+        self.stopping = False      # set by stop(): the loop ends at its next turn
 
     def _alive(self, seq_id: int) -> bool:
         """Whether a request still wants this sequence (the switcher asks in a hand-over)."""
@@ -81,6 +80,7 @@ class Controller:
                       file=sys.stderr, flush=True)
             for req in [r for r in self.book.requests.values() if r.client == client]:
                 self.book.abort(req, None)
+            self.intake.forget(client)
 
     # ---- clients ------------------------------------------------------------------------
 
@@ -93,11 +93,13 @@ class Controller:
                 return self._send_client(client, protocol.Final(request_id, "error", error=str(e)))
             return self._send_client(client, protocol.Reply(request_id, False, error=str(e)))
         if isinstance(msg, protocol.GenerateRequest):
-            self.on_generate(client, msg)
+            self.intake.generate(client, msg)
         elif isinstance(msg, protocol.AbortRequest):
             req = self.book.requests.get((client, msg.request_id))
             if req is not None and req.where is not None:  # else its worker has finished it
                 self.book.abort(req, req.final("abort"), rest=True)
+            elif req is None:
+                self.intake.abort(client, msg.request_id)
         elif isinstance(msg, protocol.HealthRequest):
             self._send_client(client, protocol.Reply(msg.request_id, True, self.health()))
         elif isinstance(msg, protocol.StatsRequest):
@@ -109,36 +111,6 @@ class Controller:
         else:
             self._send_client(client, protocol.Reply(getattr(msg, "request_id", ""), False,
                                                      error=f"{type(msg).__name__} is not a client message"))
-
-    def on_generate(self, client: bytes, msg: protocol.GenerateRequest) -> None:
-        def reject(error: str):
-            self._send_client(client, protocol.Final(msg.request_id, "error", error=error))
-        if self.book.in_use(client, msg.request_id):  # not a Final: that id's stream is live
-            return self._send_client(client, protocol.Reply(msg.request_id, False,
-                                                            error=f"request id {msg.request_id!r} is already in use"))
-        try:
-            params = SamplingParams(**msg.params)
-        except TypeError as e:
-            return reject(f"bad sampling parameters: {e}")
-        mem = self.memory
-        try:
-            if msg.messages is not None:
-                prompt_ids, params = chat_prompt(mem, msg, params)
-            elif (msg.prompt is None) == (msg.prompt_ids is None):
-                raise UserError("give exactly one of prompt, prompt_ids and messages")
-            else:
-                prompt_ids = msg.prompt_ids if msg.prompt is None else mem.tokenizer.encode(msg.prompt)
-            check_request(prompt_ids, params, mem.model_config.vocab_size, mem.max_model_len,
-                          mem.config.page_size, mem.num_pages)
-        except UserError as e:
-            return reject(str(e))
-        if msg.moderate and self.moderation is None:
-            return reject("this server has no content monitor (start it with --scm ADDR)")
-        req = Request(client, msg.request_id, self.book.next_seq_id(), prompt_ids, params, params.resolved_seed())
-        error = self.moderation and self.moderation.open(req, msg.prompt, msg.moderate)
-        if error:
-            return reject(error)
-        self.book.admit(req)
 
     # ---- workers ------------------------------------------------------------------------
 
@@ -224,14 +196,17 @@ class Controller:
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
         poller.register(self.book.detok.sock, zmq.POLLIN)
+        poller.register(self.intake.thread.sock, zmq.POLLIN)
         if self.moderation is not None:
             poller.register(self.moderation.link.sock, zmq.POLLIN)
         announced = False
-        while True:
+        while not self.stopping:
             self.book.detok.submit()  # what the last turn handed it
             events = dict(poller.poll(POLL_MS))
             if self.book.detok.sock in events:
                 self.book.on_text(self.book.detok.answers())
+            if self.intake.thread.sock in events:
+                self.intake.on_tokenized(self.intake.thread.answers())
             if self.back in events:
                 self._drain(self.back, self.on_worker)
             if self.front in events:
@@ -255,6 +230,11 @@ class Controller:
                 if on_ready:
                     on_ready()
 
+    def stop(self) -> None:
+        """End serve_forever at its next turn (within POLL_MS). Safe in a signal handler: it
+        raises nothing into whatever the loop was doing (a send half done, a lock just taken)."""
+        self.stopping = True
+
     def _drain(self, sock: zmq.Socket, handle) -> None:
         while True:
             try:
@@ -267,6 +247,7 @@ class Controller:
                 self._send_client(frames[0], protocol.Reply("", False, error="send one frame per message"))
 
     def close(self) -> None:
+        self.intake.close()
         self.book.close()
         if self.moderation is not None:
             self.moderation.close()

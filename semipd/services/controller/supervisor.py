@@ -10,7 +10,6 @@ Every live worker is one handle in one list; where it is (current, standby, call
 over) is its state (lifecycle.py), which changes only through `WorkerHandle.move_to`.
 """
 
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 
 from semipd.services.controller.lifecycle import CURRENT, WAITING, WORKER_MOVES, WorkerState, advance
 from semipd.shared import protocol
+from semipd.shared.runtime import child_env
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Supervisor:
 
     def _spawn(self, role: str, state: WorkerState) -> WorkerHandle:
         cmd = [sys.executable, "-m", f"semipd.services.{role}", "--controller", self.worker_address]
-        worker = WorkerHandle(role, subprocess.Popen(cmd, env=dict(os.environ)), state)
+        worker = WorkerHandle(role, subprocess.Popen(cmd, env=child_env()), state)
         self.handles.append(worker)
         return worker
 
