@@ -1,4 +1,5 @@
-"""Build a Transformer and fill it: from a Hugging Face checkpoint, or with random weights."""
+"""Build a Transformer and fill it: from a Hugging Face checkpoint or a GGUF file, or with random
+weights."""
 
 import math
 import os
@@ -8,6 +9,8 @@ from tqdm import tqdm
 
 from semipd.shared.config import ModelConfig, load_hf_config
 from semipd.shared.errors import UserError
+from semipd.shared.gguf_checkpoint import GGUFCheckpoint
+from semipd.shared.gguf_file import is_gguf
 from semipd.shared.model import Transformer
 from semipd.shared.rope import RotaryEmbedding
 from semipd.shared.safetensors_checkpoint import SafetensorsCheckpoint
@@ -73,7 +76,9 @@ def weight_layout(net: Transformer) -> tuple[dict[str, tuple[int, list[int]]], i
 
 
 def open_checkpoint(model: str, cfg: ModelConfig):
-    """The weights a model names: a Hugging Face folder, or None for a preset."""
+    """The weights a model names: a GGUF file, a Hugging Face folder, or None for a preset."""
+    if is_gguf(model):
+        return GGUFCheckpoint(model, cfg)
     return SafetensorsCheckpoint(model) if os.path.isdir(model) else None
 
 
