@@ -70,7 +70,7 @@ def print_completions(completions, args, extra=None) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face directory or preset name")
+    p.add_argument("--model", required=True, help="Hugging Face directory, GGUF file or preset name")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 

@@ -1,7 +1,8 @@
 """Model and engine configuration.
 
-A model is either a Hugging Face directory (config.json is read through transformers' config
-classes) or a preset name that builds the same kind of config with no files.
+A model is a Hugging Face directory (config.json is read through transformers' config classes), a
+GGUF file (its metadata read by transformers as it reads a GGUF's config) or a preset name that
+builds the same kind of config with no files.
 """
 
 import json
@@ -9,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from semipd.shared.errors import UserError, first_line
+from semipd.shared.gguf_file import is_gguf, transformers_source
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
@@ -75,12 +77,14 @@ def _rope_parameters(hf) -> dict:
 
 
 def load_hf_config(model: str):
-    """The transformers config of a model directory or preset name, with clear errors."""
+    """The transformers config of a model directory, GGUF file or preset name, with clear errors."""
     from semipd.shared.presets import PRESETS
     if model in PRESETS:
         return PRESETS[model]()
+    if is_gguf(model):
+        return _gguf_config(model)
     if not os.path.isdir(model):
-        raise UserError(f"unknown model {model!r}: not a directory and not a preset "
+        raise UserError(f"unknown model {model!r}: not a directory, a GGUF file or a preset "
                         f"({', '.join(PRESETS)})")
     path = os.path.join(model, "config.json")
     if not os.path.isfile(path):
@@ -98,3 +102,14 @@ def load_hf_config(model: str):
         return AutoConfig.from_pretrained(model)
     except Exception as e:  # transformers raises many kinds for a bad file
         raise UserError(f"{path}: invalid config ({first_line(e)})") from None
+
+
+def _gguf_config(path: str):
+    """The config transformers reads from a GGUF's metadata; its architecture is checked by
+    ModelConfig.from_hf, as transformers knows more architectures than the model here."""
+    from transformers import AutoConfig
+    folder, kwargs = transformers_source(path)
+    try:
+        return AutoConfig.from_pretrained(folder, **kwargs)
+    except Exception as e:  # a corrupt file or an architecture transformers cannot read
+        raise UserError(f"{path}: cannot read the GGUF file's config ({first_line(e)})") from None

@@ -1,6 +1,6 @@
-"""Build a Transformer and fill it: from a Hugging Face checkpoint, or with random weights."""
+"""Build a Transformer and fill it: from a Hugging Face checkpoint or a GGUF file, or with random
+weights."""
 
-import json
 import math
 import os
 
@@ -8,9 +8,12 @@ import torch
 from tqdm import tqdm
 
 from semipd.shared.config import ModelConfig, load_hf_config
-from semipd.shared.errors import UserError, first_line
+from semipd.shared.errors import UserError
+from semipd.shared.gguf_checkpoint import GGUFCheckpoint
+from semipd.shared.gguf_file import is_gguf
 from semipd.shared.model import Transformer
 from semipd.shared.rope import RotaryEmbedding
+from semipd.shared.safetensors_checkpoint import SafetensorsCheckpoint
 
 # HF tensor name fragment -> (our fused parameter, shard index within it)
 FUSED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
@@ -25,10 +28,10 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, seed: int =
     given, replaces the model's own config; extra maps checkpoint tensor names outside the
     Transformer (a monitor's heads) to tensors that are filled the same way."""
     cfg = cfg or ModelConfig.from_hf(load_hf_config(model))
-    files = _checkpoint_files(model) if os.path.isdir(model) else []
+    checkpoint = open_checkpoint(model, cfg)  # a bad file is reported before memory is allocated
     net = build_model(cfg, device, dtype, None if arena is None else arena.tensor)
-    if files:
-        _load_checkpoint(net, files, progress, extra or {})
+    if checkpoint is not None:
+        _load_checkpoint(net, checkpoint, progress, extra or {})
     else:
         _init_random(net, seed, extra or {})
     return net
@@ -72,73 +75,38 @@ def weight_layout(net: Transformer) -> tuple[dict[str, tuple[int, list[int]]], i
     return layout, offset
 
 
-def _checkpoint_files(path: str) -> list[str]:
-    """The checkpoint's safetensors files, each header read, so a bad checkpoint is reported
-    before any memory is allocated for the model."""
-    files = _listed_files(path)
-    from safetensors import safe_open
-    for file in files:
-        try:
-            with safe_open(file, framework="pt"):
-                pass
-        except Exception as e:  # safetensors reports corruption with several exception types
-            raise UserError(f"{file}: corrupt or unreadable checkpoint ({first_line(e)})") from None
-    return files
+def open_checkpoint(model: str, cfg: ModelConfig):
+    """The weights a model names: a GGUF file, a Hugging Face folder, or None for a preset."""
+    if is_gguf(model):
+        return GGUFCheckpoint(model, cfg)
+    return SafetensorsCheckpoint(model) if os.path.isdir(model) else None
 
 
-def _listed_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{index}: unreadable index ({first_line(e)})") from None
-        files = [os.path.join(path, n) for n in names]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise UserError(f"{path}: checkpoint shard missing: {os.path.basename(missing[0])}")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def _load_checkpoint(net: Transformer, files: list[str], progress: bool, extra: dict) -> None:
-    from safetensors import safe_open
+def _load_checkpoint(net: Transformer, checkpoint, progress: bool, extra: dict) -> None:
     params = dict(net.named_parameters()) | extra
     sizes = {".qkv_proj.": [net.layers[0].self_attn.q_size, *[net.layers[0].self_attn.kv_size] * 2],
              ".gate_up_proj.": [net.cfg.intermediate_size] * 2}
+
+    def wanted(hf_name: str) -> bool:
+        target = _our_name(hf_name)[0]
+        return target is not None and not (target == "lm_head.weight" and net.cfg.tie_word_embeddings)
+
     loaded: set[str] = set()
-    num_tensors = 0
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            num_tensors += len(f.keys())
-    bar = tqdm(total=num_tensors, unit="tensor", desc="loading weights", disable=not progress)
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for hf_name in f.keys():
-                    target, shard = _our_name(hf_name)
-                    if target is None or (target == "lm_head.weight" and net.cfg.tie_word_embeddings):
-                        bar.update(1)
-                        continue
-                    if target not in params:
-                        raise UserError(f"{file}: unexpected tensor {hf_name}")
-                    tensor = f.get_tensor(hf_name)
-                    _copy_into(params[target], tensor, shard, sizes, hf_name, file)
-                    loaded.add(f"{target}#{shard}")
-                    bar.update(1)
-        except UserError:
-            raise
-        except Exception as e:  # safetensors reports corruption with several exception types
-            raise UserError(f"{file}: corrupt or unreadable checkpoint ({first_line(e)})") from None
+    bar = tqdm(total=checkpoint.num_tensors, unit="tensor", desc="loading weights", disable=not progress)
+    for hf_name, tensor in checkpoint.tensors(wanted):
+        bar.update(1)
+        if tensor is None:
+            continue
+        target, shard = _our_name(hf_name)
+        if target not in params:
+            raise UserError(f"{checkpoint.path}: unexpected tensor {hf_name}")
+        _copy_into(params[target], tensor, shard, sizes, hf_name, checkpoint.path)
+        loaded.add(f"{target}#{shard}")
     bar.close()
     expected = {f"{name}#{i}" for name in params for i in _shard_ids(name)}
     missing = sorted(expected - loaded)
     if missing:
-        raise UserError(f"{os.path.dirname(files[0])}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")
+        raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")
 
 
 def _our_name(hf_name: str) -> tuple[str | None, int | None]:
@@ -155,13 +123,13 @@ def _shard_ids(name: str) -> list[int | None]:
     return [0, 1, 2] if ".qkv_proj." in name else [0, 1] if ".gate_up_proj." in name else [None]
 
 
-def _copy_into(param, tensor, shard, sizes, hf_name, file):
+def _copy_into(param, tensor, shard, sizes, hf_name, where):
     if shard is not None:
         fused = next(k for k in sizes if k in _our_name(hf_name)[0])
         start = sum(sizes[fused][:shard])
         param = param.narrow(0, start, sizes[fused][shard])
     if param.shape != tensor.shape:
-        raise UserError(f"{file}: {hf_name} has shape {list(tensor.shape)}, config implies {list(param.shape)}")
+        raise UserError(f"{where}: {hf_name} has shape {list(tensor.shape)}, config implies {list(param.shape)}")
     param.copy_(tensor)
 
 

@@ -1,7 +1,7 @@
 """Tokenizers and incremental detokenization.
 
-A model directory brings its own tokenizer files (loaded with transformers); presets, which have
-no files, use ByteTokenizer: ids 0-255 are the bytes of UTF-8 text, then BOS and EOS.
+A model directory brings its own tokenizer files and a GGUF file its tokenizer in its metadata (both
+loaded with transformers); presets, which have no files, use ByteTokenizer: ids 0-255 are the bytes of UTF-8 text, then BOS and EOS.
 """
 
 import hashlib
@@ -9,6 +9,7 @@ import json
 import os
 
 from semipd.shared.errors import UserError, first_line
+from semipd.shared.gguf_file import is_gguf, transformers_source
 
 
 class ByteTokenizer:
@@ -34,10 +35,14 @@ class ByteTokenizer:
 class HFTokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        if is_gguf(path):
+            source, kwargs = transformers_source(path)
+        elif any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            source, kwargs = path, {}
+        else:
             raise UserError(f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json)")
         try:
-            self._tok = AutoTokenizer.from_pretrained(path)
+            self._tok = AutoTokenizer.from_pretrained(source, **kwargs)
         except Exception as e:  # missing or broken files raise assorted exception types
             raise UserError(f"{path}: cannot load tokenizer ({first_line(e)})") from None
         self.eos_token_id = self._tok.eos_token_id
@@ -57,7 +62,7 @@ class HFTokenizer:
 
 
 def load_tokenizer(model: str):
-    return HFTokenizer(model) if os.path.isdir(model) else ByteTokenizer()
+    return HFTokenizer(model) if os.path.isdir(model) or is_gguf(model) else ByteTokenizer()
 
 
 # A window still ending in an incomplete character after this many unread tokens holds bytes
