@@ -13,6 +13,7 @@ import os
 import torch
 
 from semipd.shared.errors import UserError, first_line
+from semipd.shared.safetensors_checkpoint import SafetensorsCheckpoint
 
 BACKBONE_PREFIX = "model."
 TOKEN_HEAD_WEIGHT = "token_classifier.weight"
@@ -42,18 +43,9 @@ def save_checkpoint(out_dir: str, backbone, heads: dict[str, torch.Tensor], conf
 def load_heads(path: str) -> dict[str, torch.Tensor]:
     """The three head tensors (HEAD_NAMES) of the SCM checkpoint at path, in the stored dtype;
     UserError if path is not an SCM checkpoint (no Qwen2 config, no heads, wrong shapes)."""
-    from safetensors import safe_open
-
-    from semipd.shared.loader import _listed_files
     hidden = _qwen2_hidden_size(path)
-    heads: dict[str, torch.Tensor] = {}
-    for file in _listed_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in set(f.keys()) & set(HEAD_NAMES):
-                    heads[name] = f.get_tensor(name)
-        except Exception as e:  # safetensors reports corruption with several exception types
-            raise UserError(f"{file}: corrupt or unreadable checkpoint ({first_line(e)})") from None
+    heads = {name: tensor for name, tensor in SafetensorsCheckpoint(path).tensors(lambda n: n in HEAD_NAMES)
+             if tensor is not None}
     missing = [n for n in HEAD_NAMES if n not in heads]
     if missing:
         raise UserError(f"{path}: not an SCM checkpoint (no {', '.join(missing)})")
