@@ -1,6 +1,7 @@
 """The `semipd` client commands' edges, against a real tiny server: stale socket files, bad flags,
 a reader that closes the pipe, and where bench writes its report."""
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -110,3 +111,8 @@ def test_bench_creates_the_report_folder_before_the_run(server, tmp_path):
                "--out", str(tmp_path))
     assert r.returncode == 2
     assert r.stderr == f"semipd: error: --out {tmp_path} is a folder; one rate writes its report to a file\n"
+
+
+def test_version_names_the_installed_release():
+    r = semipd("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"semipd {importlib.metadata.version('semipd')}"

@@ -2,6 +2,7 @@
 and turns a user's mistake into one `semipd: error:` line and exit status 2."""
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -13,10 +14,19 @@ from semipd.shared.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semipd", description="semi-PD LLM serving")
+    parser.add_argument("--version", action="version", version=f"semipd {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (generate, serve, api, client_commands, chat, bench, scm_train, scm_eval, scm_cli):
         module.add_parser(sub)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version; a checkout run through PYTHONPATH has none."""
+    try:
+        return importlib.metadata.version("semipd")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a source checkout)"
 
 
 def main(argv: list[str] | None = None) -> int:
