@@ -89,8 +89,10 @@ class Worker:
         model.bind_kv_cache(self.arenas[1].view(dtype, init.kv_shape), self.arenas[2].view(dtype, init.kv_shape))
         self.allocator = PageAllocator.attach(init.allocator)
         mapped = time.perf_counter()  # the CUDA context is made and the controller's memory mapped
+        graphs = init.cuda_graphs
         self.runner = ModelRunner(model, init.page_size, init.max_model_len, init.max_num_seqs,
-                                  init.cuda_graphs and role in ("decode", "unified"))
+                                  cuda_graphs=graphs and role != "prefill",
+                                  prefill_graph_tokens=init.max_batched_tokens if graphs and role != "decode" else 0)
         parts = {"context_and_map": mapped - began, **self.runner.setup_s}
         self.link.send(protocol.WorkerReady(role=role, pid=os.getpid(), prepare_parts_s=parts))
 

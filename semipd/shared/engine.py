@@ -48,8 +48,9 @@ class Engine:
             self.max_model_len)
         self.allocator = PageAllocator.create(num_pages)
         self.model.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, config.page_size, dtype, device))
-        self.runner = ModelRunner(self.model, config.page_size, self.max_model_len,
-                                  config.max_num_seqs, config.cuda_graphs)
+        graph_tokens = config.max_batched_tokens if config.cuda_graphs else 0
+        self.runner = ModelRunner(self.model, config.page_size, self.max_model_len, config.max_num_seqs,
+                                  config.cuda_graphs, prefill_graph_tokens=graph_tokens)
         self.sched = MixedScheduler(self.allocator, config.page_size, config.max_batched_tokens,
                                     config.max_num_seqs)
         self._ids = itertools.count()

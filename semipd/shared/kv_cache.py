@@ -8,6 +8,7 @@ import torch
 
 from semipd.shared.config import ModelConfig
 from semipd.shared.errors import UserError
+from semipd.shared.prefill_graphs import MAX_GRAPH_TOKENS
 
 GIB = 1 << 30
 
@@ -30,7 +31,9 @@ def auto_num_pages(cfg: ModelConfig, page_size: int, dtype: torch.dtype, device:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # memory torch cached but does not use counts as free
         free, total = torch.cuda.mem_get_info(device)
-        activations = max_batched_tokens * (2 * cfg.intermediate_size + 4 * cfg.hidden_size) * dtype.itemsize
+        # eager steps, plus the prefill graphs' pool (shared/prefill_graphs.py)
+        tokens = max_batched_tokens + min(max_batched_tokens, MAX_GRAPH_TOKENS)
+        activations = tokens * (2 * cfg.intermediate_size + 4 * cfg.hidden_size) * dtype.itemsize
         logits = 2 * max_num_seqs * cfg.vocab_size * 4
         budget = free - 0.1 * total - activations - logits - GIB
     else:
