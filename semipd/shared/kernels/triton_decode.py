@@ -14,15 +14,6 @@ import triton.language as tl
 from semipd.shared.kernels.triton_attend import LOG2E, attend, precision
 
 
-@triton.jit
-def _query_row(b, cu_ptr, RAGGED: tl.constexpr):
-    """Sequence b's query row, and whether it has exactly one (ragged: rows from cu_seqlens)."""
-    if RAGGED:
-        row = tl.load(cu_ptr + b)
-        return row, tl.load(cu_ptr + b + 1) - row == 1
-    return b, True
-
-
 @triton.jit(do_not_specialize=["s_table"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr, kv_len_ptr, table_ptr, cu_ptr, qk_scale,
                          sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, s_table,
@@ -34,9 +25,12 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, lse_ptr, kv_len_ptr, tab
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    q_row, single = _query_row(b, cu_ptr, RAGGED)
-    if not single:
-        return
+    if RAGGED:  # sequence b's query row, if it has exactly one
+        q_row = tl.load(cu_ptr + b)
+        if tl.load(cu_ptr + b + 1) - q_row != 1:
+            return
+    else:
+        q_row = b
     kv_len = tl.load(kv_len_ptr + b)
     per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), BN) * BN
     start = split * per_split
@@ -68,9 +62,12 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, o_ptr, cu_ptr, so_b, so_h, num_spli
     weighted sum (a fixed block, so that no split count needs a variant of its own)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    o_row, single = _query_row(b, cu_ptr, RAGGED)
-    if not single:
-        return
+    if RAGGED:
+        o_row = tl.load(cu_ptr + b)
+        if tl.load(cu_ptr + b + 1) - o_row != 1:
+            return
+    else:
+        o_row = b
     d = tl.arange(0, D)
     first = (b * tl.num_programs(1) + h) * num_splits
     m = tl.full([S_BLOCK], float("-inf"), tl.float32)
