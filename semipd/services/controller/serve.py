@@ -11,9 +11,11 @@ from semipd.services.controller.mps import MpsDaemon, daemon_running
 from semipd.services.controller.server import Controller
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.runtime import default_server_address, ipc_address, refuse_if_listening, runtime_dir
+from semipd.shared.sd_notify import Notifier
 
 
 def serve(args) -> None:
+    systemd = Notifier.from_env()  # READY, STATUS, WATCHDOG, STOPPING under a Type=notify unit
     address = args.address or default_server_address()
     refuse_if_listening(address)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
@@ -33,16 +35,27 @@ def serve(args) -> None:
             print("semipd: no MPS daemon: the SM shares are recorded but not enforced "
                   "(see --start-mps)", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while loading: its cleanup runs
+        systemd.status("loading weights")
         controller = Controller(config, address, worker_address, moderation_config(args), mode)
+
+        def ready():
+            if gateway is not None:
+                gateway.start()
+            systemd.ready(controller.status())
+
         # From now on a signal only asks the loop to end: raised as an exception it could land
         # anywhere (between Popen.poll's lock and its try, in a half-sent message) and hang the
         # stop path or leave it half done (issue 25).
+        def on_signal(*_):
+            systemd.stopping()
+            controller.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: controller.stop())
-        controller.serve_forever(on_ready=gateway and gateway.start)
+            signal.signal(sig, on_signal)
+        controller.serve_forever(on_ready=ready, on_turn=lambda: systemd.alive(controller.status))
     except KeyboardInterrupt:
         pass
     finally:
+        systemd.stopping()
         if controller is not None:
             controller.close()  # open HTTP streams end with its error, then the gateway stops
         if gateway is not None:

@@ -188,9 +188,20 @@ class Controller:
                 "max_model_len": self.memory.max_model_len,
                 "scm": self.moderation and self.moderation.stats()}
 
+    def status(self) -> str:
+        """One line for the service manager (systemd's STATUS=, `systemctl status`)."""
+        if self.health()["status"] != "ok":
+            return "starting workers"
+        stats = self.stats()
+        split = stats["partition"]
+        shares = "unified" if split["mode"] == "unified" else f"split {split['prefill_sm']}/{split['decode_sm']}"
+        return f"serving: {stats['running']} running, {stats['waiting']} waiting, {shares}"
+
     # ---- loop ---------------------------------------------------------------------------
 
-    def serve_forever(self, on_ready=None) -> None:
+    def serve_forever(self, on_ready=None, on_turn=None) -> None:
+        """Serve until stop(). on_ready: called once every worker serves; on_turn: at the end of
+        every turn of the loop (systemd's watchdog: a loop that stops turning stops pinging)."""
         self.supervisor.start_all()
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
@@ -229,6 +240,8 @@ class Controller:
                 self.split.serving()
                 if on_ready:
                     on_ready()
+            if on_turn:
+                on_turn()
 
     def stop(self) -> None:
         """End serve_forever at its next turn (within POLL_MS). Safe in a signal handler: it
