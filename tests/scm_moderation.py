@@ -6,7 +6,6 @@ import asyncio
 import os
 import uuid
 
-from semipd.shared import protocol
 from semipd.shared.client import AsyncClient, ServerError
 from tests.conftest import make_checkpoint
 from tests.scm_checkpoints import bpe_tokenizer, save_monitor
@@ -62,4 +61,4 @@ async def collect(address: str, requests: list[tuple[list[int], bool]], max_toke
                 await asyncio.sleep(0.005)
             after()
         finals = await asyncio.gather(*tasks)
-    return [(t + (f.token_ids if isinstance(f, protocol.Final) else []), f) for t, f in zip(tokens, finals)]
+    return list(zip(tokens, finals))

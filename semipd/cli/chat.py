@@ -67,7 +67,7 @@ def answer(client: Client, messages: list[dict], params: dict, usage: bool) -> s
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         result = stream.result()
-    sys.stdout.write(result.final.text + "\n")
+    sys.stdout.write("\n")
     sys.stdout.flush()
     final = result.final
     if final.finish_reason != "stop":

@@ -72,7 +72,7 @@ async def _stream_one(client: AsyncClient, prompt: dict, params: dict, moderate:
         async for delta in stream:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
-    sys.stdout.write(stream.final.text + "\n")
+    sys.stdout.write("\n")
     if stream.final.finish_reason in ("abort", "content_filter"):
         print(f"semipd: output ended early ({stream.final.finish_reason})", file=sys.stderr)
 

@@ -117,8 +117,6 @@ class StreamState:
         self._done = True
         if isinstance(msg, Final):
             self.final = msg
-            self._text.append(msg.text)
-            self._ids.extend(msg.token_ids)
             if msg.finish_reason == "error":
                 raise ServerError(msg.error or "request failed", msg)
             return None
