@@ -3,12 +3,11 @@ that flag everything or nothing are checkpoints whose token head has a large bia
 addresses, prompts, and requests run together with how each ended."""
 
 import asyncio
-import os
-import uuid
 
 from semipd.shared.client import AsyncClient, ServerError
 from tests.conftest import make_checkpoint
 from tests.scm_checkpoints import bpe_tokenizer, save_monitor
+from tests.short_folders import short_folder
 
 FLAG_ALL, FLAG_NONE = (0.0, 30.0), (30.0, 0.0)
 
@@ -34,9 +33,7 @@ def monitor_checkpoint(tmp_path_factory, served, bias, same_tokenizer: bool) -> 
 
 
 def socket_address() -> str:
-    folder = os.path.join("/tmp", f"semipd-scm-{uuid.uuid4().hex[:8]}")
-    os.makedirs(folder)
-    return f"ipc://{folder}/scm.sock"
+    return f"ipc://{short_folder('semipd-scm-')}/scm.sock"
 
 
 async def collect(address: str, requests: list[tuple[list[int], bool]], max_tokens: int, after=None):
