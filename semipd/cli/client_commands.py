@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from semipd.cli.args import (add_client_args, add_json_arg, add_prompt_args, add_sampling_args, at_least,
                              print_completions, prompts, sampling_params)
+from semipd.cli.stats_summary import summary
 from semipd.shared.client import AsyncClient, Client, ClientError, ServerError
 from semipd.shared.errors import UserError, first_line
 
@@ -24,9 +25,9 @@ def add_parser(sub) -> None:
                       metavar="SECONDS",
                       help="wait up to this long for the server to be ready (it may still be loading)")
     comp.set_defaults(func=cmd_complete)
-    stats = sub.add_parser("stats", help="print a running server's KV cache, queue and worker state")
+    stats = sub.add_parser("stats", help="print a running server's model, split, requests, KV cache and workers")
     add_client_args(stats)
-    stats.add_argument("--json", action="store_true", help="print the raw JSON object")
+    stats.add_argument("--json", action="store_true", help="print the whole stats object as JSON")
     stats.set_defaults(func=cmd_stats)
     part = sub.add_parser("partition", help="move a running server's prefill/decode SM split")
     add_client_args(part)
@@ -123,14 +124,4 @@ def cmd_stats(args) -> None:
     if args.json:
         print(json.dumps(data))
     else:
-        for key, value in _flatten(data):
-            print(f"{key}: {value}")
-
-
-def _flatten(data: dict, prefix: str = ""):
-    """Nested dicts as dotted keys, one line each: workers.decode.pid: 1234."""
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+        print("\n".join(summary(data)))

@@ -35,6 +35,8 @@ class RequestBook:
         # Sequences ended here that a worker of the role may still hold (its AbortSeqs unread):
         # if the worker dies first, nothing else would free their pages.
         self.dropped: dict[str, set[int]] = {}
+        # What the requests that ended had (served or not): `semipd stats` shows it.
+        self.served = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0}
         self._seq_ids = itertools.count()
 
     def next_seq_id(self) -> int:
@@ -72,6 +74,9 @@ class RequestBook:
         if self.requests.pop((req.client, req.request_id), None) is None:
             return
         del self.by_seq[req.seq_id]
+        self.served["requests"] += 1
+        self.served["prompt_tokens"] += len(req.prompt_ids)
+        self.served["output_tokens"] += len(req.output_ids)
         if final is not None:
             self.split.finished(req, final)
         rest = rest and final is not None
