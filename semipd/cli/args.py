@@ -64,14 +64,14 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=16, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 or -1: off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 or -1: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens of this much probability")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under this fraction of the likeliest's probability")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: one per request)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:
