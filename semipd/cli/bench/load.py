@@ -81,7 +81,7 @@ def open_backend(args):
     if args.backend == "openai":
         from semipd.cli.bench.openai_backend import OpenAIBackend  # httpx2: only when it is used
         return OpenAIBackend(args.base_url, args.model, args.api_key)
-    return SemipdBackend(args.address)
+    return SemipdBackend(args.address, args.timeout)
 
 
 def workload_phases(args, rate: float | None) -> list[workloads.Phase]:
