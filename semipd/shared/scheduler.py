@@ -24,6 +24,7 @@ class PrefillScheduler:
     def __init__(self, allocator, page_size: int, max_batched_tokens: int, max_num_seqs: int):
         self.allocator, self.page_size = allocator, page_size
         self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
+        self.caching = allocator.caching
         self.waiting: deque[Sequence] = deque()
 
     def add(self, seq: Sequence, front: bool = False) -> None:
@@ -33,17 +34,22 @@ class PrefillScheduler:
         """(sequence, tokens to compute) pairs in queue order, with pages allocated, within
         budget tokens (default max_batched_tokens) and max_seqs sequences (max_num_seqs).
 
-        A prompt longer than the budget is split into chunks over several steps. If the pool is
-        short, partly computed sequences behind the one at hand give their pages back first, so
-        that at least the oldest request always progresses."""
-        batch = []
+        A prompt longer than the budget is split into chunks over several steps. A sequence that
+        starts (or starts over) takes the longest cached prefix of its tokens and computes only
+        the rest. If the pool is short, partly computed sequences behind the one at hand give
+        their pages back first, so that at least the oldest request always progresses."""
+        batch, claimed = [], set()  # claimed: keys of the pages that sequences in the batch compute
         budget = self.max_batched_tokens if budget is None else budget
         max_seqs = self.max_num_seqs if max_seqs is None else max_seqs
         for i, seq in enumerate(self.waiting):
             if budget <= 0 or len(batch) >= max_seqs:
                 break
-            chunk = min(seq.num_tokens - seq.num_cached, budget)
-            while not grow(seq, seq.num_cached + chunk, self.allocator, self.page_size):
+            prefix = self._prefix(seq, claimed)
+            if prefix is None:
+                continue
+            start = len(prefix) * self.page_size if prefix else seq.num_cached
+            chunk = min(seq.num_tokens - start, budget)
+            while not self._grow(seq, start + chunk, prefix):
                 if not self._release_one_after(i):
                     if not batch and seq.block_table:
                         # Hold nothing while waiting: decode may need these pages to progress.
@@ -51,7 +57,33 @@ class PrefillScheduler:
                     return batch
             batch.append((seq, chunk))
             budget -= chunk
+            if self.caching:
+                claimed.update(seq.page_keys(self.page_size))  # those cached already match anyway
         return batch
+
+    def _prefix(self, seq: Sequence, claimed: set[int]) -> list[int] | None:
+        """The cached pages a starting sequence begins with ([] for one under way). None: it
+        waits, for its next page is one that a sequence before it is computing now; so a prefix
+        that several prompts share is computed once, and they start once it is cached."""
+        if seq.block_table or not self.caching:
+            return []
+        keys = seq.page_keys(self.page_size)[:(seq.num_tokens - 1) // self.page_size]  # the last token is computed
+        prefix = self.allocator.match(keys, seq.token_ids)
+        return None if len(prefix) < len(keys) and keys[len(prefix)] in claimed else prefix
+
+    def _grow(self, seq: Sequence, num_tokens: int, prefix: list[int]) -> bool:
+        """Pages for num_tokens tokens; a starting sequence takes its cached prefix with them."""
+        if seq.block_table:
+            return grow(seq, num_tokens, self.allocator, self.page_size)
+        need = pages_for(num_tokens, self.page_size) - len(prefix)
+        keys = seq.page_keys(self.page_size)[:len(prefix)] if prefix else ()
+        table = self.allocator.alloc(need, seq.seq_id, prefix, keys, prompt_tokens=seq.num_tokens)
+        if table is None:
+            return False
+        # Another process may have evicted part of the prefix meanwhile: the chunk then starts
+        # earlier, still within its pages.
+        seq.block_table, seq.num_cached = table, (len(table) - need) * self.page_size
+        return True
 
     def _release_one_after(self, index: int) -> bool:
         for seq in reversed(list(self.waiting)[index + 1:]):
@@ -70,10 +102,16 @@ class PrefillScheduler:
             self.allocator.free(seq.reset_cache())
 
     def finish_chunks(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """Record computed chunks; return (and dequeue) the sequences whose prompt is complete."""
+        """Record computed chunks and cache their full pages; return (and dequeue) the sequences
+        whose prompt is complete. The chunks' step may still run: whoever reads a cached page
+        either runs on this process's stream after it or learns of it after it completed."""
         done = []
         for seq, chunk in batch:
             seq.num_cached += chunk
+            if self.caching:
+                self.allocator.publish(seq.seq_id, seq.block_table,
+                                       seq.page_keys(self.page_size)[:seq.num_cached // self.page_size],
+                                       seq.token_ids)
             if seq.num_cached == seq.num_tokens:
                 done.append(seq)
         for seq in done:
