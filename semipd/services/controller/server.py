@@ -180,6 +180,7 @@ class Controller:
     def stats(self) -> dict:
         reqs = self.book.requests.values()
         return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
+                "prefix_cache": self.memory.allocator.cache_stats(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
                 "workers": {role: {**self.supervisor.stats(role), "switch": self.switcher.stats(role)}
                             for role in self.supervisor.workers},
