@@ -65,7 +65,25 @@ def test_a_prefix_in_prefill_is_computed_once():
             assert not (a in sched.waiting and any(s is b for s, _ in batch))  # b waits for a
             for seq, n in batch:
                 computed[seq.seq_id] += n
-            for seq in sched.finish_chunks(batch):
+            done = sched.finish_chunks(batch)
+            sched.cache_computed()  # as prefill_step does once it has sampled
+            for seq in done:
                 pool.free(seq.reset_cache())
         assert computed == {0: 50, 1: 1}
         assert pool.cache_stats()["hit_tokens"] == 48 and pool.audit() == [] and pool.num_free() == 32
+
+
+def test_pages_are_cached_only_once_their_step_has_completed():
+    """A unified loop schedules while its last step may still run: that step's pages wait (a
+    worker killed mid-step must leave no half-written page in the cache)."""
+    with PageAllocator.create(8, page_size=16) as pool:
+        sched = PrefillScheduler(pool, 16, max_batched_tokens=64, max_num_seqs=8)
+        seq = Sequence(0, list(range(3, 40)), GREEDY)
+        sched.add(seq)
+        sched.finish_chunks(sched.schedule())
+        sched.schedule(settled=False)
+        assert pool.cache_stats()["cached_pages"] == 0
+        sched.schedule()
+        assert pool.cache_stats()["cached_pages"] == 2
+        pool.free(seq.reset_cache())
+        assert pool.audit() == [] and pool.num_free() == 8

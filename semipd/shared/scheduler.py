@@ -26,19 +26,24 @@ class PrefillScheduler:
         self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
         self.caching = allocator.caching
         self.waiting: deque[Sequence] = deque()
+        # Per step not yet known to have completed: (sequence, its block table, tokens computed)
+        self.uncached: list[list[tuple[Sequence, list[int], int]]] = []
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         self.waiting.appendleft(seq) if front else self.waiting.append(seq)
 
-    def schedule(self, budget: int | None = None, max_seqs: int | None = None) -> list[tuple[Sequence, int]]:
+    def schedule(self, budget: int | None = None, max_seqs: int | None = None,
+                 settled: bool = True) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to compute) pairs in queue order, with pages allocated, within
         budget tokens (default max_batched_tokens) and max_seqs sequences (max_num_seqs).
+        settled: every step launched so far has completed (False: the last may still run).
 
         A prompt longer than the budget is split into chunks over several steps. A sequence that
         starts (or starts over) takes the longest cached prefix of its tokens and computes only
         the rest. If the pool is short, partly computed sequences behind the one at hand give
         their pages back first, so that at least the oldest request always progresses."""
-        batch, claimed = [], set()  # claimed: keys of the pages that sequences in the batch compute
+        self.cache_computed(settled)
+        batch, claimed = [], set()  # claimed: keys of the pages of the sequences in the batch
         budget = self.max_batched_tokens if budget is None else budget
         max_seqs = self.max_num_seqs if max_seqs is None else max_seqs
         for i, seq in enumerate(self.waiting):
@@ -102,21 +107,29 @@ class PrefillScheduler:
             self.allocator.free(seq.reset_cache())
 
     def finish_chunks(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """Record computed chunks and cache their full pages; return (and dequeue) the sequences
-        whose prompt is complete. The chunks' step may still run: whoever reads a cached page
-        either runs on this process's stream after it or learns of it after it completed."""
+        """Record computed chunks; return (and dequeue) the sequences whose prompt is complete.
+        Their full pages are cached once the step has completed (cache_computed)."""
+        if self.caching:
+            self.uncached.append([(seq, seq.block_table, seq.num_cached + chunk) for seq, chunk in batch])
         done = []
         for seq, chunk in batch:
             seq.num_cached += chunk
-            if self.caching:
-                self.allocator.publish(seq.seq_id, seq.block_table,
-                                       seq.page_keys(self.page_size)[:seq.num_cached // self.page_size],
-                                       seq.token_ids)
             if seq.num_cached == seq.num_tokens:
                 done.append(seq)
         for seq in done:
             self.waiting.remove(seq)
         return done
+
+    def cache_computed(self, settled: bool = True) -> None:
+        """Cache the full pages that completed steps computed: every recorded step, or all but
+        the newest while it may still run (settled False). A page is cached only once its K/V
+        is written: a worker killed mid-step must not leave half-written pages in the cache. A
+        sequence whose pages went back meanwhile (its block table replaced) is passed over."""
+        steps, self.uncached = (self.uncached, []) if settled else (self.uncached[:-1], self.uncached[-1:])
+        for seq, table, computed in (entry for step in steps for entry in step):
+            if seq.block_table is table:
+                self.allocator.publish(seq.seq_id, table,
+                                       seq.page_keys(self.page_size)[:computed // self.page_size], seq.token_ids)
 
 
 class DecodeScheduler:
@@ -215,5 +228,6 @@ class MixedScheduler:
         batch, preempted = scheduled
         for seq in preempted:
             self.prefill.add(seq, front=True)
+        # A step is in flight exactly when preempting is not allowed.
         return batch, self.prefill.schedule(self.prefill.max_batched_tokens - len(batch),
-                                            self.prefill.max_num_seqs - len(batch))
+                                            self.prefill.max_num_seqs - len(batch), settled=preempt)

@@ -9,13 +9,17 @@ from semipd.shared.sequence import Sequence
 
 def prefill_step(runner: ModelRunner, sched: PrefillScheduler, allocator, chunks) -> list[Sequence]:
     """Run scheduled prompt chunks; sample a first token for each completed prompt and return
-    those sequences (a sequence that is already finished has its pages freed)."""
+    those sequences, their full pages cached (a sequence that is already finished has its pages
+    freed). Sampling waits for the step; a step that samples nothing is waited for by the
+    caller, and its pages are cached at the next schedule."""
     logits = runner.prefill_logits(chunks)
     done = {s.seq_id for s in sched.finish_chunks(chunks)}
     rows = [i for i, (s, _) in enumerate(chunks) if s.seq_id in done]
     ready = [chunks[i][0] for i in rows]
     if ready:
-        for seq, token in zip(ready, runner.sample(ready, logits[rows])):
+        tokens = runner.sample(ready, logits[rows])
+        sched.cache_computed()
+        for seq, token in zip(ready, tokens):
             seq.append(token)
             if seq.finish_reason is not None:
                 allocator.free(seq.reset_cache())
