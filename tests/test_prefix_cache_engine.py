@@ -37,6 +37,26 @@ def run(path, prompts, **kw):
         engine.close()
 
 
+def test_a_next_turn_finds_the_answer_before_it_cached(model):  # noqa: F811
+    """A finished sequence caches its output's full pages too (all but the newest token's)."""
+    prompt = shared_prompts()[0][:10]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    results = {}
+    for caching in (False, True):
+        engine = Engine(EngineConfig(model=model, device="cpu", dtype="float32", progress=False,
+                                     page_size=4, prefix_cache=caching))
+        try:
+            answer = engine.generate([prompt], params)[0].token_ids
+            before = engine.allocator.cache_stats()["hit_tokens"]
+            turn = engine.generate([prompt + answer + [5, 6]], params)[0].token_ids
+            results[caching] = (answer, turn, engine.allocator.cache_stats()["hit_tokens"] - before)
+            assert engine.allocator.audit() == [] and engine.allocator.num_free() == engine.allocator.num_pages
+        finally:
+            engine.close()
+    assert results[True][:2] == results[False][:2]
+    assert results[True][2] == 20  # 10 prompt tokens and 11 of the answer computed: 5 full pages
+
+
 @pytest.mark.parametrize("kw", [{}, dict(max_batched_tokens=20), dict(num_pages=9)],
                          ids=["one-batch", "chunked-prefill", "small-pool-preempts"])
 def test_greedy_tokens_are_the_same_with_the_cache(model, kw):  # noqa: F811

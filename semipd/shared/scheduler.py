@@ -134,11 +134,14 @@ class PrefillScheduler:
 
 class DecodeScheduler:
     """`release` returns pages to the pool (default: at once; the decode worker defers it while
-    a launched step may still write them)."""
+    a launched step may still write them). A sequence that leaves first caches its full pages
+    (`retire`), so a later prompt that repeats its prompt and output, or its recomputation after
+    a preemption, finds them."""
 
     def __init__(self, allocator, page_size: int, max_num_seqs: int, release=None):
         self.allocator, self.page_size, self.max_num_seqs = allocator, page_size, max_num_seqs
         self.release = release or allocator.free
+        self.caching = allocator.caching
         self.running: list[Sequence] = []
         # Handed over with their newest token still in a retiring predecessor's step in flight:
         # held until the controller passes that step on (inherit), before anything else it sends
@@ -177,7 +180,7 @@ class DecodeScheduler:
                 return None
             else:
                 victim = self.running.pop()
-                self.release(victim.reset_cache())
+                self.retire(victim)
                 preempted.append(victim)
         return batch, preempted
 
@@ -196,7 +199,17 @@ class DecodeScheduler:
     def remove(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self.running.remove(seq)
-            self.release(seq.reset_cache())
+            self.retire(seq)
+
+    def retire(self, seq: Sequence) -> None:
+        """Cache the sequence's full pages whose K/V is complete, then let its pages go. A step
+        in flight may still write its newest position, never one before it (whose steps were
+        read); the block table's last page stays its own and goes with the rest."""
+        if self.caching:
+            complete = (seq.num_cached - 1) // self.page_size
+            self.allocator.publish(seq.seq_id, seq.block_table, seq.page_keys(self.page_size)[:complete],
+                                   seq.token_ids)
+        self.release(seq.reset_cache())
 
 
 class MixedScheduler:
