@@ -20,11 +20,14 @@ class PrefillLaunch:
     tokens: torch.Tensor | None
     done: torch.cuda.Event | None
 
-    def finish(self, allocator) -> list[Sequence]:
-        """Wait for the step (not the device: the step's event) and append each first token; a
-        sequence that is finished already has its pages freed. The completed sequences."""
+    def finish(self, sched: PrefillScheduler, allocator, settled: bool) -> list[Sequence]:
+        """Wait for the step (not the device: the step's event), cache the full pages it computed
+        (and those of earlier steps; settled False: a later step is launched, whose pages wait),
+        then append each first token; a sequence that is finished already has its pages freed.
+        The completed sequences."""
         if self.done is not None:
             self.done.synchronize()
+        sched.cache_computed(settled)
         if self.tokens is None:
             return []
         for seq, token in zip(self.ready, self.tokens.tolist()):

@@ -25,11 +25,11 @@ def run(worker: Worker) -> None:
     inflight: PrefillLaunch | None = None
     blocked = False
 
-    def settle() -> None:
+    def settle(newer_launched: bool = False) -> None:
         """Finish the step in flight: wait for its event, send its completed prompts."""
         nonlocal inflight
         if inflight is not None:
-            ready, inflight = inflight.finish(allocator), None
+            ready, inflight = inflight.finish(sched, allocator, settled=not newer_launched), None
             if ready:
                 link.send(protocol.PrefillDone([to_state(s) for s in ready], [s.finish_reason for s in ready]))
 
@@ -39,10 +39,10 @@ def run(worker: Worker) -> None:
             settle()
             return
         timer.start()
-        chunks = sched.schedule()
+        chunks = sched.schedule(settled=inflight is None)
         blocked = not chunks
         launched = launch_prefill(worker.runner, sched, chunks) if chunks else None
-        settle()  # the step before, while this one runs
+        settle(newer_launched=launched is not None)  # the step before, while this one runs
         inflight = launched
         if chunks:
             timer.stop(len(chunks))
