@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
                    help="most sequences in a batch (default %(default)s)")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="most prompt and output tokens together (default and cap: the model's context length)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt in full: keep no computed pages for later prompts")
     p.add_argument("--address", type=server_address, default=None,
                    help="client socket (default: an ipc:// path in the runtime folder; tcp://127.0.0.1:PORT)")
     p.add_argument("--http", type=host_port, metavar="HOST:PORT", default=None,

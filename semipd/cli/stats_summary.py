@@ -55,8 +55,10 @@ def worker_line(worker: dict) -> str:
                  f"mean batch {steps['mean_batch']:.1f}, busy {percent(steps['busy'])}")
     if worker["standby"]:
         line += f"; standby pid {worker['standby']['pid']} {worker['standby']['state']}"
-    if worker["switch"]:
-        line += f"; switching to {worker['switch']['to_sm']}% ({worker['switch']['phase']})"
+    switch = worker["switch"]
+    if switch:
+        old = f", old pid {switch['old']['pid']} {switch['old']['state']}" if switch["old"] else ""
+        line += f"; switching to {switch['to_sm']}% ({switch['phase']}{old})"
     return line
 
 

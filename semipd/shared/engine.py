@@ -46,7 +46,7 @@ class Engine:
         num_pages = config.num_pages or auto_num_pages(
             cfg, config.page_size, dtype, device, config.max_batched_tokens, config.max_num_seqs,
             self.max_model_len)
-        self.allocator = PageAllocator.create(num_pages)
+        self.allocator = PageAllocator.create(num_pages, config.page_size, config.prefix_cache)
         self.model.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, config.page_size, dtype, device))
         graph_tokens = config.max_batched_tokens if config.cuda_graphs else 0
         self.runner = ModelRunner(self.model, config.page_size, self.max_model_len, config.max_num_seqs,

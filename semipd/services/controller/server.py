@@ -180,7 +180,8 @@ class Controller:
     def stats(self) -> dict:
         reqs = self.book.requests.values()
         return {"model": self.memory.config.model, "uptime_s": time.monotonic() - self.started,
-                "served": dict(self.book.served), "kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
+                "served": dict(self.book.served), "prefix_cache": self.memory.allocator.cache_stats(),
+                "kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
                 "workers": {role: {**self.supervisor.stats(role), "switch": self.switcher.stats(role)}
                             for role in self.supervisor.workers},
