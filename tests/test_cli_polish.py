@@ -68,5 +68,6 @@ def test_stats_is_a_readable_summary_with_counters(server):
     assert lines[2] == "requests:   0 running, 0 waiting, 2 ended (4 prompt and 8 output tokens)"
     total = data["kv_pages_total"]
     assert lines[3].startswith(f"KV cache:   0 of {total:,} pages used (0.0%), 16 tokens a page")
-    assert [line.split()[0] for line in lines[4:]] == ["prefill:", "decode:", "restarts:"]
+    assert lines[4].startswith("prefix:     0 pages cached (0 in use), 0.0% of 4 prompt tokens from the cache")
+    assert [line.split()[0] for line in lines[5:]] == ["prefill:", "decode:", "restarts:"]
     assert not re.search(r"None|True|False|\{|\d\.\d{4}", run.stdout)  # no reprs, no 16-digit floats

@@ -4,7 +4,7 @@ rounded to what a reader compares (`--json` prints the object itself, every fiel
 
 def summary(stats: dict) -> list[str]:
     """The lines to print: model and uptime, mode and SM split, requests and tokens, the KV
-    cache, the workers, then switches, partitioner decisions and the monitor where there are any."""
+    cache and its prefix cache, the workers, then switches, partitioner decisions and the monitor where there are any."""
     part, served = stats["partition"], stats["served"]
     used, total = stats["kv_pages_total"] - stats["kv_pages_free"], stats["kv_pages_total"]
     lines = [
@@ -15,6 +15,13 @@ def summary(stats: dict) -> list[str]:
         f"KV cache:   {used:,} of {total:,} pages used ({percent(used / total if total else 0)}), "
         f"{stats['page_size']} tokens a page; at most {stats['max_model_len']:,} tokens a request",
     ]
+    cache = stats["prefix_cache"]
+    if cache["enabled"]:
+        lines.append(f"prefix:     {cache['cached_pages']:,} pages cached ({cache['held_pages']:,} in use), "
+                     f"{percent(cache['hit_rate'])} of {cache['prompt_tokens']:,} prompt tokens from the cache, "
+                     f"{cache['evicted_pages']:,} pages evicted")
+    else:
+        lines.append("prefix:     caching off (--no-prefix-cache)")
     for role, worker in stats["workers"].items():
         lines.append(f"{role + ':':<11} {worker_line(worker)}")
     lines.append(f"restarts:   {stats['worker_restarts']} worker restarts")
