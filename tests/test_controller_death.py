@@ -11,29 +11,9 @@ import uuid
 import pytest
 
 from tests.serving import ROOT, Server
+from tests.stop_tools import alive, children
 
 GONE_WITHIN_S = 5  # the kernel kills them at once; the rest is this machine's load
-
-
-def children(pid: int) -> set[int]:
-    out = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # not a process, or gone meanwhile
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.add(int(entry))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def kill_and_check(proc: subprocess.Popen, kids: set[int]) -> None:

@@ -19,14 +19,13 @@ successor, the death of one must not free what the other holds back.
 
 import fcntl
 import os
-import secrets
 import threading
 from contextlib import contextmanager
 from multiprocessing import shared_memory
 
 import numpy as np
 
-from semipd.shared.runtime import runtime_dir
+from semipd.shared.runtime import owned_name, runtime_dir
 from semipd.shared.shared_memory import attach_segment, unlink_segment
 
 FREE = -1
@@ -67,7 +66,7 @@ class PageAllocator:
         """A new pool of num_pages free pages. The creator unlinks the segment on close()."""
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        name = name or f"semipd-pages-{secrets.token_hex(4)}"
+        name = name or owned_name("pages")
         shm = shared_memory.SharedMemory(name, create=True, size=16 + 12 * num_pages)
         header, owner, stack = _views(shm, num_pages)
         header[:] = num_pages, num_pages

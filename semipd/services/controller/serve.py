@@ -4,23 +4,26 @@ import os
 import signal
 import sys
 
+from semipd.services.controller.claim import claim, release
 from semipd.services.controller.gateway_child import GatewayChild
 from semipd.services.controller.moderation import moderation_config
 from semipd.services.controller.modes import mode_from_args
 from semipd.services.controller.mps import MpsDaemon, daemon_running
 from semipd.services.controller.server import Controller
 from semipd.shared.engine_config import EngineConfig
-from semipd.shared.runtime import default_server_address, ipc_address, refuse_if_listening, runtime_dir
+from semipd.shared.runtime import (default_server_address, ipc_address, owned_name, refuse_if_listening,
+                                   remove_paths, runtime_dir)
 
 
 def serve(args) -> None:
     address = args.address or default_server_address()
     refuse_if_listening(address)
+    state_file = claim(address)  # removes what a killed server left here
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                           num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len)
     # Workers connect over a private socket in the runtime folder, never over the network.
-    worker_address = ipc_address(f"workers-{os.getpid()}.sock")
+    worker_address = ipc_address(owned_name("workers") + ".sock")
     mode = mode_from_args(args)
     # MPS first: a process joins it (or not) when it creates its CUDA context.
     mps = MpsDaemon(os.path.join(runtime_dir(), f"mps-{os.getpid()}")) if args.start_mps else None
@@ -49,6 +52,5 @@ def serve(args) -> None:
             gateway.stop()
         if mps is not None:
             mps.stop()
-        for addr in (address, worker_address):
-            if addr.startswith("ipc://") and os.path.exists(addr[len("ipc://"):]):
-                os.unlink(addr[len("ipc://"):])
+        remove_paths([a.removeprefix("ipc://") for a in (address, worker_address) if a.startswith("ipc://")])
+        release(state_file)
