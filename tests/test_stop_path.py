@@ -1,11 +1,45 @@
-"""SIGTERM with streams open, over and over: every stop within the bound, nothing left behind in
-/dev/shm or the runtime folder (issue 25: about 1 stop in 10 hung the controller)."""
+"""Stopping `semipd serve` (issues 24 and 25): SIGTERM with streams open ends every stream with
+exactly one Final and exits within the bound, over and over, leaving nothing behind; Ctrl-C
+prints one line."""
 
+import os
+import signal
 import time
 
-from tests.stop_repeatedly import STOP_BOUND_S, stop_once
+from semipd.shared import protocol
+from tests.stop_repeatedly import stop_once
+from tests.stop_tools import (STOP_BOUND_S, RawStreams, leftovers, new_folder, process_tree, start,
+                              wait_exit, wait_ready)
 
-BUDGET_S = 60  # as many stops as fit; tests/stop_repeatedly.py runs a given count
+BUDGET_S = 60  # repeated stops: as many as fit; tests/stop_repeatedly.py runs a given count
+
+
+def serving(*args: str):
+    folder = new_folder()
+    proc = start(folder, *args)
+    wait_ready(proc, folder)
+    return folder, proc
+
+
+def test_sigterm_with_16_streams_open_ends_each_once_within_the_bound():
+    folder, proc = serving()
+    tree = process_tree(proc.pid)
+    streams = RawStreams(folder, 16)
+    streams.read(RawStreams.all_streaming)
+    proc.send_signal(signal.SIGTERM)
+    took = wait_exit(proc)
+    streams.read(RawStreams.all_final, timeout_s=5)
+    time.sleep(0.2)  # anything after a Final would have come with it
+    streams.read(lambda s: not s.sock.poll(0), timeout_s=5)
+    streams.close()
+    for request_id in streams.messages:
+        finals = streams.finals(request_id)
+        assert [f.error for f in finals] == ["the server is shutting down"], (request_id, finals)
+        assert isinstance(streams.messages[request_id][-1], protocol.Final)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0 and took < STOP_BOUND_S, (took, stderr)
+    assert "semipd: SIGTERM: stopping, ending 16 requests" in stderr
+    assert not leftovers(folder, tree)
 
 
 def test_repeated_stops_with_streams_open():
@@ -14,3 +48,18 @@ def test_repeated_stops_with_streams_open():
         took, left = stop_once("tiny", num_streams=8)
         stops += 1
         assert took < STOP_BOUND_S and not left, (stops, took, left)
+
+
+def test_ctrl_c_prints_one_line():
+    """SIGINT to the server's process group, as a terminal sends it: before, each worker printed
+    a KeyboardInterrupt traceback."""
+    folder, proc = serving()
+    streams = RawStreams(folder, 2)
+    streams.read(RawStreams.all_streaming)
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_exit(proc)
+    streams.close()
+    stderr = proc.stderr.read()
+    after = stderr[stderr.index("semipd: serving "):].splitlines()[1:]
+    assert after == ["semipd: SIGINT: stopping, ending 2 requests"], stderr
+    assert proc.returncode == 0

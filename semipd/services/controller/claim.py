@@ -77,6 +77,13 @@ def release(path: str) -> None:
         remove_paths([path])
 
 
+def remove_own_leftovers(address: str) -> None:
+    """Remove everything this process owns at `address`: for a stop that cannot finish its own
+    cleanup in time. Unlinking memory still mapped is safe: it is freed once the last map goes."""
+    remove_paths(owned_paths(os.getpid()) + _socket_file(address))
+    release(state_path(address))
+
+
 def _read(path: str) -> dict | None:
     try:
         with open(path) as f:

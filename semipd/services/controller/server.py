@@ -19,6 +19,7 @@ from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_
 from semipd.services.controller.partition_control import PartitionControl
 from semipd.services.controller.request_book import RequestBook
 from semipd.services.controller.resident import ResidentMemory
+from semipd.services.controller.stopping import Stop
 from semipd.services.controller.supervisor import Supervisor
 from semipd.services.controller.switcher import Switcher
 from semipd.shared import protocol
@@ -27,12 +28,13 @@ from semipd.shared.errors import UserError
 from semipd.shared.sockets import MAX_UNREAD, bind_router
 
 POLL_MS = 50
-CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
+CLOSE_LINGER_MS = 1000         # on shutdown, most time for the last Finals to reach their clients
 
 
 class Controller:
     def __init__(self, config: EngineConfig, address: str, worker_address: str,
-                 moderation: ModerationConfig | None = None, mode: ServingMode | None = None):
+                 moderation: ModerationConfig | None = None, mode: ServingMode | None = None,
+                 stop: Stop | None = None):
         self.mode = mode or ServingMode({"prefill": DEFAULT_PREFILL_SM, "decode": DEFAULT_DECODE_SM})
         self.prefill_role = "unified" if self.mode.unified else "prefill"  # where requests start
         self.memory = ResidentMemory(config)
@@ -57,7 +59,7 @@ class Controller:
             moderation, self.ctx, self.memory.tokenizer, self._send_client, self.book.abort, address)
         self.intake = Intake(self.ctx, self.memory, self.book, self._send_client)
         self.started = time.monotonic()
-        self.stopping = False      # set by stop(): the loop ends at its next turn
+        self.stop = stop or Stop()  # its ask() is the signal handler: the loop ends when stop.due()
 
     def _alive(self, seq_id: int) -> bool:
         """Whether a request still wants this sequence (the switcher asks in a hand-over)."""
@@ -200,7 +202,7 @@ class Controller:
         if self.moderation is not None:
             poller.register(self.moderation.link.sock, zmq.POLLIN)
         announced = False
-        while not self.stopping:
+        while not self.stop.due(self.in_flight()):
             self.book.detok.submit()  # what the last turn handed it
             events = dict(poller.poll(POLL_MS))
             if self.book.detok.sock in events:
@@ -230,10 +232,11 @@ class Controller:
                 if on_ready:
                     on_ready()
 
-    def stop(self) -> None:
-        """End serve_forever at its next turn (within POLL_MS). Safe in a signal handler: it
-        raises nothing into whatever the loop was doing (a send half done, a lock just taken)."""
-        self.stopping = True
+    def in_flight(self) -> int:
+        """Requests whose Final has not gone out: being tokenized, served, or waiting for their
+        last text or the monitor's last scores."""
+        held = self.moderation and sum(w.final is not None for w in self.moderation.watches.values())
+        return len(self.intake.waiting) + len(self.book.requests) + len(self.book.ending) + (held or 0)
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
         while True:
@@ -246,13 +249,18 @@ class Controller:
             else:
                 self._send_client(frames[0], protocol.Reply("", False, error="send one frame per message"))
 
-    def close(self) -> None:
+    def close(self, deadline: float) -> None:
+        """The stop path, by the deadline (monotonic s): every open stream's Final goes out and
+        the client socket closes (its linger sends them meanwhile), then the workers and standbys
+        stop together, then the rest."""
         self.intake.close()
         self.book.close()
         if self.moderation is not None:
             self.moderation.close()
-        self.supervisor.stop()
-        self.front.close(linger=CLOSE_LINGER_MS)
+        self.front.close(linger=int(min(CLOSE_LINGER_MS, 1000 * max(0.0, deadline - time.monotonic()))))
+        killed = self.supervisor.stop(deadline)
+        if killed:
+            print(f"semipd: {killed} workers did not stop in time and were killed", file=sys.stderr, flush=True)
         self.back.close()
         self.ctx.term()
         self.memory.close()
