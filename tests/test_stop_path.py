@@ -1,17 +1,20 @@
 """Stopping `semipd serve` (issues 24 and 25): SIGTERM with streams open ends every stream with
 exactly one Final and exits within the bound, over and over, leaving nothing behind; Ctrl-C
-prints one line."""
+prints one line; --drain-timeout lets requests in flight finish and refuses new ones."""
 
 import os
 import signal
 import time
 
 from semipd.shared import protocol
+from semipd.shared.client import Client
 from tests.stop_repeatedly import stop_once
-from tests.stop_tools import (STOP_BOUND_S, RawStreams, leftovers, new_folder, process_tree, start,
+from tests.stop_tools import (STOP_BOUND_S, RawStreams, address_in, leftovers, new_folder, process_tree, start,
                               wait_exit, wait_ready)
 
 BUDGET_S = 60  # repeated stops: as many as fit; tests/stop_repeatedly.py runs a given count
+# Tokens that take seconds on the CPU (the tiny model's steps take about 1 ms; its context is 2048).
+LONG = 2000
 
 
 def serving(*args: str):
@@ -63,3 +66,54 @@ def test_ctrl_c_prints_one_line():
     after = stderr[stderr.index("semipd: serving "):].splitlines()[1:]
     assert after == ["semipd: SIGINT: stopping, ending 2 requests"], stderr
     assert proc.returncode == 0
+
+
+def wait_stopping(folder: str) -> None:
+    """Until the server says it drains (the signal was seen)."""
+    with Client(address_in(folder)) as client:
+        while client.health()["status"] != "stopping":
+            time.sleep(0.01)
+
+
+def test_drain_lets_requests_in_flight_finish_and_refuses_new_ones():
+    folder, proc = serving("--drain-timeout", "60")
+    streams = RawStreams(folder, 1, max_tokens=LONG)
+    streams.read(RawStreams.all_streaming)
+    proc.send_signal(signal.SIGTERM)
+    wait_stopping(folder)
+    streams.send("late", 8)
+    streams.read(RawStreams.all_final)
+    took = wait_exit(proc)  # at once: nothing is left in flight
+    streams.close()
+    stderr = proc.stderr.read()
+    assert "semipd: SIGTERM: draining 1 requests for up to 60 s" in stderr, stderr
+    assert streams.finals("r0")[0].finish_reason == "length"
+    assert streams.finals("late")[0].error == "the server is stopping: it admits no new requests"
+    assert proc.returncode == 0 and took < 30, (took, stderr)
+    assert not leftovers(folder, set())
+
+
+def test_the_drain_timeout_ends_the_rest():
+    folder, proc = serving("--drain-timeout", "0.5")
+    streams = RawStreams(folder, 2, max_tokens=LONG)
+    streams.read(RawStreams.all_streaming)
+    proc.send_signal(signal.SIGTERM)
+    took = wait_exit(proc)
+    streams.read(RawStreams.all_final, timeout_s=5)
+    streams.close()
+    assert [streams.finals(r)[0].error for r in ("r0", "r1")] == ["the server is shutting down"] * 2
+    assert proc.returncode == 0 and took < 0.5 + STOP_BOUND_S, took
+
+
+def test_a_second_signal_ends_the_drain():
+    folder, proc = serving("--drain-timeout", "600")
+    streams = RawStreams(folder, 1, max_tokens=LONG)
+    streams.read(RawStreams.all_streaming)
+    proc.send_signal(signal.SIGTERM)
+    wait_stopping(folder)
+    proc.send_signal(signal.SIGTERM)
+    took = wait_exit(proc)
+    streams.read(RawStreams.all_final, timeout_s=5)
+    streams.close()
+    assert streams.finals("r0")[0].error == "the server is shutting down"
+    assert proc.returncode == 0 and took < STOP_BOUND_S

@@ -30,7 +30,7 @@ def serve(args) -> None:
     mps = MpsDaemon(os.path.join(runtime_dir(), f"mps-{os.getpid()}")) if args.start_mps else None
     controller = None
     gateway = GatewayChild(args.http, address) if args.http else None
-    stop = Stop()
+    stop = Stop(args.drain_timeout)
     try:
         on_gpu = config.torch_device().type == "cuda"
         mode.mps = on_gpu and (mps is not None or daemon_running())

@@ -94,7 +94,10 @@ class Controller:
             if name == "GenerateRequest" and request_id and (client, request_id) not in self.book.requests:
                 return self._send_client(client, protocol.Final(request_id, "error", error=str(e)))
             return self._send_client(client, protocol.Reply(request_id, False, error=str(e)))
-        if isinstance(msg, protocol.GenerateRequest):
+        if isinstance(msg, protocol.GenerateRequest) and self.stop.draining:
+            self._send_client(client, protocol.Final(msg.request_id, "error",
+                                                     error="the server is stopping: it admits no new requests"))
+        elif isinstance(msg, protocol.GenerateRequest):
             self.intake.generate(client, msg)
         elif isinstance(msg, protocol.AbortRequest):
             req = self.book.requests.get((client, msg.request_id))
@@ -175,7 +178,7 @@ class Controller:
         # During a switch the role's new worker is closed for the few ms of the handover; its
         # requests queue and the server is serving, not starting.
         serving = self.supervisor.all_ready() or bool(self.switcher.active)
-        return {"status": "ok" if serving else "starting",
+        return {"status": "stopping" if self.stop.draining else "ok" if serving else "starting",
                 "uptime_s": time.monotonic() - self.started, "model": self.memory.config.model,
                 "scm": self.moderation and self.moderation.health()}
 

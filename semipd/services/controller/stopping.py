@@ -1,8 +1,10 @@
 """When and how fast `semipd serve` stops.
 
 A signal (SIGTERM, SIGINT, SIGHUP) is only recorded: the serving loop asks `due` each turn, so a
-stop never interrupts a half-done update (issue 25). Then the stop path, whose every wait is
-bounded by one deadline, STOP_S after the loop ended: Finals out, workers and standbys stopped together,
+stop never interrupts a half-done update (issue 25). Without a drain the loop ends at once; with
+`--drain-timeout S` it stops admitting requests and ends once none is in flight or S seconds
+have passed (a second signal ends the drain). Then the stop path, whose every wait is bounded by
+one deadline, STOP_S after the loop ended: Finals out, workers and standbys stopped together,
 sockets closed, memory freed. Should it still not be done BACKSTOP_S after the loop ended, a
 timer removes what the process owns and exits: the stop has a bound whatever hangs.
 """
@@ -21,20 +23,32 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 @dataclass
 class Stop:
+    drain_s: float = 0.0
     signals: list[str] = field(default_factory=list)  # those received, in order
-    seen: bool = False                                # by the loop
+    drain_until: float | None = None                  # set when the loop first sees a signal
 
     def ask(self, signum: int, _frame=None) -> None:
         """The signal handler: records, raises nothing into whatever the loop was doing."""
         self.signals.append(signal.Signals(signum).name)
 
+    @property
+    def draining(self) -> bool:
+        """Stopping: no new requests are admitted."""
+        return self.drain_until is not None
+
     def due(self, in_flight: int) -> bool:
         """Whether the serving loop ends now, given the requests in flight; asked every turn."""
-        if self.signals and not self.seen:
-            self.seen = True
-            what = f"stopping, ending {in_flight} requests" if in_flight else "stopping"
+        if not self.signals:
+            return False
+        now = time.monotonic()
+        if self.drain_until is None:
+            self.drain_until = now + self.drain_s
+            if in_flight and self.drain_s:
+                what = f"draining {in_flight} requests for up to {self.drain_s:g} s (a second signal stops at once)"
+            else:
+                what = f"stopping, ending {in_flight} requests" if in_flight else "stopping"
             print(f"semipd: {self.signals[0]}: {what}", file=sys.stderr, flush=True)
-        return self.seen
+        return len(self.signals) > 1 or not in_flight or now >= self.drain_until
 
     def deadline(self) -> float:
         """When the stop path must be done (monotonic s), counted from the loop's end."""
