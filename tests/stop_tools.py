@@ -50,9 +50,10 @@ def wait_ready(proc: subprocess.Popen, folder: str, timeout_s: float = 120) -> N
         time.sleep(0.2)
 
 
-def wait_exit(proc: subprocess.Popen, timeout_s: float = 60) -> float:
-    """Seconds until it exited (SIGKILL to its group past timeout_s)."""
-    began = time.monotonic()
+def wait_exit(proc: subprocess.Popen, began: float | None = None, timeout_s: float = 60) -> float:
+    """Seconds from `began` (monotonic; default now) until it exited (SIGKILL to its group past
+    timeout_s)."""
+    began = time.monotonic() if began is None else began
     try:
         proc.wait(timeout_s)
     finally:
