@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.serving import ROOT, Server
+from tests.serving import ROOT, Server, wait_for
 from tests.stop_tools import alive, children
 
 GONE_WITHIN_S = 5  # the kernel kills them at once; the rest is this machine's load
@@ -65,3 +65,12 @@ def test_the_gateway_dies_with_a_killed_server():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     kill_and_check(proc, kids)
+
+
+def test_standbys_die_with_a_killed_controller():
+    """A switch calls a standby up and starts the next one importing: both die with it too."""
+    server = Server("tiny")
+    server.client.partition(70, 100)
+    wait_for(lambda s: s["workers"]["prefill"]["standby"] is not None, server)
+    kill_and_check(server.proc, children(server.proc.pid))
+    server.client.close()
