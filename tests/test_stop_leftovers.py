@@ -6,6 +6,7 @@ tracker too) leaves its client and worker sockets, the page allocator's lock fil
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from semipd.services.controller.claim import claim, release
 from semipd.shared.client import Client
 from semipd.shared.errors import UserError
+from semipd.shared.runtime import runtime_dir
 from tests.stop_tools import (RawStreams, address_in, alive, leftovers, new_folder, process_tree, start,
                               wait_exit, wait_ready)
 
@@ -67,3 +69,18 @@ def test_a_live_server_is_not_cleaned_up(monkeypatch):
     assert os.path.exists(path)
     release(path)
     assert not leftovers(folder, set())
+
+
+def test_a_draft_of_a_dead_claim_is_removed(monkeypatch):
+    """A server killed while writing its state file leaves the draft: the next claim removes it,
+    not the draft of a live process (which may be claiming another address)."""
+    folder = new_folder()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", folder)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    drafts = {pid: os.path.join(runtime_dir(), f"semipd-{pid}-claim-0") for pid in (dead.pid, os.getppid())}
+    for path in drafts.values():
+        open(path, "w").close()
+    release(claim(address_in(folder)))
+    assert sorted(os.listdir(runtime_dir())) == [os.path.basename(drafts[os.getppid()])]
+    os.remove(drafts[os.getppid()])

@@ -8,13 +8,14 @@ named after its pid (runtime.owned_name), so the state file needs only the pid, 
 time: a pid the kernel has since given to another process is not the server's.
 """
 
+import glob
 import hashlib
 import json
 import os
 import sys
 
 from semipd.shared.errors import UserError
-from semipd.shared.runtime import ipc_listening, owned_paths, remove_paths, runtime_dir
+from semipd.shared.runtime import ipc_listening, owned_name, owned_paths, remove_paths, runtime_dir
 
 
 def state_path(address: str) -> str:
@@ -32,12 +33,14 @@ def start_time(pid: int) -> int | None:
     return None if fields[0] in "ZX" else int(fields[19])  # state is field 3, starttime 22
 
 
-def _alive(owner: dict) -> bool:
-    """Whether the recorded server still runs (without /proc: whether its pid does)."""
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether the process runs, and started then if that is given (without /proc: whether
+    the pid does)."""
     if os.path.isdir("/proc"):
-        return start_time(owner["pid"]) == owner["start_time"]
+        now = start_time(pid)
+        return now is not None and started in (None, now)
     try:
-        os.kill(owner["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process has the pid
@@ -51,7 +54,8 @@ def claim(address: str) -> str:
     listens); what a dead one left is removed first."""
     path = state_path(address)
     mine = {"pid": os.getpid(), "start_time": start_time(os.getpid()), "address": address}
-    draft = f"{path}.{os.getpid()}"
+    _remove_dead_drafts()
+    draft = os.path.join(runtime_dir(), owned_name("claim"))
     with open(draft, "w") as f:
         json.dump(mine, f)
     try:
@@ -61,7 +65,7 @@ def claim(address: str) -> str:
                 return path
             except FileExistsError:
                 owner = _read(path)
-                if owner is not None and _alive(owner):
+                if owner is not None and _alive(owner["pid"], owner["start_time"]):
                     raise UserError(f"a server (pid {owner['pid']}) is already starting or serving at {address}")
                 _remove_leftovers(owner and owner["pid"], address)
                 remove_paths([path])
@@ -82,6 +86,15 @@ def remove_own_leftovers(address: str) -> None:
     cleanup in time. Unlinking memory still mapped is safe: it is freed once the last map goes."""
     remove_paths(owned_paths(os.getpid()) + _socket_file(address))
     release(state_path(address))
+
+
+def _remove_dead_drafts() -> None:
+    """Drafts of state files whose writers died before they could link them (a window of
+    microseconds, but SIGKILL can land anywhere)."""
+    for path in glob.glob(os.path.join(runtime_dir(), "semipd-*-claim-*")):
+        pid = int(os.path.basename(path).split("-")[1])
+        if not _alive(pid):
+            remove_paths([path])
 
 
 def _read(path: str) -> dict | None:
