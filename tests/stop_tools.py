@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 
+import pytest
 import zmq
 
 from semipd.shared import protocol
@@ -17,6 +18,7 @@ from semipd.shared.client import Client, ClientError
 from tests.serving import ROOT
 
 STOP_BOUND_S = 3  # SIGTERM to exit, streams open (issue 24); the stop path's backstop makes it hold
+_started: list[subprocess.Popen] = []  # by start(); a failed test's are killed (no_server_left)
 
 
 def new_folder() -> str:
@@ -30,10 +32,23 @@ def address_in(folder: str) -> str:
 
 def start(folder: str, *args: str) -> subprocess.Popen:
     """`semipd serve --model tiny` on the CPU at address_in(folder), its own process group."""
-    return subprocess.Popen([sys.executable, "-m", "semipd", "serve", "--model", "tiny", "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "semipd", "serve", "--model", "tiny", "--device", "cpu",
                              "--address", address_in(folder), *args],
                             cwd=ROOT, env=dict(os.environ, XDG_RUNTIME_DIR=folder), stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    _started.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def no_server_left():
+    """Stop what a failed test left running (a test module imports this autouse fixture)."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            wait_exit(proc)
 
 
 def wait_ready(proc: subprocess.Popen, folder: str, timeout_s: float = 120) -> None:

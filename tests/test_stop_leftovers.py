@@ -17,6 +17,7 @@ from semipd.shared.errors import UserError
 from semipd.shared.runtime import runtime_dir
 from tests.stop_tools import (RawStreams, address_in, alive, leftovers, new_folder, process_tree, start,
                               wait_exit, wait_ready)
+from tests.stop_tools import no_server_left  # noqa: F401 (autouse: kills what a failed test left)
 
 GONE_WITHIN_S = 5  # the kernel kills them at once (PR_SET_PDEATHSIG); the rest is this machine's load
 

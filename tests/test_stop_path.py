@@ -11,6 +11,7 @@ from semipd.shared.client import Client
 from tests.stop_repeatedly import stop_once
 from tests.stop_tools import (STOP_BOUND_S, RawStreams, address_in, leftovers, new_folder, process_tree, start,
                               wait_exit, wait_ready)
+from tests.stop_tools import no_server_left  # noqa: F401 (autouse: kills what a failed test left)
 
 BUDGET_S = 60  # repeated stops: as many as fit; tests/stop_repeatedly.py runs a given count
 # Tokens that take seconds on the CPU (the tiny model's steps take about 1 ms; its context is 2048).
