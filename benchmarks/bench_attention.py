@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import triton
 
 from semipd.shared.kernels import triton_attention as kernels
+from semipd.shared.kernels import triton_decode as decode_kernels
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 MATMUL_FLOPS, COPY_BYTES = 800e12, 3.0e12
@@ -71,7 +72,7 @@ def decode(batch: int, context: int):
 
 def sweep() -> None:
     """Time other block configs on one long prompt and two decode batches."""
-    default_prefill, default_decode = kernels._prefill_config, kernels._decode_config
+    default_prefill = kernels._prefill_config
     for head_dim, cfgs in ((128, [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
                            (64, [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)])):
         for cfg in cfgs:
@@ -80,17 +81,17 @@ def sweep() -> None:
             print(f"sweep prefill n=8192 D={head_dim} BM,BN,warps,stages={cfg}: {ms:.3f} ms "
                   f"({floor / ms:.0%} of floor rate; torch SDPA {sdpa:.3f} ms)")
     kernels._prefill_config = default_prefill
-    default_sms = kernels._sm_count
+    default_sms, default_decode = decode_kernels._sm_count, decode_kernels._decode_config
     for cfg in [(64, 4, 3), (128, 4, 3), (64, 8, 3), (32, 4, 3)]:
         for programs_per_sm in (2, 4, 8):
-            kernels._decode_config = lambda dtype, head_dim, cfg=cfg: cfg
-            kernels._sm_count = lambda device, f=programs_per_sm: default_sms(device) * f // 4
+            decode_kernels._decode_config = lambda dtype, head_dim, cfg=cfg: cfg
+            decode_kernels._sm_count = lambda device, f=programs_per_sm: default_sms(device) * f // 4
             for batch, context in ((1, 4096), (32, 1024), (32, 4096)):
                 ms, floor = decode(batch, context)
                 print(f"sweep decode B={batch} n={context} BN,warps,stages={cfg} programs/SM "
                       f"{programs_per_sm}: {ms * 1e3:.1f} us ({floor / ms:.0%} of floor rate)")
-    kernels._sm_count = default_sms
-    kernels._decode_config = default_decode
+    decode_kernels._sm_count = default_sms
+    decode_kernels._decode_config = default_decode
 
 
 def main() -> None:

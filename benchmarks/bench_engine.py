@@ -5,8 +5,9 @@
 Decode: one CUDA-graph step for B sequences of C cached tokens. Floor = bytes that must be read
 (the weights once, plus B*C tokens of K and V) / the measured copy bandwidth. Reported twice:
 the graph replay alone (GPU time) and the whole runner call (host preparation included).
-Prefill: one sequence of N tokens. Floor = FLOPs executed (linear layers + causal attention)
-/ the measured bf16 matmul rate.
+Prefill: one sequence of N tokens, replayed as a CUDA graph (up to 2048 tokens) and eagerly, side
+by side, each with the host's time to issue it. Floor = FLOPs executed (linear layers + causal
+attention) / the measured bf16 matmul rate.
 """
 
 import argparse
@@ -24,7 +25,8 @@ from semipd.shared.sequence import Sequence
 
 PAGE = 16
 DECODE_CASES = [(1, 1024), (1, 4096), (32, 1024), (32, 4096), (128, 1024), (128, 4096)]
-PREFILL_LENS = [512, 1024, 2048, 4096, 8192]
+PREFILL_LENS = [256, 512, 1024, 2048, 4096, 8192]
+MIXED = (64, 1024, 512)  # a unified step: 64 decode rows of 1024 cached tokens beside a 512-token chunk
 
 
 def linear_flops_per_token(cfg) -> float:
@@ -86,7 +88,8 @@ def main() -> None:
     k.normal_(), v.normal_()  # random, never zeros
     model.bind_kv_cache(k, v)
     t0 = time.perf_counter()
-    runner = ModelRunner(model, PAGE, max_model_len=8192 + PAGE, max_num_seqs=128, cuda_graphs=True)
+    runner = ModelRunner(model, PAGE, max_model_len=8192 + PAGE, max_num_seqs=128, cuda_graphs=True,
+                         prefill_graph_tokens=max(PREFILL_LENS))
     print(f"KV pool {num_pages} pages ({num_pages * PAGE} tokens, {num_pages * per_page / 1e9:.1f} GB); "
           f"CUDA graphs captured in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -117,24 +120,42 @@ def main() -> None:
     for n in PREFILL_LENS:
         seq = Sequence(0, torch.randint(0, cfg.vocab_size, (n,)).tolist(), SamplingParams())
         seq.block_table = list(range(pages_for(n, PAGE)))
-        ms = cuda_time_ms(lambda: runner.prefill_logits([(seq, n)]), warmup=2, repeat=5)
-        host = host_time_ms(lambda: runner.prefill_logits([(seq, n)]))
         flops = linear_flops_per_token(cfg) * n + attention_flops(cfg, n) + 2.0 * cfg.hidden_size * cfg.vocab_size
-        rate = flops / ms / 1e9
-        results["prefill"].append(dict(tokens=n, ms=ms, host_ms=host, tflops=rate,
-                                       floor_ms=flops / ceil["matmul_tflops"] / 1e9))
-        print(f"prefill N={n:5d}: {ms:7.1f} ms (host issues it in {host:5.1f} ms), {n / ms * 1e3:8.0f} tok/s, "
-              f"{rate:5.0f} TFLOP/s = {rate / ceil['matmul_tflops']:.0%} of matmul; "
-              f"floor {flops / ceil['matmul_tflops'] / 1e9:6.1f} ms", flush=True)
+        row = dict(tokens=n, floor_ms=flops / ceil["matmul_tflops"] / 1e9)
+        for name, r in (("graph", runner), ("eager", eager)):
+            if name == "graph" and r.prefill_graphs.bucket(n, 1) is None:
+                continue
+            row[name] = (cuda_time_ms(lambda: r.prefill_logits([(seq, n)]), warmup=2, repeat=5),
+                         host_time_ms(lambda: r.prefill_logits([(seq, n)])))
+        best = min(ms for ms, _ in (row.get("graph", (1e9, 0)), row["eager"]))
+        row["tflops"] = flops / best / 1e9
+        results["prefill"].append(row)
+        print(f"prefill N={n:5d}: " + ", ".join(f"{k} {row[k][0]:6.1f} ms (host {row[k][1]:5.1f} ms)"
+                                                 for k in ("graph", "eager") if k in row)
+              + f"; best {row['tflops']:4.0f} TFLOP/s = {row['tflops'] / ceil['matmul_tflops']:.0%} of matmul; "
+              f"floor {row['floor_ms']:6.1f} ms", flush=True)
+
+    rows, context, chunk = MIXED
+    decode_rows = fake_sequences(rows, context)
+    prompt = Sequence(rows, torch.randint(0, cfg.vocab_size, (chunk,)).tolist(), SamplingParams())
+    prompt.block_table = list(range(num_pages - pages_for(chunk, PAGE), num_pages))
+    step = [(s, 1) for s in decode_rows] + [(prompt, chunk)]
+    mixed = {name: (cuda_time_ms(lambda: r.prefill_logits(step), warmup=2, repeat=10),
+                    host_time_ms(lambda: r.prefill_logits(step))) for name, r in (("graph", runner), ("eager", eager))}
+    results["mixed"] = mixed
+    print(f"mixed step ({rows} decode rows + {chunk}-token chunk): " + ", ".join(
+        f"{k} {ms:.1f} ms (host {host:.1f} ms)" for k, (ms, host) in mixed.items()), flush=True)
 
     print("\n| case | measured | floor | ratio |\n|---|---|---|---|")
     for d in results["decode"]:
         print(f"| decode B={d['batch']} C={d['context']} | {d['replay_ms']:.2f} ms (step {d['step_ms']:.2f}) "
               f"| {d['floor_ms']:.2f} ms | {d['replay_ms'] / d['floor_ms']:.2f}x |")
+    print("\n| prefill | CUDA graph (host) | eager (host) | floor | best / floor | of matmul |\n|---|---|---|---|---|---|")
     for p in results["prefill"]:
-        print(f"| prefill N={p['tokens']} | {p['ms']:.1f} ms ({p['tflops']:.0f} TFLOP/s, host {p['host_ms']:.1f} ms) "
-              f"| {p['floor_ms']:.1f} ms "
-              f"| {p['ms'] / p['floor_ms']:.2f}x |")
+        cell = lambda k: f"{p[k][0]:.1f} ms ({p[k][1]:.1f})" if k in p else "-"  # noqa: E731
+        best = min(p[k][0] for k in ("graph", "eager") if k in p)
+        print(f"| N={p['tokens']} | {cell('graph')} | {cell('eager')} | {p['floor_ms']:.1f} ms "
+              f"| {best / p['floor_ms']:.2f}x | {p['tflops'] / ceil['matmul_tflops']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.short_folders import sweep
+
 VOCAB = 300
 
 
@@ -62,6 +64,13 @@ def checkpoint(request, tmp_path_factory):
     """(path, HF model) for each supported architecture; the Llama one is sharded."""
     path = tmp_path_factory.mktemp(request.param)
     return str(path), make_checkpoint(path, request.param, sharded=request.param == "llama")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def short_folders_removed():
+    """Once every test is done: the session leaves none of its /tmp folders (sockets, lock files)."""
+    yield
+    assert sweep() == []
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,13 +3,11 @@ that flag everything or nothing are checkpoints whose token head has a large bia
 addresses, prompts, and requests run together with how each ended."""
 
 import asyncio
-import os
-import uuid
 
-from semipd.shared import protocol
 from semipd.shared.client import AsyncClient, ServerError
 from tests.conftest import make_checkpoint
 from tests.scm_checkpoints import bpe_tokenizer, save_monitor
+from tests.short_folders import short_folder
 
 FLAG_ALL, FLAG_NONE = (0.0, 30.0), (30.0, 0.0)
 
@@ -35,9 +33,7 @@ def monitor_checkpoint(tmp_path_factory, served, bias, same_tokenizer: bool) -> 
 
 
 def socket_address() -> str:
-    folder = os.path.join("/tmp", f"semipd-scm-{uuid.uuid4().hex[:8]}")
-    os.makedirs(folder)
-    return f"ipc://{folder}/scm.sock"
+    return f"ipc://{short_folder('semipd-scm-')}/scm.sock"
 
 
 async def collect(address: str, requests: list[tuple[list[int], bool]], max_tokens: int, after=None):
@@ -62,4 +58,4 @@ async def collect(address: str, requests: list[tuple[list[int], bool]], max_toke
                 await asyncio.sleep(0.005)
             after()
         finals = await asyncio.gather(*tasks)
-    return [(t + (f.token_ids if isinstance(f, protocol.Final) else []), f) for t, f in zip(tokens, finals)]
+    return list(zip(tokens, finals))

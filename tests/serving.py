@@ -5,18 +5,18 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 from semipd.shared.client import Client, ClientError
+from tests.short_folders import remove, short_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
     def __init__(self, model: str, *args: str, device: str = "cpu", address: str | None = None):
-        folder = os.path.join("/tmp", f"semipd-test-{uuid.uuid4().hex[:8]}")
-        self.address = address or f"ipc://{folder}/front.sock"
-        env = dict(os.environ, XDG_RUNTIME_DIR=folder)  # worker sockets there too
+        self.folder = short_folder("semipd-test-")
+        self.address = address or f"ipc://{self.folder}/front.sock"
+        env = dict(os.environ, XDG_RUNTIME_DIR=self.folder)  # worker sockets there too
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "semipd", "serve", "--model", model, "--address", self.address,
              "--device", device, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -49,8 +49,12 @@ class Server:
             time.sleep(0.1)
 
     def stop(self) -> int:
+        """Stop the server and remove its folder; its exit status."""
         self.client.close()
-        return terminate(self.proc)
+        try:
+            return terminate(self.proc)
+        finally:
+            remove(self.folder)
 
 
 def wait_for(predicate, server: Server, timeout_s: float = 120) -> dict:

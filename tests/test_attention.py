@@ -266,8 +266,8 @@ def test_batches_of_new_shapes_compile_nothing():
     """Serving must never stop to compile: once a kernel has run, batches of other sizes and
     block-table widths (1, multiples of 16, others: traits Triton would specialize on) reuse the
     compiled variant in Triton's per-device kernel cache."""
-    from semipd.shared.kernels import triton_attention as kernels
-    jitted = (kernels._prefill_kernel, kernels._decode_split_kernel, kernels._decode_reduce_kernel)
+    from semipd.shared.kernels import triton_attention, triton_decode
+    jitted = (triton_attention._prefill_kernel, triton_decode._decode_split_kernel, triton_decode._decode_reduce_kernel)
 
     def variants() -> list[int]:
         return [len(k.device_caches[torch.cuda.current_device()][0]) for k in jitted]

@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
 from tests.serving import ROOT, Server, wait_for
+from tests.short_folders import short_folder
 from tests.stop_tools import alive, children
 
 GONE_WITHIN_S = 5  # the kernel kills them at once; the rest is this machine's load
@@ -30,7 +30,7 @@ def kill_and_check(proc: subprocess.Popen, kids: set[int]) -> None:
 
 
 def start(*args: str) -> subprocess.Popen:
-    folder = os.path.join("/tmp", f"semipd-test-{uuid.uuid4().hex[:8]}")
+    folder = short_folder("semipd-test-")
     return subprocess.Popen([sys.executable, "-m", "semipd", "serve", "--model", "tiny", "--device", "cpu",
                              "--address", f"ipc://{folder}/front.sock", *args],
                             cwd=ROOT, env=dict(os.environ, XDG_RUNTIME_DIR=folder), stderr=subprocess.DEVNULL)

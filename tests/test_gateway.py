@@ -136,6 +136,8 @@ def test_metrics_count_what_this_gateway_served(server, gateway):
     assert after[("semipd_kv_pages_total", ())] == stats["kv_pages_total"]
     assert after[("semipd_sm_share_percent", (("phase", "decode"),))] == stats["partition"]["decode_sm"]
     assert ("semipd_partition_switches_total", ()) in after and ("semipd_requests_running", ()) in after
+    assert after[("semipd_prefix_cache_prompt_tokens_total", ())] == stats["prefix_cache"]["prompt_tokens"] > 0
+    assert ("semipd_prefix_cache_hit_rate", ()) in after and ("semipd_prefix_cache_evicted_pages_total", ()) in after
 
 
 def test_several_gateways_front_one_server_and_count_their_own(server, gateway):

@@ -182,7 +182,7 @@ def _hammer(name, claims, worker, num_ops, seed, results):
             owner = rng.choice(list(held))
             pages = held.pop(owner)
             assert (claim[pages] == worker).all(), f"worker {worker}: a held page was claimed by another"
-            assert (allocator._owner[pages] == owner).all(), f"worker {worker}: a held page was retagged"
+            assert (allocator._state.owner[pages] == owner).all(), f"worker {worker}: a held page was retagged"
             held_pages.difference_update(pages)
             claim[pages] = -1  # before freeing: once freed, the other worker may get them at once
             if rng.random() < 0.1:
@@ -196,7 +196,7 @@ def _hammer(name, claims, worker, num_ops, seed, results):
                 failed_allocs += 1
                 continue
             assert len(set(pages)) == n and held_pages.isdisjoint(pages), f"worker {worker}: got a held page"
-            assert (allocator._owner[pages] == next_owner).all(), f"worker {worker}: page tagged for another"
+            assert (allocator._state.owner[pages] == next_owner).all(), f"worker {worker}: page tagged for another"
             assert (claim[pages] == -1).all(), f"worker {worker}: page already held by the other worker"
             claim[pages] = worker
             held[next_owner] = pages
@@ -271,7 +271,7 @@ class _DieOnTopUpdate(np.ndarray):
 def _die_inside(name, owner, op):
     allocator = PageAllocator.attach(name)
     pages = allocator.alloc(5, owner)
-    allocator._header = allocator._header.view(_DieOnTopUpdate)
+    allocator._state.header = allocator._state.header.view(_DieOnTopUpdate)
     if op == "alloc":
         allocator.alloc(4, owner)
     else:

@@ -16,7 +16,7 @@ MESSAGES = [
     protocol.HandedOver([state(1, 40), state(2, 1)]),
     protocol.PrefillDone([state(3, 5)], finished=[None]),
     protocol.DecodeStep([1, 2], [17, 18], ["stop", None]),
-    protocol.Final("r", "content_filter", text="é日本", token_ids=[1, 2], ttft_s=0.25, itl_s=[0.01, 0.5],
+    protocol.Final("r", "content_filter", ttft_s=0.25, itl_s=[0.01, 0.5],
                    verdict={"token_index": 3, "score": 0.9}),
     protocol.ScmBatch(opens=[protocol.ScmOpen(4, prompt="hi"), protocol.ScmOpen(5, prompt_ids=[1, 2])],
                       appends=[protocol.ScmAppend(4, 2, text=" there", last=True)], closes=[6]),

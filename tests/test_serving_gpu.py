@@ -8,7 +8,7 @@ import pytest
 
 from semipd.shared.engine import Engine
 from semipd.shared.engine_config import EngineConfig
-from semipd.shared.steps import prefill_step
+from semipd.shared.steps import launch_prefill
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.scheduler import PrefillScheduler
 from semipd.shared.sequence import Sequence
@@ -83,9 +83,9 @@ def test_a_chunk_that_samples_nothing_is_timed_too():
         sched = PrefillScheduler(allocator, engine.config.page_size, 32, 8)
         sched.add(Sequence(0, list(range(1, 41)), SamplingParams(temperature=0, max_tokens=4)))
         runner.gpu_spans = []
-        assert prefill_step(runner, sched, allocator, sched.schedule()) == []  # 32 of 40 tokens
+        assert launch_prefill(runner, sched, sched.schedule()).finish(sched, allocator, True) == []  # 32 of 40 tokens
         assert len(runner.gpu_spans) == 1
-        assert len(prefill_step(runner, sched, allocator, sched.schedule())) == 1
+        assert len(launch_prefill(runner, sched, sched.schedule()).finish(sched, allocator, True)) == 1
         runner.wait()
         assert len(runner.gpu_spans) == 2 and all(s.elapsed_time(e) > 0 for s, e in runner.gpu_spans)
     finally:

@@ -1,6 +1,6 @@
 """The text of served streams, made on the controller's detokenizer thread: stop strings end
 requests (in prefill's first token or in decode) as the in-process engine does and free their
-pages, and an abort's Final carries the text that was held back."""
+pages, and an abort's last Delta carries the text that was held back."""
 
 import asyncio
 
@@ -48,9 +48,9 @@ def test_stop_strings_end_requests_as_generate_does_and_free_their_pages(model, 
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
 
 
-def test_an_aborts_final_carries_the_text_held_back(model, server):
-    """A stop string of 40 characters holds back the last 39 characters of text: the abort's
-    Final carries them, so the stream's text is its tokens' text."""
+def test_an_aborts_last_delta_carries_the_text_held_back(model, server):
+    """A stop string of 40 characters holds back the last 39 characters of text: a Delta
+    without tokens carries them before the abort's Final, so the stream's text is its tokens'."""
     stop = ["x" * 40]
     sock = raw_socket(server.address)
     sock.send(generate("a", prompt_ids=[5, 6, 7], params={"temperature": 0, "max_tokens": 400,
@@ -63,10 +63,12 @@ def test_an_aborts_final_carries_the_text_held_back(model, server):
             sock.send(protocol.encode(protocol.AbortRequest("a")))
     sock.close()
     final = messages[-1]
-    ids = [t for m in messages for t in m.token_ids]
+    ids = [t for m in messages[:-1] for t in m.token_ids]
     # every token the controller had when the abort came still goes out, before the Final
     assert final.finish_reason == "abort" and final.completion_tokens == len(ids) >= 3
     detok = Detokenizer(load_tokenizer(model), stop)
     text = "".join(detok.add([t])[0] for t in ids) + detok.flush()
-    assert "".join(m.text for m in messages) == text and final.text and final.text == text[-len(final.text):]
+    held = messages[-2]
+    assert held.token_ids == [] and held.text and held.text == text[-len(held.text):]
+    assert "".join(m.text for m in messages[:-1]) == text
     assert server.wait_idle()["kv_pages_free"] == server.stats()["kv_pages_total"]

@@ -6,7 +6,7 @@ request carries every earlier turn, the model's answers included."""
 import sys
 from dataclasses import asdict
 
-from semipd.cli.args import add_address_arg, add_sampling_args, sampling_params
+from semipd.cli.args import add_client_args, add_sampling_args, sampling_params, utf8
 from semipd.shared.client import Client, ClientError
 from semipd.shared.errors import UserError, first_line
 
@@ -16,7 +16,7 @@ EXIT = "/exit"
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="talk with a running server's model, one turn per line (its chat template "
                                     "renders the conversation); ends at end of input or /exit")
-    add_address_arg(p)
+    add_client_args(p)
     add_sampling_args(p)
     p.set_defaults(max_tokens=None)  # an answer ends at the end of its turn, or when the context is full
     p.add_argument("--system", metavar="TEXT", help="a system message that opens the conversation")
@@ -29,9 +29,10 @@ def cmd_chat(args) -> None:
     params = asdict(sampling_params(args))
     if params["max_tokens"] is None:
         del params["max_tokens"]
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages = [{"role": "system", "content": utf8(args.system, "--system")}] if args.system else []
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach utf8(), not a traceback
     try:
-        with Client(args.address) as client:
+        with Client(args.address, args.timeout) as client:
             while (turn := read_turn()) is not None:
                 messages.append({"role": "user", "content": turn})
                 messages.append({"role": "assistant", "content": answer(client, messages, params, args.usage)})
@@ -53,7 +54,7 @@ def read_turn() -> str | None:
             line = sys.stdin.readline()
             if not line:
                 return None
-        line = line.strip()
+        line = utf8(line.strip(), "a line of input")
         if line == EXIT:
             return None
         if line:
@@ -67,7 +68,7 @@ def answer(client: Client, messages: list[dict], params: dict, usage: bool) -> s
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         result = stream.result()
-    sys.stdout.write(result.final.text + "\n")
+    sys.stdout.write("\n")
     sys.stdout.flush()
     final = result.final
     if final.finish_reason != "stop":

@@ -6,15 +6,16 @@ import sys
 import time
 from dataclasses import asdict
 
-from semipd.cli.args import (add_address_arg, add_json_arg, add_prompt_args, add_sampling_args, at_least,
-                             print_completions, sampling_params)
+from semipd.cli.args import (add_client_args, add_json_arg, add_prompt_args, add_sampling_args, at_least,
+                             print_completions, prompts, sampling_params)
+from semipd.cli.stats_summary import summary
 from semipd.shared.client import AsyncClient, Client, ClientError, ServerError
 from semipd.shared.errors import UserError, first_line
 
 
 def add_parser(sub) -> None:
     comp = sub.add_parser("complete", help="send prompts to a running server and print the outputs")
-    add_address_arg(comp)
+    add_client_args(comp)
     add_prompt_args(comp)
     add_sampling_args(comp)
     add_json_arg(comp)
@@ -24,39 +25,38 @@ def add_parser(sub) -> None:
                       metavar="SECONDS",
                       help="wait up to this long for the server to be ready (it may still be loading)")
     comp.set_defaults(func=cmd_complete)
-    stats = sub.add_parser("stats", help="print a running server's KV cache, queue and worker state")
-    add_address_arg(stats)
-    stats.add_argument("--json", action="store_true", help="print the raw JSON object")
+    stats = sub.add_parser("stats", help="print a running server's model, split, requests, KV cache and workers")
+    add_client_args(stats)
+    stats.add_argument("--json", action="store_true", help="print the whole stats object as JSON")
     stats.set_defaults(func=cmd_stats)
     part = sub.add_parser("partition", help="move a running server's prefill/decode SM split")
-    add_address_arg(part)
+    add_client_args(part)
     part.add_argument("--prefill-sm", type=int, required=True, help="prefill's SM percent")
     part.add_argument("--decode-sm", type=int, required=True, help="decode's SM percent")
-    part.add_argument("--timeout", type=float, default=180,
-                      help="seconds to wait for the switch (the server ends one held up past its --switch-timeout)")
+    part.add_argument("--wait", type=at_least(float, 0, "a number of seconds, 0 or more"), default=180,
+                      metavar="SECONDS",
+                      help="wait up to this long for the switch (the server ends one held up past its --switch-timeout)")
     part.set_defaults(func=cmd_partition)
 
 
 def cmd_complete(args) -> None:
-    prompts = [{kind: value} for kind, value in args.prompts]
-    if not prompts:
-        raise UserError("give at least one --prompt or --prompt-ids")
+    requests = [{kind: value} for kind, value in prompts(args)]
     params = asdict(sampling_params(args))
     try:
         if args.wait:
             wait_ready(args.address, args.wait)
-        asyncio.run(_complete(args, prompts, params))
+        asyncio.run(_complete(args, requests, params))
     except ClientError as e:
         raise UserError(first_line(e)) from None
 
 
-async def _complete(args, prompts: list[dict], params: dict) -> None:
-    async with AsyncClient(args.address) as client:
-        if len(prompts) == 1 and not args.json:
-            await _stream_one(client, prompts[0], params, args.moderate)
+async def _complete(args, requests: list[dict], params: dict) -> None:
+    async with AsyncClient(args.address, args.timeout) as client:
+        if len(requests) == 1 and not args.json:
+            await _stream_one(client, requests[0], params, args.moderate)
             return
         # All requests are in flight before any is read, so they run concurrently on the server.
-        streams = [await client.generate(**p, moderate=args.moderate, **params) for p in prompts]
+        streams = [await client.generate(**p, moderate=args.moderate, **params) for p in requests]
         results = []
         for i, stream in enumerate(streams):
             try:
@@ -72,7 +72,7 @@ async def _stream_one(client: AsyncClient, prompt: dict, params: dict, moderate:
         async for delta in stream:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
-    sys.stdout.write(stream.final.text + "\n")
+    sys.stdout.write("\n")
     if stream.final.finish_reason in ("abort", "content_filter"):
         print(f"semipd: output ended early ({stream.final.finish_reason})", file=sys.stderr)
 
@@ -96,12 +96,12 @@ def wait_ready(address: str, timeout_s: float) -> None:
 def cmd_partition(args) -> None:
     """Ask for the split, wait until the workers have switched, print each switch's timings."""
     try:
-        with Client(args.address) as client:
+        with Client(args.address, args.timeout) as client:
             before = len(client.partition(args.prefill_sm, args.decode_sm)["history"])
-            deadline = time.monotonic() + args.timeout
+            deadline = time.monotonic() + args.wait
             while (part := client.stats()["partition"])["switching"]:
                 if time.monotonic() > deadline:
-                    raise UserError(f"the switch did not finish within {args.timeout:g} s")
+                    raise UserError(f"the switch did not finish within {args.wait:g} s")
                 time.sleep(0.1)
     except ClientError as e:
         raise UserError(first_line(e)) from None
@@ -117,21 +117,11 @@ def cmd_partition(args) -> None:
 
 def cmd_stats(args) -> None:
     try:
-        with Client(args.address) as client:
+        with Client(args.address, args.timeout) as client:
             data = client.stats()
     except ClientError as e:
         raise UserError(first_line(e)) from None
     if args.json:
         print(json.dumps(data))
     else:
-        for key, value in _flatten(data):
-            print(f"{key}: {value}")
-
-
-def _flatten(data: dict, prefix: str = ""):
-    """Nested dicts as dotted keys, one line each: workers.decode.pid: 1234."""
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+        print("\n".join(summary(data)))

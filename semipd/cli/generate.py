@@ -1,8 +1,8 @@
 """`semipd generate`: run prompts in this process (no server) and print the outputs."""
 
 from semipd.cli.args import (add_json_arg, add_model_args, add_prompt_args, add_sampling_args, print_completions,
-                             sampling_params)
-from semipd.shared.errors import UserError
+                             prompts, sampling_params)
+from semipd.shared.config import check_model
 
 
 def add_parser(sub) -> None:
@@ -15,14 +15,14 @@ def add_parser(sub) -> None:
 
 
 def cmd_generate(args) -> None:
+    texts = prompts(args)
+    check_model(args.model)
     from semipd.shared.engine import Engine  # torch: only when the command runs
     from semipd.shared.engine_config import EngineConfig
-    if not args.prompts:
-        raise UserError("give at least one --prompt or --prompt-ids")
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  progress=not args.json))
     try:
-        prompts = [engine.tokenizer.encode(v) if kind == "prompt" else v for kind, v in args.prompts]
-        print_completions(engine.generate(prompts, sampling_params(args)), args)
+        ids = [engine.tokenizer.encode(v) if kind == "prompt" else v for kind, v in texts]
+        print_completions(engine.generate(ids, sampling_params(args)), args)
     finally:
         engine.close()

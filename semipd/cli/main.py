@@ -12,13 +12,36 @@ from semipd.services.scm import cli as scm_cli, evaluate as scm_eval, train as s
 from semipd.shared.errors import UserError
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every flag's help with its default, unless there is none worth showing (unset, off,
+    an empty list) or the help already says it."""
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == [] \
+                or default == argparse.SUPPRESS or "default" in (action.help or ""):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semipd", description="semi-PD LLM serving")
     parser.add_argument("--version", action="version", version=f"semipd {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (generate, serve, api, client_commands, chat, bench, scm_train, scm_eval, scm_cli):
         module.add_parser(sub)
+    for command in sub.choices.values():
+        show_defaults(command)
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """The parsed arguments. A flag the subcommand does not know is reported with that
+    subcommand's usage, not the top-level one (argparse leaves unknown ones to the top)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def version() -> str:
@@ -30,7 +53,7 @@ def version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         args.func(args)
         sys.stdout.flush()  # here, so that a closed pipe raises below and not at exit

@@ -2,9 +2,10 @@
 
 import argparse
 
-from semipd.cli.args import add_model_args, at_least, positive_int
-from semipd.services.controller.moderation import add_moderation_args
-from semipd.services.controller.modes import add_mode_args
+from semipd.cli.args import add_model_args, at_least, positive_int, server_address
+from semipd.services.controller.moderation import add_moderation_args, moderation_config
+from semipd.services.controller.modes import add_mode_args, mode_from_args
+from semipd.shared.config import check_model
 
 
 def add_parser(sub) -> None:
@@ -18,7 +19,9 @@ def add_parser(sub) -> None:
                    help="most sequences in a batch (default %(default)s)")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="most prompt and output tokens together (default and cap: the model's context length)")
-    p.add_argument("--address", default=None,
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt in full: keep no computed pages for later prompts")
+    p.add_argument("--address", type=server_address, default=None,
                    help="client socket (default: an ipc:// path in the runtime folder; tcp://127.0.0.1:PORT)")
     p.add_argument("--http", type=host_port, metavar="HOST:PORT", default=None,
                    help="also serve OpenAI's HTTP API there (`semipd api` as a child process)")
@@ -38,5 +41,10 @@ def host_port(text: str) -> tuple[str, int]:
 
 
 def cmd_serve(args) -> None:
+    # What a user may have mistyped fails here, in well under a second, not after torch and
+    # the weights have loaded; serve() builds the mode and the monitor's config anew.
+    check_model(args.model)
+    mode_from_args(args)
+    moderation_config(args)
     from semipd.services.controller.serve import serve  # torch: only when the command runs
     serve(args)

@@ -89,20 +89,25 @@ class Worker:
         model.bind_kv_cache(self.arenas[1].view(dtype, init.kv_shape), self.arenas[2].view(dtype, init.kv_shape))
         self.allocator = PageAllocator.attach(init.allocator)
         mapped = time.perf_counter()  # the CUDA context is made and the controller's memory mapped
+        graphs = init.cuda_graphs
         self.runner = ModelRunner(model, init.page_size, init.max_model_len, init.max_num_seqs,
-                                  init.cuda_graphs and role in ("decode", "unified"))
+                                  cuda_graphs=graphs and role != "prefill",
+                                  prefill_graph_tokens=init.max_batched_tokens if graphs and role != "decode" else 0)
         parts = {"context_and_map": mapped - began, **self.runner.setup_s}
         self.link.send(protocol.WorkerReady(role=role, pid=os.getpid(), prepare_parts_s=parts))
 
-    def apply_messages(self, timeout_ms: int, sched, read_last_step=lambda: None) -> bool:
+    def apply_messages(self, timeout_ms: int, sched, read_last_step=lambda: None, settle=lambda: None) -> bool:
         """Apply the controller's messages to a scheduler (add, drop, held, inherit); False once
         this worker must stop. A Handover comes between steps. What the worker holds goes at
         once, pages and all, sequences in a step still in flight with their newest token counted
         as in flight (SeqState.num_in_flight); then `read_last_step` waits for that step and
         sends its tokens (a DecodeStep that the controller passes on: DecodeScheduler.inherit).
         The successor thus has its sequences while the last step runs, and needs only their
-        tokens when it ends."""
+        tokens when it ends. `settle` runs before any message but new work is applied: a loop
+        whose launched step must end before pages leave it (the prefill loop) finishes it there."""
         for msg in self.link.receive(timeout_ms):
+            if not isinstance(msg, protocol.RunSeqs):
+                settle()
             if isinstance(msg, protocol.RunSeqs):
                 for state in msg.seqs:
                     sched.add(self.to_sequence(state))

@@ -7,6 +7,7 @@ builds the same kind of config with no files.
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from semipd.shared.errors import UserError, first_line
@@ -14,6 +15,7 @@ from semipd.shared.gguf_file import is_gguf, transformers_source
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, as the Hugging Face hub names models
 
 
 @dataclass
@@ -76,19 +78,37 @@ def _rope_parameters(hf) -> dict:
     return dict(getattr(hf, "rope_scaling", None) or {}, rope_theta=getattr(hf, "rope_theta", 10000.0))
 
 
+def check_model(model: str) -> None:
+    """UserError, saying what to pass instead, unless model names a preset, a GGUF file or a
+    folder with a config.json. Only looks at names and files: it runs before anything heavy
+    loads (torch, transformers, the weights), so a typo fails at once."""
+    from semipd.shared.presets import PRESETS
+    presets = f"a preset ({', '.join(PRESETS)})"
+    if model in PRESETS:
+        return
+    if is_gguf(model):
+        transformers_source(model)  # the file exists
+    elif os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise UserError(f"{model}: no config.json (a Hugging Face model folder has one)")
+    elif HUB_NAME.fullmatch(model):
+        raise UserError(f"{model!r} is not a local folder; it looks like a Hugging Face hub name, and semipd "
+                        f"does not download models. Download it first, e.g. `hf download {model} --local-dir "
+                        f"DIR` (huggingface-cli download in older huggingface_hub), and pass --model DIR; "
+                        f"or pass a GGUF file or {presets}")
+    else:
+        raise UserError(f"unknown model {model!r}: not a folder, a GGUF file or {presets}")
+
+
 def load_hf_config(model: str):
     """The transformers config of a model directory, GGUF file or preset name, with clear errors."""
     from semipd.shared.presets import PRESETS
+    check_model(model)
     if model in PRESETS:
         return PRESETS[model]()
     if is_gguf(model):
         return _gguf_config(model)
-    if not os.path.isdir(model):
-        raise UserError(f"unknown model {model!r}: not a directory, a GGUF file or a preset "
-                        f"({', '.join(PRESETS)})")
     path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{model}: no config.json")
     try:
         with open(path) as f:
             model_type = json.load(f).get("model_type")

@@ -15,6 +15,7 @@ from semipd.shared.kv_cache import allocate_kv_pool, auto_num_pages
 from semipd.shared.loader import load_model
 from semipd.shared.model_runner import ModelRunner
 from semipd.shared.page_allocator import PageAllocator
+from semipd.shared.parallel.group import TPGroup
 from semipd.shared.pipeline import StepPipeline
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.scheduler import MixedScheduler
@@ -32,24 +33,28 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp: TPGroup = TPGroup()):
+        """tp: this process's rank of a tensor-parallel group. Every rank runs an Engine on the
+        same prompts: the schedule is a function of them, so the ranks take the same steps, each
+        with its own allocator holding the same pages, and sample the same tokens."""
         if config.page_size < 1:
             raise UserError(f"page size must be positive, got {config.page_size}")
         self.config = config
         device = config.torch_device()
         dtype = config.torch_dtype(device)
         self.model_config = ModelConfig.from_hf(load_hf_config(config.model))
-        self.model = load_model(config.model, device, dtype, config.seed, config.progress)
+        self.model = load_model(config.model, device, dtype, config.seed, config.progress, tp=tp)
         self.tokenizer = load_tokenizer(config.model)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         num_pages = config.num_pages or auto_num_pages(
             cfg, config.page_size, dtype, device, config.max_batched_tokens, config.max_num_seqs,
-            self.max_model_len)
-        self.allocator = PageAllocator.create(num_pages)
-        self.model.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, config.page_size, dtype, device))
-        self.runner = ModelRunner(self.model, config.page_size, self.max_model_len,
-                                  config.max_num_seqs, config.cuda_graphs)
+            self.max_model_len, tp.size)
+        self.allocator = PageAllocator.create(num_pages, config.page_size, config.prefix_cache)
+        self.model.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, config.page_size, dtype, device, tp.size))
+        graph_tokens = config.max_batched_tokens if config.cuda_graphs else 0
+        self.runner = ModelRunner(self.model, config.page_size, self.max_model_len, config.max_num_seqs,
+                                  config.cuda_graphs, prefill_graph_tokens=graph_tokens)
         self.sched = MixedScheduler(self.allocator, config.page_size, config.max_batched_tokens,
                                     config.max_num_seqs)
         self._ids = itertools.count()

@@ -22,6 +22,7 @@ class EngineConfig:
     max_batched_tokens: int = 8192
     max_model_len: int | None = None    # None: the model's max_position_embeddings
     cuda_graphs: bool = True
+    prefix_cache: bool = True           # keep computed prompt pages for later prompts (as vLLM, SGLang)
     seed: int = 0                       # for preset weights
     progress: bool = True
 

@@ -1,5 +1,7 @@
 """Build a Transformer and fill it: from a Hugging Face checkpoint or a GGUF file, or with random
-weights."""
+weights. A tensor-parallel rank's model takes its part of every full tensor
+(parallel/partition.py): the checkpoint's, or the preset's random ones, which are made whole from
+the seed, as at size 1, and then cut, so that every rank's part is of the same weights."""
 
 import math
 import os
@@ -12,6 +14,7 @@ from semipd.shared.errors import UserError
 from semipd.shared.gguf_checkpoint import GGUFCheckpoint
 from semipd.shared.gguf_file import is_gguf
 from semipd.shared.model import Transformer
+from semipd.shared.parallel.group import TPGroup
 from semipd.shared.rope import RotaryEmbedding
 from semipd.shared.safetensors_checkpoint import SafetensorsCheckpoint
 
@@ -22,14 +25,14 @@ FUSED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0,
                progress: bool = True, arena=None, cfg: ModelConfig | None = None,
-               extra: dict[str, torch.Tensor] | None = None) -> Transformer:
-    """Build the model and fill its weights from the checkpoint or randomly (presets). With an
-    arena (shared_memory.SharedArena of weights_nbytes bytes) the weights live there. cfg, if
-    given, replaces the model's own config; extra maps checkpoint tensor names outside the
-    Transformer (a monitor's heads) to tensors that are filled the same way."""
+               extra: dict[str, torch.Tensor] | None = None, tp: TPGroup = TPGroup()) -> Transformer:
+    """Build the model (rank tp.rank's part) and fill its weights from the checkpoint or randomly
+    (presets). With an arena (shared_memory.SharedArena of weights_nbytes bytes) the weights live
+    there. cfg, if given, replaces the model's own config; extra maps checkpoint tensor names
+    outside the Transformer (a monitor's heads) to tensors that are filled the same way, whole."""
     cfg = cfg or ModelConfig.from_hf(load_hf_config(model))
     checkpoint = open_checkpoint(model, cfg)  # a bad file is reported before memory is allocated
-    net = build_model(cfg, device, dtype, None if arena is None else arena.tensor)
+    net = build_model(cfg, device, dtype, None if arena is None else arena.tensor, tp)
     if checkpoint is not None:
         _load_checkpoint(net, checkpoint, progress, extra or {})
     else:
@@ -38,14 +41,15 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, seed: int =
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                flat: torch.Tensor | None = None) -> Transformer:
-    """A Transformer whose parameters are views into one flat uint8 buffer (fresh if None):
-    one plain allocation that another process can map. Contents are left as they are."""
+                flat: torch.Tensor | None = None, tp: TPGroup = TPGroup()) -> Transformer:
+    """A Transformer (rank tp.rank's part) whose parameters are views into one flat uint8 buffer
+    (fresh if None): one plain allocation that another process can map. Contents are left as
+    they are."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            net = Transformer(cfg).eval().requires_grad_(False)
+            net = Transformer(cfg, tp).eval().requires_grad_(False)
         with torch.device(device):  # the rotary tables are computed, not shared
             rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
     finally:
@@ -85,7 +89,7 @@ def open_checkpoint(model: str, cfg: ModelConfig):
 def _load_checkpoint(net: Transformer, checkpoint, progress: bool, extra: dict) -> None:
     params = dict(net.named_parameters()) | extra
     sizes = {".qkv_proj.": [net.layers[0].self_attn.q_size, *[net.layers[0].self_attn.kv_size] * 2],
-             ".gate_up_proj.": [net.cfg.intermediate_size] * 2}
+             ".gate_up_proj.": [net.partition.intermediate.size] * 2}
 
     def wanted(hf_name: str) -> bool:
         target = _our_name(hf_name)[0]
@@ -100,7 +104,7 @@ def _load_checkpoint(net: Transformer, checkpoint, progress: bool, extra: dict) 
         target, shard = _our_name(hf_name)
         if target not in params:
             raise UserError(f"{checkpoint.path}: unexpected tensor {hf_name}")
-        _copy_into(params[target], tensor, shard, sizes, hf_name, checkpoint.path)
+        _copy_into(params[target], tensor, target, shard, sizes, net.partition, hf_name, checkpoint.path)
         loaded.add(f"{target}#{shard}")
     bar.close()
     expected = {f"{name}#{i}" for name in params for i in _shard_ids(name)}
@@ -123,21 +127,31 @@ def _shard_ids(name: str) -> list[int | None]:
     return [0, 1, 2] if ".qkv_proj." in name else [0, 1] if ".gate_up_proj." in name else [None]
 
 
-def _copy_into(param, tensor, shard, sizes, hf_name, where):
+def _copy_into(param, tensor, target, shard, sizes, part, hf_name, where):
+    """Copy the rank's part of checkpoint tensor `tensor` into parameter `target` (into its
+    block `shard` where it is fused)."""
     if shard is not None:
-        fused = next(k for k in sizes if k in _our_name(hf_name)[0])
+        fused = next(k for k in sizes if k in target)
         start = sum(sizes[fused][:shard])
         param = param.narrow(0, start, sizes[fused][shard])
-    if param.shape != tensor.shape:
-        raise UserError(f"{where}: {hf_name} has shape {list(tensor.shape)}, config implies {list(param.shape)}")
-    param.copy_(tensor)
+    block = shard or 0
+    whole = part.full_shape(target, param.shape, block)
+    if list(tensor.shape) != whole:
+        raise UserError(f"{where}: {hf_name} has shape {list(tensor.shape)}, config implies {whole}")
+    param.copy_(part.take_block(target, block, tensor))
 
 
 def _init_random(net: Transformer, seed: int, extra: dict) -> None:
-    """Small normal weights (std 0.02, norms at 1), made on the target device, reproducible."""
+    """Small normal weights (std 0.02, norms at 1), made on the target device, reproducible.
+    A rank's part is cut from the whole tensor, drawn as at size 1: every rank, whatever the
+    size, holds a part of the same model."""
     gen = torch.Generator(device=net.embed_tokens.weight.device).manual_seed(seed)
     for name, p in [*net.named_parameters(), *extra.items()]:
         if name.endswith("norm.weight"):
             p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02, generator=gen)
+            continue
+        shape = net.partition.full_shape(name, p.shape)
+        whole = p if list(p.shape) == shape else p.new_empty(shape)
+        whole.normal_(0.0, 0.02, generator=gen)
+        if whole is not p:
+            p.copy_(net.partition.take(name, whole))

@@ -2,6 +2,10 @@
 
 Tokens of all sequences in a step are packed into one flat batch [T]; a Batch says where each
 token's K/V goes (slot_mapping) and which cached tokens each query may see.
+
+Built for a tensor-parallel group (shared/parallel/), a model holds its rank's part: its query
+and KV heads, its MLP columns and vocabulary rows (parallel/partition.py), and its KV cache
+holds its KV heads. Its forward pass gives every rank the same hidden states and logits.
 """
 
 from dataclasses import dataclass
@@ -12,6 +16,9 @@ from torch import nn
 from semipd.shared.attention import decode_attention, prefill_attention, store_kv
 from semipd.shared.config import ModelConfig
 from semipd.shared.ops import add_rms_norm, silu_and_mul
+from semipd.shared.parallel.group import TPGroup
+from semipd.shared.parallel.layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from semipd.shared.parallel.partition import Partition
 from semipd.shared.rope import RotaryEmbedding
 
 
@@ -38,13 +45,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    """The rank's heads: qkv_proj is column-parallel (its rows of q, k and v), o_proj row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, part: Partition, tp: TPGroup):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = part.heads.size, part.kv_heads.size, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, tp)
         self.rope = rope
         self.k_cache = self.v_cache = None  # bound to this layer's slice of the KV pool
 
@@ -65,22 +74,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The rank's MLP columns: gate_up_proj is column-parallel, down_proj row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, part: Partition, tp: TPGroup):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * part.intermediate.size, bias=False)
+        self.down_proj = RowParallelLinear(part.intermediate.size, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, part: Partition, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope)
+        self.self_attn = Attention(cfg, rope, part, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, part, tp)
 
     def forward(self, positions, x, residual, batch):
         """The residual stream travels beside the sublayer output, so each norm fuses the add
@@ -92,14 +103,16 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = TPGroup()):
+        """Rank tp.rank's part of the model (the whole model at the default size 1)."""
         super().__init__()
         self.cfg = cfg
+        self.partition = part = Partition.of(cfg, tp.rank, tp.size)
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope) for _ in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(part.vocab, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, part, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, part.vocab, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -115,4 +128,5 @@ class Transformer(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] over the whole vocabulary, on every rank."""
         return self.lm_head(hidden).float()

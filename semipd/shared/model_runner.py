@@ -3,7 +3,10 @@
 A decode step returns the runner's head applied to the final hidden states: LM logits for the
 served model, P(harmful) per token for a content monitor. On CUDA it replays CUDA graphs (head
 included) captured for a ladder of batch sizes; a batch is padded up to the next captured size
-with rows that write nowhere (slot -1) and attend to nothing (kv_len 0).
+with rows that write nowhere (slot -1) and attend to nothing (kv_len 0). Prefill steps (prompt
+chunks, and unified's mixed steps) replay graphs captured per token-count bucket where one fits
+(shared/prefill_graphs.py) and run eagerly where none does; either way their inputs reach the
+device in one packed copy (shared/prefill_inputs.py).
 
 On CUDA a new runner also runs the prefill, sampling and feed paths once on throwaway input and
 launches each graph once, so that a worker called up by an SM switch does not pay for kernel
@@ -18,6 +21,8 @@ from typing import Callable
 import torch
 
 from semipd.shared.model import Batch, Transformer
+from semipd.shared.prefill_graphs import PrefillGraphs, token_buckets
+from semipd.shared.prefill_inputs import InputLayout, apply_feed, feed_rows
 from semipd.shared.sampling import sample
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.sequence import Sequence
@@ -33,13 +38,17 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: Transformer, page_size: int, max_model_len: int, max_num_seqs: int,
-                 cuda_graphs: bool = True, head: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 cuda_graphs: bool = True, head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 prefill_graph_tokens: int = 0):
+        """cuda_graphs: capture decode steps; prefill_graph_tokens: capture prefill steps of up to
+        this many tokens (shared/prefill_graphs.py), 0 for none. Both only on CUDA."""
         self.model = model
         self.head = head or model.compute_logits
         self.device = model.embed_tokens.weight.device
         self.page_size = page_size
         self.max_pages_per_seq = (max_model_len + page_size - 1) // page_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: PrefillGraphs | None = None
         # CUDA event pairs (a forward pass's start, its sampler's end) while a StepTimer reads
         # them; None: not timed, and no events are made (generate, benchmarks, the monitor)
         self.gpu_spans: list[tuple] | None = None
@@ -47,8 +56,14 @@ class ModelRunner:
         self.setup_s: dict[str, float] = {}  # how long the warm-up and the graph capture took
         if self.device.type == "cuda":
             self._timed("warm_up", self._warm_up)
+            pool = None
             if cuda_graphs:
                 self._timed("cuda_graphs", lambda: self._capture(graph_batch_sizes(max_num_seqs)))
+                pool = self.graph_pool
+            if prefill_graph_tokens:
+                self.prefill_graphs = PrefillGraphs(model, token_buckets(prefill_graph_tokens), max_num_seqs,
+                                                    self.max_pages_per_seq)
+                self._timed("prefill_graphs", lambda: self.prefill_graphs.capture(pool))
 
     def _timed(self, part: str, work: Callable[[], None]) -> None:
         began = time.perf_counter()
@@ -93,28 +108,35 @@ class ModelRunner:
     def prefill_logits(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
         """Compute the chunks' K/V; logits [B, V] at each chunk's last token. A decode row is a
         chunk of one token (its newest, which may be in flight: see _input_ids)."""
-        hidden = self.prefill_hidden(chunks, feed)
-        last = self._tensor(list(itertools.accumulate(n for _, n in chunks)), torch.int64) - 1
-        return self.model.compute_logits(hidden[last])
+        hidden, cu_seqlens = self._prefill(chunks, feed)
+        return self.model.compute_logits(hidden[cu_seqlens[1:len(chunks) + 1] - 1])
 
     @torch.inference_mode()
     def prefill_hidden(self, chunks: list[tuple[Sequence, int]], feed=None) -> torch.Tensor:
         """Compute the chunks' K/V; final hidden states [T, hidden] of every chunk token, the
-        chunks back to back (a content monitor scores each of them)."""
-        ids, positions, slots, cu_seqlens, kv_lens = [], [], [], [0], []
-        for seq, n in chunks:
-            span = range(seq.num_cached, seq.num_cached + n)
-            ids += seq.token_ids[span.start:span.stop]
-            ids += [0] * (span.stop - len(seq.token_ids))  # a token in flight: see _input_ids
-            positions += span
-            slots += [self._slot(seq, p) for p in span]
-            cu_seqlens.append(cu_seqlens[-1] + n)
-            kv_lens.append(span.stop)
+        chunks back to back (a content monitor scores each of them). Consume them before the
+        next step: a replayed graph's output is a static buffer."""
+        return self._prefill(chunks, feed)[0]
+
+    def _prefill(self, chunks: list[tuple[Sequence, int]], feed) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states, cu_seqlens on the device): replayed as a CUDA graph where a bucket
+        fits the step, else eagerly at its exact size."""
+        num_tokens, pin = sum(n for _, n in chunks), self.device.type == "cuda"
+        tables = self._block_tables([s for s, _ in chunks])
+        graphs = self.prefill_graphs
+        bucket = graphs.bucket(num_tokens, len(chunks)) if graphs is not None else None
+        if bucket is not None:
+            inputs = graphs.upload(graphs.layout.pack(chunks, self.page_size, feed_rows(feed), pin), tables)
+        else:
+            layout = InputLayout(num_tokens, len(chunks))
+            host = layout.pack(chunks, self.page_size, feed_rows(feed), pin)
+            inputs = layout.views(host.to(self.device, non_blocking=True))
+        apply_feed(inputs, feed)
         self._mark_forward()
-        batch = Batch(is_prefill=True, slot_mapping=self._tensor(slots, torch.int64),
-                      kv_lens=self._tensor(kv_lens), block_tables=self._block_tables([s for s, _ in chunks]),
-                      cu_seqlens_q=self._tensor(cu_seqlens), max_q_len=max(n for _, n in chunks))
-        return self.model(self._input_ids(ids, feed), self._tensor(positions, torch.int64), batch)
+        if bucket is not None:
+            return graphs.replay(bucket, num_tokens), inputs.cu_seqlens
+        batch = Batch(True, inputs.slots, inputs.kv_lens, tables, inputs.cu_seqlens, max(n for _, n in chunks))
+        return self.model(inputs.ids, inputs.positions, batch), inputs.cu_seqlens
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], feed: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
@@ -212,6 +234,6 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
                 run()
-            pool = graph.pool()
+            pool = self.graph_pool = graph.pool()
             self.graphs[bs] = graph
             graph.replay()  # a graph's first launch uploads it (the process's first costs most)

@@ -1,20 +1,18 @@
-"""The KV page allocator shared by the prefill and decode processes (and the single-process engine).
+"""The KV page allocator shared by the prefill and decode processes (and the single-process engine),
+with the prefix cache in it.
 
 Both phases take and return pages of one KV pool concurrently, so "find free pages, take them, mark
-them taken" must be one atomic step across processes (semi-PD's allocation hazard). State lives in
-one shared-memory segment:
-
-    header  int64[2]            num_pages, top (number of free pages)
-    owner   int64[num_pages]    request id holding each page, -1 when free, releasing(pid) <= -2
-                                when let go by worker pid, whose launched GPU step may still write it
-    stack   int32[num_pages]    free page ids in stack[:top]; alloc pops from the top
+them taken" must be one atomic step across processes (semi-PD's allocation hazard); so must every
+change to a cached page's key or reference count. The state lives in one shared-memory segment
+(its layout and every change to it: page_state.py), and each call here is one critical section.
 
 The lock is flock() on a file beside the segment: the kernel drops it when its holder dies, even by
 SIGKILL, so a crashed worker cannot wedge the pool. Pages carry their owner so that the controller
 can reclaim a dead worker's requests with free_owner(), and with free_owner(releasing(pid)) the
 pages it was still holding back for a step in flight (shared/pipeline.py), whose requests are
 gone. The tag names the worker: while an old decode worker finishes its last step beside its
-successor, the death of one must not free what the other holds back.
+successor, the death of one must not free what the other holds back. A sequence's hold on cached
+pages goes with its own pages, so the same calls let go of it, exactly once.
 """
 
 import fcntl
@@ -25,31 +23,15 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from semipd.shared.page_state import CACHED, FREE, H_TOP, PageState, releaser, releasing, segment_size
 from semipd.shared.runtime import owned_name, runtime_dir
 from semipd.shared.shared_memory import attach_segment, unlink_segment
 
-FREE = -1
-
-
-def releasing(pid: int) -> int:
-    """The owner tag of pages that process pid has let go of but may still write."""
-    return -2 - pid
-
-
-def releaser(owner: int) -> int | None:
-    """The pid behind a releasing() tag; None for a request id."""
-    return -2 - owner if owner <= -2 else None
+__all__ = ["CACHED", "FREE", "PageAllocator", "releaser", "releasing"]
 
 
 def _lock_path(name: str) -> str:
     return os.path.join(runtime_dir(), f"{name}.lock")
-
-
-def _views(shm: shared_memory.SharedMemory, num_pages: int) -> tuple[np.ndarray, ...]:
-    """header, owner, stack: the segment's layout (see the top of this file)."""
-    return (np.ndarray((2,), np.int64, shm.buf),
-            np.ndarray((num_pages,), np.int64, shm.buf, offset=16),
-            np.ndarray((num_pages,), np.int32, shm.buf, offset=16 + 8 * num_pages))
 
 
 class PageAllocator:
@@ -58,21 +40,20 @@ class PageAllocator:
         self._pid = os.getpid()
         # flock() excludes other open files, not other threads sharing ours, hence the thread lock.
         self._thread_lock = threading.Lock()
-        self.num_pages = int(np.ndarray((1,), np.int64, shm.buf)[0])
-        self._header, self._owner, self._stack = _views(shm, self.num_pages)
+        self._state = PageState(shm.buf)
+        self.num_pages, self.page_size = self._state.num_pages, self._state.page_size
+        self.caching = self._state.caching
 
     @classmethod
-    def create(cls, num_pages: int, name: str | None = None) -> "PageAllocator":
-        """A new pool of num_pages free pages. The creator unlinks the segment on close()."""
+    def create(cls, num_pages: int, page_size: int = 16, caching: bool = True,
+               name: str | None = None) -> "PageAllocator":
+        """A new pool of num_pages free pages of page_size tokens, with a prefix cache unless
+        caching is False. The creator unlinks the segment on close()."""
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         name = name or owned_name("pages")
-        shm = shared_memory.SharedMemory(name, create=True, size=16 + 12 * num_pages)
-        header, owner, stack = _views(shm, num_pages)
-        header[:] = num_pages, num_pages
-        owner[:] = FREE
-        stack[:] = np.arange(num_pages - 1, -1, -1)  # so that pages 0, 1, ... go first
-        del header, owner, stack  # live views would make shm.close() fail
+        shm = shared_memory.SharedMemory(name, create=True, size=segment_size(num_pages, page_size))
+        PageState.init(shm.buf, num_pages, page_size, caching)
         try:
             # Made last: attach() needs the lock file, so nobody sees a half-initialized pool.
             lock_fd = os.open(_lock_path(name), os.O_RDWR | os.O_CREAT, 0o600)
@@ -97,74 +78,95 @@ class PageAllocator:
     def name(self) -> str:
         return self._shm.name
 
-    def alloc(self, n: int, owner: int) -> list[int] | None:
-        """n pages tagged with owner, or None (taking nothing) when fewer than n are free."""
+    def alloc(self, n: int, owner: int, prefix: list[int] = (), keys: list[int] = (),
+              prompt_tokens: int = 0) -> list[int] | None:
+        """n pages tagged with owner, or None (taking nothing) when fewer than n are free or held
+        by nobody in the cache. With a cached prefix (from match(), with its keys) the result is
+        the new block table: the prefix pages still cached, held by this sequence, then the n
+        new ones. prompt_tokens: a prompt starts here, counted with its hit in cache_stats()."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of pages ({n})")
-        self._check_owner(owner)
+        if owner < 0:
+            raise ValueError(f"owner must be a request id >= 0, got {owner}")
         with self._locked():
-            top = int(self._header[1])
-            if n > top:
-                return None
-            pages = self._stack[top - n:top][::-1].copy()
-            # Tag, then pop: a holder killed in between leaves the pages on the free stack.
-            self._owner[pages] = owner
-            self._header[1] = top - n
-        return pages.tolist()
+            return self._state.alloc(n, owner, list(prefix), list(keys), prompt_tokens)
 
     def free(self, pages: list[int]) -> None:
-        """Return pages to the pool. A page that is already free raises ValueError; nothing changes."""
+        """Return a sequence's pages to the pool (its cached prefix among them stays cached, let go
+        of). A page that is already free raises ValueError; nothing changes."""
         pages = self._check_pages(pages)
         with self._locked():
-            already_free = pages[self._owner[pages] == FREE]
-            if already_free.size:
-                raise ValueError(f"double free of page(s) {already_free.tolist()}")
-            top = int(self._header[1])
-            self._stack[top:top + pages.size] = pages
-            self._owner[pages] = FREE
-            self._header[1] = top + pages.size
+            self._state.free(pages)
 
     def release_later(self, pages: list[int]) -> None:
         """Tag held pages releasing(this process): their request is gone, free() comes once they
-        are safe."""
+        are safe. Cached pages among them stay held until then."""
         pages = self._check_pages(pages)
         with self._locked():
-            if (self._owner[pages] == FREE).any():
-                raise ValueError(f"page(s) {pages[self._owner[pages] == FREE].tolist()} are free")
-            self._owner[pages] = releasing(os.getpid())
+            self._state.release_later(pages, os.getpid())
 
     def free_owner(self, owner: int) -> int:
         """Free every page tagged with owner (the requests of a dead worker, or the pages it held
-        back: releasing(pid)); returns the count.
-
-        The owner tags are the truth: this rebuilds the free stack from them, which also restores
-        the pool after a process was killed inside alloc() or free() (freeing its owners)."""
-        if owner == FREE:
-            raise ValueError("free_owner needs an owner, not FREE")
+        back: releasing(pid)), letting go of their holds on cached pages; returns the count. Also
+        restores the pool after a process was killed inside another call."""
+        if owner in (FREE, CACHED):
+            raise ValueError("free_owner needs an owner, not FREE or CACHED")
         with self._locked():
-            held = self._owner == owner
-            self._owner[held] = FREE
-            free_pages = np.flatnonzero(self._owner == FREE)[::-1]
-            self._stack[:free_pages.size] = free_pages
-            self._header[1] = free_pages.size
-        return int(held.sum())
+            return self._state.free_owner(owner)
+
+    def match(self, keys: list[int], token_ids: list[int]) -> list[int]:
+        """The cached pages of the longest prefix of these page keys (prefix_cache.extend_keys
+        over token_ids); [] without a cache. Nothing is held until alloc() takes them."""
+        with self._locked():
+            return self._state.match(keys, token_ids)
+
+    def publish(self, owner: int, block_table: list[int], keys: list[int], token_ids: list[int]) -> int:
+        """Cache a sequence's computed full pages (keys: one per such page) after its cached
+        prefix, except its block table's last page; returns how many were cached."""
+        with self._locked():
+            return self._state.publish(owner, block_table, keys, token_ids)
 
     def num_free(self) -> int:
+        """Pages alloc() can hand out: free ones and cached ones that no sequence holds."""
         with self._locked():
-            return int(self._header[1])
+            return self._state.num_free()
 
     def owners(self) -> dict[int, int]:
-        """owner -> number of pages held, for stats and leak checks."""
+        """owner -> number of pages held (CACHED: pages in the cache), for stats and leak checks."""
         with self._locked():
-            ids, counts = np.unique(self._owner[self._owner != FREE], return_counts=True)
+            owner = self._state.owner
+            ids, counts = np.unique(owner[owner != FREE], return_counts=True)
         return dict(zip(ids.tolist(), counts.tolist()))
+
+    def cache_stats(self) -> dict:
+        """Cached pages (those some sequence holds among them), prompt tokens started, those
+        served from the cache, its hit rate and the pages evicted."""
+        with self._locked():
+            return self._state.cache_stats()
+
+    def audit(self) -> list[str]:
+        """What is inconsistent (empty when all is well): refs against the holds that define them,
+        the free stack against the owner tags, the index against the cached pages."""
+        with self._locked():
+            st, problems = self._state, []
+            wrong = np.flatnonzero(st.refs != st.true_refs())
+            if wrong.size:
+                problems.append(f"refs of pages {wrong.tolist()} are {st.refs[wrong].tolist()}, "
+                                f"should be {st.true_refs()[wrong].tolist()}")
+            top = int(st.header[H_TOP])
+            if sorted(st.stack[:top].tolist()) != np.flatnonzero(st.owner == FREE).tolist():
+                problems.append("the free stack does not list exactly the free pages")
+            lost = [p for p in np.flatnonzero(st.owner == CACHED).tolist() if st.index.find(int(st.key[p])) != p]
+            if lost:
+                problems.append(f"cached pages {lost} are not in the index")
+        return problems
 
     def close(self) -> None:
         """Detach. The creator also removes the segment and the lock file; attach() fails after."""
         shm, self._shm = self._shm, None
         if shm is None:
             return
-        self._header = self._owner = self._stack = None  # release the views over the buffer
+        self._state = None  # release the views over the buffer
         shm.close()
         os.close(self._lock_fd)
         if self._is_creator:
@@ -188,10 +190,6 @@ class PageAllocator:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def _check_owner(self, owner: int) -> None:
-        if owner < 0:
-            raise ValueError(f"owner must be a request id >= 0, got {owner}")
 
     def _check_pages(self, pages: list[int]) -> np.ndarray:
         pages = np.asarray(pages, dtype=np.int64).reshape(-1)

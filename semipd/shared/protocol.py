@@ -64,11 +64,10 @@ class Delta:
 
 @dataclass
 class Final:
-    """The last message of every request stream, exactly once."""
+    """The last message of every request stream, exactly once. It carries no output: the
+    stream's Deltas hold all of it, so they add up to the text."""
     request_id: str
     finish_reason: str                 # stop | length | abort | error | content_filter
-    text: str = ""                     # output not yet sent in a Delta
-    token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None

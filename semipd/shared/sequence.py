@@ -1,5 +1,6 @@
 """One request's token state as the schedulers and the model runner see it."""
 
+from semipd.shared.prefix_cache import extend_keys
 from semipd.shared.sampling_params import SamplingParams
 
 
@@ -29,6 +30,11 @@ class Sequence:
         self.num_cached = 0
         self.num_in_flight = 0
         self.finish_reason: str | None = None
+        self._page_keys: list[int] = []
+
+    def page_keys(self, page_size: int) -> list[int]:
+        """The prefix cache's key of each full page of the known tokens (computed once each)."""
+        return extend_keys(self._page_keys, self.token_ids, page_size)
 
     @property
     def num_tokens(self) -> int:

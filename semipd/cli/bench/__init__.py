@@ -20,7 +20,9 @@ Lengths come from one of two sources, both clipped to [4, 2048] input and [4, 10
   fit: real ShareGPT lengths are more skewed and correlated. The lognormal's location is solved so
   the means hold after clipping.
 Prompts are random token ids in [0, 256) of the planned length, not text, so that no tokenizer
-changes their length: ids below 256 exist in every preset's byte vocabulary and in real ones.
+changes their length: ids below 256 exist in every preset's byte vocabulary and in real ones. The
+shared-prefix and multi-turn workloads put shared prefixes before them (prompts.py), to measure a
+prefix cache.
 
 Per request, at the client: TTFT (send to first token), E2E (send to Final), TPOT = (E2E - TTFT) /
 (output tokens - 1) and ITL, every gap between successive tokens (a message carrying k tokens

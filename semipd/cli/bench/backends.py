@@ -69,11 +69,11 @@ def with_target(args, where: str) -> dict:
 class SemipdBackend:
     """A semipd server through the AsyncClient; its Finals also carry the server's own timings."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, timeout_s: float):
+        self.address, self.timeout_s = address, timeout_s
 
     async def __aenter__(self):
-        self.client = AsyncClient(self.address)
+        self.client = AsyncClient(self.address, self.timeout_s)
         return self
 
     async def __aexit__(self, *exc):
@@ -99,6 +99,5 @@ class SemipdBackend:
                 raise
             raise Refused(str(e)) from None
         final = stream.final
-        chunks.append((time.perf_counter(), len(final.token_ids)))
-        return Answer(chunks, chunks[-1][0], sum(k for _, k in chunks), final.finish_reason, final.ttft_s,
+        return Answer(chunks, time.perf_counter(), sum(k for _, k in chunks), final.finish_reason, final.ttft_s,
                       sum(final.itl_s) / len(final.itl_s) if final.itl_s else None)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from semipd.cli.args import add_address_arg
+from semipd.cli.args import add_client_args
 from semipd.cli.bench import backends, sweep
 from semipd.cli.bench.load import check_load_args, run_load, workload_phases
 from semipd.cli.bench.metrics import build_report, format_summary, summarize
@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="load a running server with Poisson arrivals; report TTFT, TPOT, "
                                      "ITL, E2E, SLO attainment and goodput; sweep rates over modes",
                        description=USAGE + sweep.USAGE + backends.BACKEND_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_address_arg(p)
+    add_client_args(p)
     backends.add_args(p)
     p.add_argument("--rate", type=_positive, help="requests per second (inf: all at once); with phases, the "
                                                   "first phase's rate, the others scaled alike")

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from semipd.cli.bench import phases as workloads
 from semipd.cli.bench.backends import Refused, SemipdBackend, check_args as check_backend_args
 from semipd.cli.bench.metrics import RequestRecord, token_timing
+from semipd.cli.bench.prompts import make_prompts
 from semipd.cli.bench.workload import CHARS_PER_TOKEN, SIGMA, load_sharegpt
 from semipd.shared.errors import UserError
 
@@ -49,14 +50,16 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
         # Plan only requests the server can take: its context length bounds prompt + output.
         max_len = await backend.max_model_len()
         planned, sent = workloads.plan(phases, rng, max_len, pool)
-        requests = [(p.phase, rng.integers(0, 256, p.input_len).tolist(),
-                     {"max_tokens": p.output_len, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
-                    for p in planned]
+        prompts, after = make_prompts(planned, phases, rng, max_len)
+        requests = [(p.phase, ids, {"max_tokens": p.output_len, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
+                    for p, ids in zip(planned, prompts)]
         bar = tqdm(total=len(requests), desc=desc, unit="req")
         start = time.perf_counter()
 
         async def one(i: int) -> RequestRecord:
             await asyncio.sleep(max(0.0, start + planned[i].send_s - time.perf_counter()))
+            if after[i] is not None:  # a conversation's next turn follows the answer before it
+                await tasks[after[i]]
             record = await _measure(backend, i, *requests[i], start)
             bar.update(1)
             return record
@@ -81,7 +84,7 @@ def open_backend(args):
     if args.backend == "openai":
         from semipd.cli.bench.openai_backend import OpenAIBackend  # httpx2: only when it is used
         return OpenAIBackend(args.base_url, args.model, args.api_key)
-    return SemipdBackend(args.address)
+    return SemipdBackend(args.address, args.timeout)
 
 
 def workload_phases(args, rate: float | None) -> list[workloads.Phase]:

@@ -19,12 +19,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from semipd.cli.bench.prompts import PREFIX_GROUPS, SHARING, TURNS, prefix_len
 from semipd.cli.bench.workload import (INPUT_MEAN, INPUT_RANGE, OUTPUT_MEAN, OUTPUT_RANGE, arrival_times,
                                        plan_lengths)
 from semipd.shared.errors import UserError
 
-# Presets that fix only the lengths: --rate and --num-requests say how many and how fast.
-SHAPES = {"sharegpt": (INPUT_MEAN, OUTPUT_MEAN), "prompt-heavy": (1900.0, 50.0)}
+# Presets that fix only the lengths (and what prompts share, prompts.py): --rate and --num-requests
+# say how many and how fast.
+SHAPES = {"sharegpt": (INPUT_MEAN, OUTPUT_MEAN), "prompt-heavy": (1900.0, 50.0),
+          "shared-prefix": (100.0, 100.0), "multi-turn": (INPUT_MEAN, OUTPUT_MEAN)}
 # Presets that are phase specs: long prompts, then short prompts with long answers, then again.
 SCHEDULES = {"shifting": "30s@8:1900/40,30s@16:130/440,30s@8:1900/40"}
 SPEC_HELP = "AMOUNT@RATE:IN/OUT,... where AMOUNT is 30s (seconds) or 200req (requests)"
@@ -33,6 +36,11 @@ Workloads (--workload): lognormal lengths around the means, Poisson arrivals.
   sharegpt (default)  mean {INPUT_MEAN:g} input / {OUTPUT_MEAN:g} output tokens; --num-requests at --rate
   prompt-heavy        mean {SHAPES['prompt-heavy'][0]:g} input / {SHAPES['prompt-heavy'][1]:g} output tokens; \
 --num-requests at --rate
+  shared-prefix       {PREFIX_GROUPS} prefixes of {prefix_len(None)} tokens (at most half the context), each
+                      request one of them and a question of mean {SHAPES['shared-prefix'][0]:g} tokens; mean \
+{SHAPES['shared-prefix'][1]:g} output
+  multi-turn          conversations of {TURNS} turns, each turn's prompt the last one, its answer and a
+                      question (sharegpt's lengths), sent once the answer before it has ended
   shifting            {SCHEDULES['shifting']}
   PHASES              phases back to back, each AMOUNT@RATE:IN/OUT: AMOUNT a duration (30s) or
                       a request count (200req), RATE req/s, IN/OUT mean input/output tokens, e.g.
@@ -52,6 +60,7 @@ class Phase:
     output_mean: float             # mean output tokens
     duration_s: float | None = None
     requests: int | None = None    # exactly one of duration_s and requests
+    sharing: str | None = None     # what prompts share (prompts.SHARING), None: nothing
 
     def spec(self) -> str:
         amount = f"{self.requests}req" if self.requests is not None else f"{self.duration_s:g}s"
@@ -95,7 +104,8 @@ def resolve(workload: str | None, rate: float | None, num_requests: int | None =
     rate; a spec's rates are scaled so that its first phase runs at the rate (None: as written)."""
     if not is_phased(workload):
         shape_input, shape_output = SHAPES[workload or "sharegpt"]
-        return [Phase(rate, input_mean or shape_input, output_mean or shape_output, requests=num_requests)]
+        return [Phase(rate, input_mean or shape_input, output_mean or shape_output, requests=num_requests,
+                      sharing=workload if workload in SHARING else None)]
     phases = parse_phases(SCHEDULES.get(workload, workload))
     if rate is None:
         return phases
@@ -136,7 +146,10 @@ def plan(phases: list[Phase], rng: np.random.Generator, max_model_len: int | Non
     planned, sent, start = [], [], 0.0
     for i, phase in enumerate(phases):
         times, length = phase_arrivals(phase, rng)
-        lengths = plan_lengths(len(times), rng, pool, phase.input_mean, phase.output_mean, max_model_len)
+        limit = max_model_len  # a shared prefix comes before the planned input
+        if phase.sharing == "shared-prefix" and max_model_len is not None:
+            limit -= prefix_len(max_model_len)
+        lengths = plan_lengths(len(times), rng, pool, phase.input_mean, phase.output_mean, limit)
         planned += [Planned(i, start + t, n_in, n_out) for t, (n_in, n_out) in zip(times.tolist(), lengths)]
         sent.append({"spec": phase.spec(), "rate": phase.rate, "input_len_mean": phase.input_mean,
                      "output_len_mean": phase.output_mean, "start_s": start, "end_s": start + length})

@@ -38,7 +38,7 @@ class Token:
 @dataclass
 class End:
     """The request ended at the controller: forget its text, answering with what was not yet
-    shown if rest (an abort's Final carries it)."""
+    shown if rest (the last Delta before an abort's Final)."""
     seq_id: int
     rest: bool
     text: str = ""                  # answer

@@ -138,7 +138,7 @@ class Moderation:
         if w is None:
             return final
         if final is not None and final.finish_reason in ("stop", "length") and self.config.show == "scored":
-            self._feed(w, final.text, final.token_ids, last=True)
+            self._feed(w, "", [], last=True)  # the output came in deltas
             w.final = final
             return None
         del self.watches[req.seq_id]
@@ -242,7 +242,7 @@ class Moderation:
         self._release(w, verdict["token_index"])
         info = self._verdict(w) | verdict | {"flagged": True}
         final = w.final or w.req.final("content_filter")
-        final.finish_reason, final.text, final.token_ids, final.verdict = "content_filter", "", [], info
+        final.finish_reason, final.verdict = "content_filter", info
         if w.final is not None:  # the worker has already let it go
             self._send_client(w.req.client, final)
         else:
@@ -265,7 +265,7 @@ class Moderation:
             final = w.final
         else:
             final = w.final or w.req.final("error")
-            final.finish_reason, final.text, final.token_ids = "error", "", []
+            final.finish_reason = "error"
             final.error = f"content monitor unavailable: {reason}"
         final.verdict = {"monitored": False, "error": reason}
         if w.final is not None:

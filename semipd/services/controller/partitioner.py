@@ -204,7 +204,9 @@ class Partitioner:
         """The queue at prefill over the last HORIZON_S, once prefill's capacity is measured."""
         first = bisect.bisect_left(self._arrivals, now - HORIZON_S)
         count = len(self._arrivals) - first
-        span = min(HORIZON_S, now - self._arrivals[0]) if self._arrivals else 0.0
+        # from the first arrival within the horizon: a load that began after a silence is
+        # measured over the time it has run, not diluted by the silence before it
+        span = now - self._arrivals[first] if count else 0.0
         if self._meter.measured is None or count < 2 or span <= 0:
             return None
         tokens = sum(self._prompts[first:])

@@ -6,7 +6,7 @@ import itertools
 
 import zmq
 
-from semipd.services.controller.detokenizer import DetokenizerThread, End, Token
+from semipd.services.controller.detokenizer import DetokenizerThread, End
 from semipd.services.controller.moderation import Moderation
 from semipd.services.controller.partition_control import PartitionControl
 from semipd.services.controller.requests import Request
@@ -35,6 +35,8 @@ class RequestBook:
         # Sequences ended here that a worker of the role may still hold (its AbortSeqs unread):
         # if the worker dies first, nothing else would free their pages.
         self.dropped: dict[str, set[int]] = {}
+        # What the requests that ended had (served or not): `semipd stats` shows it.
+        self.served = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0}
         self._seq_ids = itertools.count()
 
     def next_seq_id(self) -> int:
@@ -67,11 +69,14 @@ class RequestBook:
 
     def finish(self, req: Request, final: protocol.Final | None, rest: bool = False) -> None:
         """End a request once: forget it and send its Final (None: the client is gone). rest:
-        the Final also carries the text not yet shown, which the detokenizer thread sends back
-        after the deltas it is still making (they go out first); else its text is dropped."""
+        the text not yet shown goes out first, as a last Delta, after the deltas the detokenizer
+        thread is still making; else its text is dropped."""
         if self.requests.pop((req.client, req.request_id), None) is None:
             return
         del self.by_seq[req.seq_id]
+        self.served["requests"] += 1
+        self.served["prompt_tokens"] += len(req.prompt_ids)
+        self.served["output_tokens"] += len(req.output_ids)
         if final is not None:
             self.split.finished(req, final)
         rest = rest and final is not None
@@ -115,25 +120,26 @@ class RequestBook:
         for piece in pieces:
             if isinstance(piece, End):
                 req, final = self.ending.pop(piece.seq_id)
-                final.text = piece.text
+                if piece.text:  # held back by a stop string that never came
+                    self._stream(req, piece.text, [])
                 self._send_final(req, final)
                 continue
             req = self.by_seq.get(piece.seq_id)
             if req is None:
                 ended = self.ending.get(piece.seq_id)
                 if ended is not None:  # ended here: the deltas made before go out before its Final
-                    self._stream(ended[0], piece)
-            elif piece.stopped or piece.finished is not None:
-                if piece.stopped:  # a worker may hold it still (decode, if found after the hand-off)
-                    req.cut(piece.index)
-                    self.drop(req)
-                reason = "stop" if piece.stopped else piece.finished
-                self.finish(req, req.final(reason, piece.text, [piece.token]))
-            else:
-                self._stream(req, piece)
+                    self._stream(ended[0], piece.text, [piece.token])
+                continue
+            if piece.stopped:  # a worker may hold it still (decode, if found after the hand-off)
+                req.cut(piece.index)
+                self.drop(req)
+            # The last token's text is a Delta too, so that a stream's deltas add up to its text.
+            self._stream(req, piece.text, [piece.token])
+            if piece.stopped or piece.finished is not None:
+                self.finish(req, req.final("stop" if piece.stopped else piece.finished))
 
-    def _stream(self, req: Request, piece: Token) -> None:
-        delta = req.delta(piece.text, piece.token)
+    def _stream(self, req: Request, text: str, token_ids: list[int]) -> None:
+        delta = protocol.Delta(req.request_id, text, token_ids)
         if self.moderation is None or not self.moderation.hold(req, delta):
             self.send_client(req.client, delta)
 

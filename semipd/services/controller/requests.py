@@ -39,14 +39,10 @@ class Request:
         """A stop string ended the output at token index: forget the tokens after it."""
         del self.output_ids[index + 1:], self.token_times[index + 1:]
 
-    def delta(self, text: str, token: int) -> protocol.Delta:
-        return protocol.Delta(self.request_id, text, [token])
-
-    def final(self, reason: str, text: str = "", token_ids: list[int] = (), error: str | None = None,
-              verdict: dict | None = None) -> protocol.Final:
+    def final(self, reason: str, error: str | None = None, verdict: dict | None = None) -> protocol.Final:
         times = self.token_times
         return protocol.Final(
-            self.request_id, reason, text, list(token_ids),
+            self.request_id, reason,
             prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
             ttft_s=times[0] - self.arrival if times else None,
             itl_s=[b - a for a, b in zip(times, times[1:])], error=error, verdict=verdict)

@@ -33,7 +33,7 @@ class ResidentMemory:
             half = page_bytes(cfg, config.page_size, self.dtype) // 2 * self.num_pages
             self.k_pool = self._own(SharedArena.create(half, self.device))
             self.v_pool = self._own(SharedArena.create(half, self.device))
-            self.allocator = self._own(PageAllocator.create(self.num_pages))
+            self.allocator = self._own(PageAllocator.create(self.num_pages, config.page_size, config.prefix_cache))
         except BaseException:
             self.close()
             raise

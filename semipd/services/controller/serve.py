@@ -14,15 +14,17 @@ from semipd.services.controller.stopping import SIGNALS, Stop, StoppedWhileLoadi
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.runtime import (default_server_address, ipc_address, owned_name, refuse_if_listening,
                                    remove_paths, runtime_dir)
+from semipd.shared.sd_notify import Notifier
 
 
 def serve(args) -> None:
+    systemd = Notifier.from_env()  # READY, STATUS, WATCHDOG, STOPPING under a Type=notify unit
     address = args.address or default_server_address()
     refuse_if_listening(address)
     state_file = claim(address)  # removes what a killed server left here
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                           num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, prefix_cache=args.prefix_cache)
     # Workers connect over a private socket in the runtime folder, never over the network.
     worker_address = ipc_address(owned_name("workers") + ".sock")
     mode = mode_from_args(args)
@@ -39,16 +41,27 @@ def serve(args) -> None:
                   "(see --start-mps)", file=sys.stderr, flush=True)
         for sig in SIGNALS:  # while loading: the exception unwinds it, and its cleanup runs
             signal.signal(sig, stop_loading)
+        systemd.status("loading weights")
         controller = Controller(config, address, worker_address, moderation_config(args), mode, stop)
+
+        def ready():
+            if gateway is not None:
+                gateway.start()
+            systemd.ready(controller.status())
+
+        def on_signal(signum, frame):
+            systemd.stopping()
+            stop.ask(signum, frame)
         # From now on a signal only asks the loop to end: raised as an exception it could land
         # anywhere (between Popen.poll's lock and its try, in a half-sent message) and hang the
         # stop path or leave it half done (issue 25).
         for sig in SIGNALS:
-            signal.signal(sig, stop.ask)
-        controller.serve_forever(on_ready=gateway and gateway.start)
+            signal.signal(sig, on_signal)
+        controller.serve_forever(on_ready=ready, on_turn=lambda: systemd.alive(controller.status))
     except StoppedWhileLoading as e:
         print(f"semipd: {e}: stopped while loading", file=sys.stderr, flush=True)
     finally:
+        systemd.stopping()
         for sig in SIGNALS:  # one more signal (stopped while loading) must not cut the cleanup short
             signal.signal(sig, stop.ask)
         deadline = stop.deadline()

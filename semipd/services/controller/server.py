@@ -184,7 +184,9 @@ class Controller:
 
     def stats(self) -> dict:
         reqs = self.book.requests.values()
-        return {"kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
+        return {"model": self.memory.config.model, "uptime_s": time.monotonic() - self.started,
+                "served": dict(self.book.served), "prefix_cache": self.memory.allocator.cache_stats(),
+                "kv_pages_total": self.memory.num_pages, "kv_pages_free": self.memory.allocator.num_free(),
                 "running": sum(bool(r.output_ids) for r in reqs), "waiting": sum(not r.output_ids for r in reqs),
                 "workers": {role: {**self.supervisor.stats(role), "switch": self.switcher.stats(role)}
                             for role in self.supervisor.workers},
@@ -193,9 +195,21 @@ class Controller:
                 "max_model_len": self.memory.max_model_len,
                 "scm": self.moderation and self.moderation.stats()}
 
+    def status(self) -> str:
+        """One line for the service manager (systemd's STATUS=, `systemctl status`)."""
+        if self.health()["status"] != "ok":
+            return "starting workers"
+        stats = self.stats()
+        split = stats["partition"]
+        shares = "unified" if split["mode"] == "unified" else f"split {split['prefill_sm']}/{split['decode_sm']}"
+        return f"serving: {stats['running']} running, {stats['waiting']} waiting, {shares}"
+
     # ---- loop ---------------------------------------------------------------------------
 
-    def serve_forever(self, on_ready=None) -> None:
+    def serve_forever(self, on_ready=None, on_turn=None) -> None:
+        """Serve until self.stop says it is time. on_ready: called once every worker serves;
+        on_turn: at the end of every turn of the loop (systemd's watchdog: a loop that stops
+        turning stops pinging)."""
         self.supervisor.start_all()
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
@@ -234,6 +248,8 @@ class Controller:
                 self.split.serving()
                 if on_ready:
                     on_ready()
+            if on_turn:
+                on_turn()
 
     def in_flight(self) -> int:
         """Requests whose Final has not gone out: being tokenized, served, or waiting for their

@@ -43,6 +43,14 @@ class ServerStats:
         yield shares
         yield CounterMetricFamily("semipd_partition_switches", "switches of the SM split so far",
                                   len(s["partition"]["history"]))
+        cache = s["prefix_cache"]
+        yield _gauge("semipd_prefix_cache_pages", "KV pages holding cached prompt prefixes", cache["cached_pages"])
+        yield _gauge("semipd_prefix_cache_hit_rate", "prompt tokens served from the prefix cache over all",
+                     cache["hit_rate"])
+        for key, documentation in (("hit_tokens", "prompt tokens served from the prefix cache"),
+                                   ("prompt_tokens", "prompt tokens started"),
+                                   ("evicted_pages", "cached pages evicted for room")):
+            yield CounterMetricFamily(f"semipd_prefix_cache_{key}", documentation, cache[key])
         monitor = s.get("scm")
         if monitor:
             yield CounterMetricFamily("semipd_monitor_requests", "requests the content monitor watched",

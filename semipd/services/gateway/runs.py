@@ -93,8 +93,7 @@ class Run:
                 raise await self._failure(item)
             self._finished(choice, item, now)
             left -= 1
-            choice.texts.append(item.text)
-            yield index, item.text, item
+            yield index, "", item
 
     def _finished(self, choice: Choice, final: Final, now: float) -> None:
         choice.final = final

@@ -66,7 +66,7 @@ class StreamMonitor:
         self.allocator = PageAllocator.create(num_pages)
         monitor.backbone.bind_kv_cache(*allocate_kv_pool(cfg, num_pages, page_size, dtype, device))
         self.runner = ModelRunner(monitor.backbone, page_size, self.max_model_len, max_streams,
-                                  head=monitor.token_scores)
+                                  head=monitor.token_scores, prefill_graph_tokens=max_batched_tokens)
         self.streams: dict[tuple, Stream] = {}
         self._seq_ids = 0
 

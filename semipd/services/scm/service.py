@@ -28,6 +28,7 @@ from semipd.shared import protocol
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.errors import UserError
 from semipd.shared.runtime import refuse_if_listening
+from semipd.shared.sd_notify import Notifier
 from semipd.shared.sockets import bind_router
 
 IDLE_POLL_MS = 100
@@ -46,7 +47,8 @@ class ScmService:
             self.ctx.destroy()
             raise UserError(f"cannot bind {address}: {e}") from None
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, on_turn=None) -> None:
+        """Serve until a signal. on_turn: called on every turn of the loop (systemd's watchdog)."""
         next_step = 0.0
         while True:
             wait_ms = math.ceil(max(0.0, next_step - time.monotonic()) * 1e3) if self.sm.has_work() else IDLE_POLL_MS
@@ -56,6 +58,12 @@ class ScmService:
             if self.sm.has_work() and now >= next_step:
                 next_step = now + self.step_interval_s
                 self._answer(self.sm.step())
+            if on_turn:
+                on_turn()
+
+    def status(self) -> str:
+        """One line for the service manager (systemd's STATUS=)."""
+        return f"monitoring {len(self.sm.streams)} streams"
 
     def close(self) -> None:
         self.sock.close()
@@ -130,6 +138,8 @@ def run(args) -> None:
     if not 0 <= args.step_interval_ms <= 1000:
         raise UserError(f"--step-interval-ms must lie in [0, 1000], got {args.step_interval_ms}")
     refuse_if_listening(args.address)
+    systemd = Notifier.from_env()  # READY, STATUS, WATCHDOG, STOPPING under a Type=notify unit
+    systemd.status("loading the monitor")
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
     device = config.torch_device()
     if device.type == "cpu":  # leave cores to the serving processes beside it
@@ -147,11 +157,13 @@ def run(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"semipd: content monitor {args.model} ready at {address} (threshold {args.threshold}, "
           f"k {args.k})", file=sys.stderr, flush=True)
+    systemd.ready(service.status())
     try:
-        service.serve_forever()
+        service.serve_forever(on_turn=lambda: systemd.alive(service.status))
     except KeyboardInterrupt:
         pass
     finally:
+        systemd.stopping()
         service.close()
         if address.startswith("ipc://") and os.path.exists(address[len("ipc://"):]):
             os.unlink(address[len("ipc://"):])

@@ -9,8 +9,9 @@ server (about any request) for `timeout_s` raises `ServerTimeout`: the engine is
 """
 
 from semipd.shared.client.async_client import AsyncClient, AsyncStream
-from semipd.shared.client.common import ClientError, Result, ServerError, ServerTimeout, ServerUnavailable
+from semipd.shared.client.common import (ClientError, Result, ServerError, ServerTimeout, ServerUnavailable,
+                                         check_address)
 from semipd.shared.client.thread_client import Client, Stream
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "ClientError", "Result", "ServerError", "ServerTimeout",
-           "ServerUnavailable", "Stream"]
+           "ServerUnavailable", "Stream", "check_address"]

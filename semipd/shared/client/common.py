@@ -12,6 +12,7 @@ from semipd.shared.protocol import (MAX_MESSAGE_BYTES, Delta, Final, GenerateReq
 from semipd.shared.runtime import ipc_listening
 
 LINGER_MS = 1000     # how long close() waits to hand queued aborts to a live server
+ADDRESS_FORMS = "ipc:///path/to/socket (ipc://@name: an abstract socket) or tcp://HOST:PORT"
 
 
 class ClientError(Exception):
@@ -20,6 +21,18 @@ class ClientError(Exception):
 
 class ServerUnavailable(ClientError):
     """Nothing to connect to (an ipc:// socket nobody listens on, a malformed address)."""
+
+
+def check_address(address: str) -> None:
+    """ServerUnavailable unless address has the form of an endpoint semipd serves on: checked
+    before anything connects, binds or loads, since ZeroMQ's own word is "Invalid argument"."""
+    if address.startswith("ipc://"):
+        valid = len(address) > len("ipc://")
+    else:
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        valid = address.startswith("tcp://") and bool(host) and (port.isdigit() or port == "*")
+    if not valid:
+        raise ServerUnavailable(f"{address!r} is not an address: addresses look like {ADDRESS_FORMS}")
 
 
 class ServerTimeout(ClientError):
@@ -46,6 +59,7 @@ def connect(ctx, address: str):
     # ZeroMQ waits for an ipc:// server to appear, so a missing one would show only as a
     # ServerTimeout after timeout_s; check first and fail at once. Callers that wait for a
     # starting server retry (`semipd complete --wait`).
+    check_address(address)
     if address.startswith("ipc://"):
         path = address.removeprefix("ipc://")
         if not path.startswith("@") and not os.path.exists(path):
@@ -72,8 +86,14 @@ def generate_frame(prompt, prompt_ids, moderate, sampling, messages=None) -> tup
     if [prompt, prompt_ids, messages].count(None) != 2:
         raise ValueError("give exactly one of prompt, prompt_ids and messages")
     request_id = uuid.uuid4().hex
-    frame = encode(GenerateRequest(request_id, prompt, prompt_ids, dict(sampling), moderate, messages))
-    decode(frame)  # the server's own check: a malformed request fails here, not as a timeout
+    try:
+        frame = encode(GenerateRequest(request_id, prompt, prompt_ids, dict(sampling), moderate, messages))
+        decode(frame)  # the server's own check: a malformed request fails here, not as a timeout
+    except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8, decoded leniently
+        raise ClientError(f"the request's text is not valid Unicode: {e.object[e.start:e.end]!r} at "
+                          f"character {e.start} of {e.object[:40]!r} (input that was not UTF-8?)") from None
+    except ProtocolError as e:
+        raise ClientError(f"invalid request: {e}") from None
     return request_id, frame
 
 
@@ -117,8 +137,6 @@ class StreamState:
         self._done = True
         if isinstance(msg, Final):
             self.final = msg
-            self._text.append(msg.text)
-            self._ids.extend(msg.token_ids)
             if msg.finish_reason == "error":
                 raise ServerError(msg.error or "request failed", msg)
             return None
