@@ -59,7 +59,11 @@ class Supervisor:
 
     def _spawn(self, role: str, state: WorkerState) -> WorkerHandle:
         cmd = [sys.executable, "-m", f"semipd.services.{role}", "--controller", self.worker_address]
-        worker = WorkerHandle(role, subprocess.Popen(cmd, env=child_env()), state)
+        # A process group of its own: a terminal's Ctrl-C and honcho's SIGTERM to the server's
+        # group are the controller's to handle (stop() ends the workers), even before a worker
+        # has set its own handlers. It still dies with the controller (runtime.die_with_parent).
+        proc = subprocess.Popen(cmd, env=child_env(), stdin=subprocess.DEVNULL, process_group=0)
+        worker = WorkerHandle(role, proc, state)
         self.handles.append(worker)
         return worker
 
@@ -198,19 +202,21 @@ class Supervisor:
     def all_ready(self) -> bool:
         return all(w.state is WorkerState.SERVING for w in self.workers.values())
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Ask politely (Shutdown), then SIGTERM, then SIGKILL, as honcho does."""
-        handles = list(self.handles)
+    def stop(self, deadline: float) -> int:
+        """Stop every worker and standby together, by the deadline (monotonic s): a Shutdown to
+        each that has said hello, SIGKILL at once to those that have not (they map nothing yet)
+        and to any still running at the deadline. Returns how many had to be killed then."""
+        handles, self.handles = self.handles, []
         for w in handles:
             if w.identity is not None:
                 self._send(w.identity, protocol.Shutdown())
-        deadline = time.monotonic() + timeout_s
-        for signal_next in ("terminate", "kill"):
-            for w in handles:
-                while w.proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if w.proc.poll() is None:
-                    getattr(w.proc, signal_next)()
-            deadline = time.monotonic() + timeout_s
+            else:
+                w.proc.kill()
+        while any(w.proc.poll() is None for w in handles) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        late = [w for w in handles if w.proc.poll() is None]
+        for w in late:
+            w.proc.kill()
         for w in handles:
             w.proc.wait()
+        return len(late)
