@@ -16,8 +16,7 @@ import sys
 import time
 
 from tests.serving import Server
-
-STOP_BOUND_S = 15  # workers get 5 s to stop, 5 more after SIGTERM (supervisor.stop); plus load
+from tests.stop_tools import STOP_BOUND_S
 
 
 def shm_segments(pid: int) -> set[str]:

@@ -9,31 +9,11 @@ import time
 
 import pytest
 
-from tests.serving import ROOT, Server
+from tests.serving import ROOT, Server, wait_for
 from tests.short_folders import short_folder
+from tests.stop_tools import alive, children
 
 GONE_WITHIN_S = 5  # the kernel kills them at once; the rest is this machine's load
-
-
-def children(pid: int) -> set[int]:
-    out = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # not a process, or gone meanwhile
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.add(int(entry))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def kill_and_check(proc: subprocess.Popen, kids: set[int]) -> None:
@@ -85,3 +65,12 @@ def test_the_gateway_dies_with_a_killed_server():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     kill_and_check(proc, kids)
+
+
+def test_standbys_die_with_a_killed_controller():
+    """A switch calls a standby up and starts the next one importing: both die with it too."""
+    server = Server("tiny")
+    server.client.partition(70, 100)
+    wait_for(lambda s: s["workers"]["prefill"]["standby"] is not None, server)
+    kill_and_check(server.proc, children(server.proc.pid))
+    server.client.close()

@@ -2,7 +2,7 @@
 
 import argparse
 
-from semipd.cli.args import add_model_args, positive_int, server_address
+from semipd.cli.args import add_model_args, at_least, positive_int, server_address
 from semipd.services.controller.moderation import add_moderation_args, moderation_config
 from semipd.services.controller.modes import add_mode_args, mode_from_args
 from semipd.shared.config import check_model
@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="client socket (default: an ipc:// path in the runtime folder; tcp://127.0.0.1:PORT)")
     p.add_argument("--http", type=host_port, metavar="HOST:PORT", default=None,
                    help="also serve OpenAI's HTTP API there (`semipd api` as a child process)")
+    p.add_argument("--drain-timeout", type=at_least(float, 0, "a number of seconds, 0 or more"), default=0,
+                   metavar="S", help="on SIGTERM or Ctrl-C, admit no new requests and let those in flight "
+                   "finish for up to S seconds before ending the rest (default %(default)s: end them at once)")
     add_moderation_args(p)
     add_mode_args(p)
     p.set_defaults(func=cmd_serve)

@@ -219,13 +219,28 @@ def worker_main(role: str, loop) -> None:
     ap = argparse.ArgumentParser(prog=f"python -m semipd.services.{role}")
     ap.add_argument("--controller", required=True, help="the controller's worker socket")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # The controller stops its workers (Shutdown, then SIGKILL past its deadline) or they die with
+    # it; a signal to the whole group (a terminal's Ctrl-C, honcho's or systemd's SIGTERM) is its
+    # to handle, and would end a drain's requests here. The controller also starts each worker in
+    # a process group of its own, so that none reaches it before these lines.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     preload()
-    worker = Worker(args.controller, role)
-    if worker.tp.rank > 0:
-        follow(worker.runner, worker.steps, worker.tp)
-        return
-    loop(worker)
-    if worker.steps is not None:
-        worker.runner.stop_followers()
+    try:
+        worker = Worker(args.controller, role)
+        if worker.tp.rank > 0:
+            follow(worker.runner, worker.steps, worker.tp)
+        else:
+            loop(worker)
+            if worker.steps is not None:
+                worker.runner.stop_followers()
+        worker.link.close()  # its last messages (a hand-over's) go out, within the socket's linger
+        code = 0
+    except SystemExit as e:  # stopped while waiting for its init, or the controller is gone
+        code = e.code
+    # As multiprocessing's children do: tearing down an interpreter with torch loaded takes a
+    # second or more on a loaded machine and frees nothing the kernel would not.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

@@ -17,7 +17,6 @@ pages goes with its own pages, so the same calls let go of it, exactly once.
 
 import fcntl
 import os
-import secrets
 import threading
 from contextlib import contextmanager
 from multiprocessing import shared_memory
@@ -25,7 +24,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from semipd.shared.page_state import CACHED, FREE, H_TOP, PageState, releaser, releasing, segment_size
-from semipd.shared.runtime import runtime_dir
+from semipd.shared.runtime import owned_name, runtime_dir
 from semipd.shared.shared_memory import attach_segment, unlink_segment
 
 __all__ = ["CACHED", "FREE", "PageAllocator", "releaser", "releasing"]
@@ -52,7 +51,7 @@ class PageAllocator:
         caching is False. The creator unlinks the segment on close()."""
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        name = name or f"semipd-pages-{secrets.token_hex(4)}"
+        name = name or owned_name("pages")
         shm = shared_memory.SharedMemory(name, create=True, size=segment_size(num_pages, page_size))
         PageState.init(shm.buf, num_pages, page_size, caching)
         try:

@@ -1,8 +1,11 @@
-"""Where a user's semipd runtime files live (ipc:// sockets and allocator lock files), and how a
-server's child processes die with it."""
+"""Where a user's semipd runtime files live (ipc:// sockets and allocator lock files), how they and
+shared-memory segments are named after the process that owns them, and how a server's child
+processes die with it."""
 
 import ctypes
+import glob
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -17,6 +20,34 @@ def runtime_dir() -> str:
     path = os.path.join(base, "semipd") if base else os.path.join(tempfile.gettempdir(), f"semipd-{os.getuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
+
+
+def owned_name(kind: str) -> str:
+    """A fresh name for a shared-memory segment or runtime file of this process,
+    semipd-PID-KIND-RANDOM: the pid in it lets the next server on the same address find what a
+    killed one left (owned_paths)."""
+    return f"semipd-{os.getpid()}-{kind}-{secrets.token_hex(4)}"
+
+
+def owned_paths(pid: int) -> list[str]:
+    """What process pid made under owned_name and has not removed: /dev/shm segments, files in
+    the runtime folder."""
+    return [p for folder in (SHM_DIR, runtime_dir()) for p in glob.glob(os.path.join(folder, f"semipd-{pid}-*"))]
+
+
+def remove_paths(paths: list[str]) -> list[str]:
+    """Unlink each path; returns those this call removed (others may be gone already)."""
+    removed = []
+    for path in paths:
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def ipc_address(name: str) -> str:

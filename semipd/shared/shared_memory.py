@@ -6,10 +6,11 @@ allocates directly). Either way it arrives as a flat uint8 torch tensor, and the
 dict that travels in a msgpack message.
 """
 
-import secrets
 from multiprocessing import resource_tracker, shared_memory
 
 import torch
+
+from semipd.shared.runtime import owned_name
 
 
 def attach_segment(name: str) -> shared_memory.SharedMemory:
@@ -43,7 +44,7 @@ class SharedArena:
             array = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
             tensor = torch.as_tensor(array, device=device)
             return cls(tensor, {"cuda_ipc": bytes(handle), "nbytes": nbytes, "device": device.index or 0}, mem, True)
-        shm = shared_memory.SharedMemory(f"semipd-{secrets.token_hex(6)}", create=True, size=max(nbytes, 1))
+        shm = shared_memory.SharedMemory(owned_name("arena"), create=True, size=max(nbytes, 1))
         tensor = torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
         return cls(tensor, {"shm": shm.name, "nbytes": nbytes}, shm, True)
 

@@ -3,10 +3,9 @@ once the controller serves and stopped when it stops, for the one-command case."
 
 import subprocess
 import sys
+import time
 
 from semipd.shared.runtime import child_env
-
-STOP_WAIT_S = 10  # past this the gateway is killed (it gives open answers GRACE_S to end)
 
 
 class GatewayChild:
@@ -17,14 +16,17 @@ class GatewayChild:
 
     def start(self) -> None:
         """Called by the controller once it serves; the key, if any, comes from $SEMIPD_API_KEY."""
-        self.proc = subprocess.Popen(self.command, env=child_env())  # dies with this process
+        # Dies with this process; in a process group of its own, so that Ctrl-C in a terminal
+        # reaches only the controller, which stops it once the HTTP streams have their Finals.
+        self.proc = subprocess.Popen(self.command, env=child_env(), stdin=subprocess.DEVNULL, process_group=0)
 
-    def stop(self) -> None:
+    def stop(self, deadline: float) -> None:
+        """SIGTERM, then SIGKILL at the deadline (monotonic s)."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(STOP_WAIT_S)
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -19,6 +19,7 @@ from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_
 from semipd.services.controller.partition_control import PartitionControl
 from semipd.services.controller.request_book import RequestBook
 from semipd.services.controller.resident import ResidentMemory
+from semipd.services.controller.stopping import Stop
 from semipd.services.controller.supervisor import Supervisor
 from semipd.services.controller.switcher import Switcher
 from semipd.shared import protocol
@@ -27,12 +28,13 @@ from semipd.shared.errors import UserError
 from semipd.shared.sockets import MAX_UNREAD, bind_router
 
 POLL_MS = 50
-CLOSE_LINGER_MS = 1000         # on shutdown, time for the last Finals to reach their clients
+CLOSE_LINGER_MS = 1000         # on shutdown, most time for the last Finals to reach their clients
 
 
 class Controller:
     def __init__(self, config: EngineConfig, address: str, worker_address: str,
-                 moderation: ModerationConfig | None = None, mode: ServingMode | None = None):
+                 moderation: ModerationConfig | None = None, mode: ServingMode | None = None,
+                 stop: Stop | None = None):
         self.mode = mode or ServingMode({"prefill": DEFAULT_PREFILL_SM, "decode": DEFAULT_DECODE_SM})
         self.prefill_role = "unified" if self.mode.unified else "prefill"  # where requests start
         self.memory = ResidentMemory(config)
@@ -58,7 +60,7 @@ class Controller:
             moderation, self.ctx, self.memory.tokenizer, self._send_client, self.book.abort, address)
         self.intake = Intake(self.ctx, self.memory, self.book, self._send_client)
         self.started = time.monotonic()
-        self.stopping = False      # set by stop(): the loop ends at its next turn
+        self.stop = stop or Stop()  # its ask() is the signal handler: the loop ends when stop.due()
 
     def _alive(self, seq_id: int) -> bool:
         """Whether a request still wants this sequence (the switcher asks in a hand-over)."""
@@ -93,7 +95,10 @@ class Controller:
             if name == "GenerateRequest" and request_id and (client, request_id) not in self.book.requests:
                 return self._send_client(client, protocol.Final(request_id, "error", error=str(e)))
             return self._send_client(client, protocol.Reply(request_id, False, error=str(e)))
-        if isinstance(msg, protocol.GenerateRequest):
+        if isinstance(msg, protocol.GenerateRequest) and self.stop.draining:
+            self._send_client(client, protocol.Final(msg.request_id, "error",
+                                                     error="the server is stopping: it admits no new requests"))
+        elif isinstance(msg, protocol.GenerateRequest):
             self.intake.generate(client, msg)
         elif isinstance(msg, protocol.AbortRequest):
             req = self.book.requests.get((client, msg.request_id))
@@ -174,7 +179,7 @@ class Controller:
         # During a switch the role's new worker is closed for the few ms of the handover; its
         # requests queue and the server is serving, not starting.
         serving = self.supervisor.all_ready() or bool(self.switcher.active)
-        return {"status": "ok" if serving else "starting",
+        return {"status": "stopping" if self.stop.draining else "ok" if serving else "starting",
                 "uptime_s": time.monotonic() - self.started, "model": self.memory.config.model,
                 "scm": self.moderation and self.moderation.health()}
 
@@ -203,8 +208,9 @@ class Controller:
     # ---- loop ---------------------------------------------------------------------------
 
     def serve_forever(self, on_ready=None, on_turn=None) -> None:
-        """Serve until stop(). on_ready: called once every worker serves; on_turn: at the end of
-        every turn of the loop (systemd's watchdog: a loop that stops turning stops pinging)."""
+        """Serve until self.stop says it is time. on_ready: called once every worker serves;
+        on_turn: at the end of every turn of the loop (systemd's watchdog: a loop that stops
+        turning stops pinging)."""
         self.supervisor.start_all()
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
@@ -214,7 +220,7 @@ class Controller:
         if self.moderation is not None:
             poller.register(self.moderation.link.sock, zmq.POLLIN)
         announced = False
-        while not self.stopping:
+        while not self.stop.due(self.in_flight()):
             self.book.detok.submit()  # what the last turn handed it
             events = dict(poller.poll(POLL_MS))
             if self.book.detok.sock in events:
@@ -246,10 +252,11 @@ class Controller:
             if on_turn:
                 on_turn()
 
-    def stop(self) -> None:
-        """End serve_forever at its next turn (within POLL_MS). Safe in a signal handler: it
-        raises nothing into whatever the loop was doing (a send half done, a lock just taken)."""
-        self.stopping = True
+    def in_flight(self) -> int:
+        """Requests whose Final has not gone out: being tokenized, served, or waiting for their
+        last text or the monitor's last scores."""
+        held = self.moderation and sum(w.final is not None for w in self.moderation.watches.values())
+        return len(self.intake.waiting) + len(self.book.requests) + len(self.book.ending) + (held or 0)
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
         while True:
@@ -262,13 +269,18 @@ class Controller:
             else:
                 self._send_client(frames[0], protocol.Reply("", False, error="send one frame per message"))
 
-    def close(self) -> None:
+    def close(self, deadline: float) -> None:
+        """The stop path, by the deadline (monotonic s): every open stream's Final goes out and
+        the client socket closes (its linger sends them meanwhile), then the workers and standbys
+        stop together, then the rest."""
         self.intake.close()
         self.book.close()
         if self.moderation is not None:
             self.moderation.close()
-        self.supervisor.stop()
-        self.front.close(linger=CLOSE_LINGER_MS)
+        self.front.close(linger=int(min(CLOSE_LINGER_MS, 1000 * max(0.0, deadline - time.monotonic()))))
+        killed = self.supervisor.stop(deadline)
+        if killed:
+            print(f"semipd: {killed} workers did not stop in time and were killed", file=sys.stderr, flush=True)
         self.back.close()
         self.ctx.term()
         self.memory.close()

@@ -15,16 +15,15 @@ Every live worker is one handle in one list; where it is (current, standby, call
 over) is its state (lifecycle.py), which changes only through `WorkerHandle.move_to`.
 """
 
-import itertools
+import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
 from semipd.services.controller.lifecycle import CURRENT, WAITING, WORKER_MOVES, WorkerState, advance
 from semipd.shared import protocol
-from semipd.shared.runtime import child_env, runtime_dir
+from semipd.shared.runtime import child_env, owned_name, remove_paths, runtime_dir
 
 
 @dataclass
@@ -32,7 +31,7 @@ class WorkerHandle:
     role: str
     procs: list[subprocess.Popen]      # one per tensor-parallel rank
     state: WorkerState
-    rendezvous: str = ""               # the ranks' process group's init method (size > 1)
+    rendezvous: str = ""               # the ranks' process group's rendezvous file (size > 1)
     sm_percent: int | None = None
     identities: list[bytes | None] = field(default_factory=list)  # per rank, set by its hello
     last_output: float | None = None   # when its last tokens arrived (monotonic s)
@@ -52,14 +51,20 @@ class WorkerHandle:
         return self.identities[0]
 
     def exited(self) -> bool:
+        """Whether any rank has exited: the worker is done for."""
         return any(p.poll() is not None for p in self.procs)
 
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
     def kill(self) -> None:
-        """Kill every rank now and reap them (a no-op for those already dead)."""
+        """Kill every rank now (a no-op for those already dead), reap them and remove their
+        group's rendezvous file (the ranks exit without removing it)."""
         for p in self.procs:
             p.kill()
         for p in self.procs:
             p.wait()
+        remove_paths([self.rendezvous] if self.rendezvous else [])
 
     def move_to(self, state: WorkerState) -> None:
         advance(f"{self.role} worker (pid {self.proc.pid})", WORKER_MOVES, self.state, state)
@@ -84,17 +89,19 @@ class Supervisor:
         self._send = send              # send(identity, message) on the controller's worker socket
         self._init = init              # init(sm_percent, rank) -> WorkerInit
         self.tp_size = tp_size
-        # rendezvous files of the workers' process groups; removed when the controller exits
-        self._groups = tempfile.TemporaryDirectory(prefix="tp-", dir=runtime_dir()) if tp_size > 1 else None
-        self._group_ids = itertools.count()
         self.handles: list[WorkerHandle] = []  # every live worker
         self.shares = shares
         self.restarts = 0
 
     def _spawn(self, role: str, state: WorkerState) -> WorkerHandle:
         cmd = [sys.executable, "-m", f"semipd.services.{role}", "--controller", self.worker_address]
-        procs = [subprocess.Popen(cmd, env=child_env()) for _ in range(self.tp_size)]
-        rendezvous = f"file://{self._groups.name}/{role}-{next(self._group_ids)}" if self._groups else ""
+        # A process group of its own: a terminal's Ctrl-C and honcho's SIGTERM to the server's
+        # group are the controller's to handle (stop() ends the workers), even before a worker
+        # has set its own handlers. It still dies with the controller (runtime.die_with_parent).
+        procs = [subprocess.Popen(cmd, env=child_env(), stdin=subprocess.DEVNULL, process_group=0)
+                 for _ in range(self.tp_size)]
+        # the ranks' rendezvous, named after this process: a killed controller's is found and removed
+        rendezvous = os.path.join(runtime_dir(), owned_name(f"tp-{role}")) if self.tp_size > 1 else ""
         worker = WorkerHandle(role, procs, state, rendezvous)
         self.handles.append(worker)
         return worker
@@ -139,7 +146,8 @@ class Supervisor:
                 self._send(identity, self._rank_init(worker, rank))
 
     def _rank_init(self, worker: WorkerHandle, rank: int) -> protocol.WorkerInit:
-        return replace(self._init(worker.sm_percent, rank), tp_init=worker.rendezvous)
+        init = self._init(worker.sm_percent, rank)
+        return replace(init, tp_init=f"file://{worker.rendezvous}") if worker.rendezvous else init
 
     def stats(self, role: str) -> dict:
         """The role's current worker (with its ranks' pids) and its standby, each with its state."""
@@ -241,20 +249,20 @@ class Supervisor:
     def all_ready(self) -> bool:
         return all(w.state is WorkerState.SERVING for w in self.workers.values())
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Ask politely (Shutdown), then SIGTERM, then SIGKILL, as honcho does."""
-        handles = list(self.handles)
+    def stop(self, deadline: float) -> int:
+        """Stop every worker and standby together, by the deadline (monotonic s): a Shutdown to
+        each that has said hello (every rank of it: rank 0 stops the others), SIGKILL at once to
+        those that have not (they serve nothing yet) and to any still running at the deadline.
+        Returns how many had to be killed then."""
+        handles, self.handles = self.handles, []
         for w in handles:
-            if w.identity is not None:
+            if all(w.identities):
                 self._send(w.identity, protocol.Shutdown())
-        procs = [p for w in handles for p in w.procs]  # rank 0 stops the other ranks
-        deadline = time.monotonic() + timeout_s
-        for signal_next in ("terminate", "kill"):
-            for p in procs:
-                while p.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if p.poll() is None:
-                    getattr(p, signal_next)()
-            deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.wait()
+            else:  # a rank has not said hello: the worker serves nothing yet
+                w.kill()
+        while any(w.running() for w in handles) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        late = [w for w in handles if w.running()]
+        for w in handles:
+            w.kill()  # those still running at the deadline; and every rank is reaped
+        return len(late)
