@@ -2,18 +2,21 @@
 each role as two gloo ranks over the controller's two shards and gives the greedy outputs of one
 process, in semi-PD and unified modes, on the tiny preset and on a transformers checkpoint. A
 switch of the split and a killed rank, both in the middle of streaming, end every stream as at
-tp 1: the role's ranks are replaced together, and no page leaks."""
+tp 1: the role's ranks are replaced together, and no page leaks. A stop with streams open ends
+each once and leaves no process or file behind (the groups' rendezvous files included)."""
 
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
 from tests.serving import Server, wait_for
 from tests.serving_fixtures import engine_greedy, workload
 from tests.serving_fixtures import model  # noqa: F401 (a fixture, found by name)
-from tests.test_lifecycle import pid_exists
+from tests.stop_tools import RawStreams, alive, leftovers, new_folder, process_tree, start, wait_exit, wait_ready
+from tests.stop_tools import no_server_left  # noqa: F401 (autouse: kills what a failed test left)
 from tests.test_serving import run_concurrently
 
 WORK = workload(16, seed=7)
@@ -22,7 +25,7 @@ WORK = workload(16, seed=7)
 def assert_two_ranks_each(stats: dict) -> None:
     for worker in stats["workers"].values():
         assert len(set(worker["ranks"])) == 2 and worker["ranks"][0] == worker["pid"]
-        assert all(pid_exists(pid) for pid in worker["ranks"])
+        assert all(alive(pid) for pid in worker["ranks"])
 
 
 @pytest.mark.parametrize("case", ["tiny/semi-pd", "tiny/unified", "checkpoint/semi-pd"])
@@ -67,7 +70,7 @@ def test_switch_mid_stream_moves_both_ranks(model):  # noqa: F811
         assert last["decode"]["moved_seqs"] > 0 and last["decode"]["error"] is None  # it was mid-stream
         assert_two_ranks_each(stats)
         assert not {p for w in stats["workers"].values() for p in w["ranks"]} & old
-        wait_for(lambda s: not any(pid_exists(pid) for pid in old), server)  # once the old ranks are reaped
+        wait_for(lambda s: not any(alive(pid) for pid in old), server)  # once the old ranks are reaped
         stats = server.wait_idle()
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
     finally:
@@ -88,9 +91,27 @@ def test_a_killed_rank_takes_its_role_down_and_the_role_recovers(model, role, ra
         results = [s.result() for s in streams]  # raises if any stream gets no Final
         assert [r.token_ids for r in results] == engine_greedy(model, work)
         stats = server.wait_idle()
-        assert stats["worker_restarts"] == 1 and not any(pid_exists(pid) for pid in old)
+        assert stats["worker_restarts"] == 1 and not any(alive(pid) for pid in old)
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         assert_two_ranks_each(stats)
         assert len(client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result().token_ids) == 5
     finally:
         assert server.stop() == 0
+
+
+def test_sigterm_with_streams_open_stops_every_rank_and_leaves_nothing():
+    folder = new_folder()
+    proc = start(folder, "-tp", "2")
+    wait_ready(proc, folder)
+    tree = process_tree(proc.pid)
+    streams = RawStreams(folder, 8)
+    streams.read(RawStreams.all_streaming)
+    proc.send_signal(signal.SIGTERM)
+    streams.read(RawStreams.all_final)
+    wait_exit(proc)
+    time.sleep(0.2)  # anything after a Final would have come with it
+    streams.read(lambda s: not s.sock.poll(0), timeout_s=5)
+    streams.close()
+    assert all(len(streams.finals(r)) == 1 for r in streams.messages)
+    assert proc.returncode == 0 and not [p for p in tree if alive(p)]
+    assert not leftovers(folder, tree)
