@@ -22,7 +22,7 @@ import torch
 
 from semipd.shared.model import Batch, Transformer
 from semipd.shared.prefill_graphs import PrefillGraphs, token_buckets
-from semipd.shared.prefill_inputs import InputLayout, apply_feed, feed_rows
+from semipd.shared.prefill_inputs import InputLayout, apply_feed, feed_rows, fill_in_flight
 from semipd.shared.sampling import sample
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.sequence import Sequence
@@ -99,9 +99,7 @@ class ModelRunner:
         where the id is known)."""
         out = self._tensor(ids, torch.int64)
         if feed is not None:
-            tokens, rows = feed
-            rows = self._tensor(rows, torch.int64)
-            out[:len(rows)] = torch.where(rows >= 0, tokens[rows.clamp(min=0)], out[:len(rows)])
+            fill_in_flight(out, feed[0], self._tensor(feed[1], torch.int64))
         return out
 
     @torch.inference_mode()

@@ -78,11 +78,14 @@ def _slots(block_table: list[int], start: int, stop: int, page_size: int) -> lis
 def apply_feed(inputs: PrefillInputs, feed: tuple[torch.Tensor, list[int]] | None) -> None:
     """Fill the ids of tokens in flight from the step that sampled them (feed: its tokens on the
     device and, per first id, the row there; the rows are already in inputs.feed_rows)."""
-    if feed is None:
-        return
-    tokens, rows = feed[0], inputs.feed_rows[:len(feed[1])]
-    ids = inputs.ids[:len(rows)]
-    ids.copy_(torch.where(rows >= 0, tokens[rows.clamp(min=0)], ids))
+    if feed is not None:
+        fill_in_flight(inputs.ids, feed[0], inputs.feed_rows[:len(feed[1])])
+
+
+def fill_in_flight(ids: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> None:
+    """ids[i] = tokens[rows[i]] where rows[i] >= 0, for the first len(rows) ids, on the device."""
+    head = ids[:len(rows)]
+    head.copy_(torch.where(rows >= 0, tokens[rows.clamp(min=0)], head))
 
 
 def feed_rows(feed: tuple[torch.Tensor, list[int]] | None) -> list[int]:
