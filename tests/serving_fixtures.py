@@ -1,5 +1,6 @@
 """What the end-to-end serving test files share: a Llama test checkpoint, a server over it (one
-per test module), a workload of mixed lengths, and a raw client socket with raw requests."""
+per test module), a workload of mixed lengths, the in-process engine's greedy outputs for it, and a
+raw client socket with raw requests."""
 
 import random
 
@@ -7,6 +8,9 @@ import msgpack
 import pytest
 import zmq
 
+from semipd.shared.engine import Engine
+from semipd.shared.engine_config import EngineConfig
+from semipd.shared.sampling_params import SamplingParams
 from tests.conftest import make_checkpoint
 from tests.serving import Server
 
@@ -16,6 +20,17 @@ def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     lens = [1, 16, 32, 48] + [rng.randint(2, 60) for _ in range(n - 4)]
     return [([rng.randrange(3, 300) for _ in range(n_)], rng.randint(1, 20)) for n_ in lens]
+
+
+def engine_greedy(model: str, work: list[tuple[list[int], int]], **config) -> list[list[int]]:
+    """Greedy outputs of the in-process engine (what `semipd generate` runs), one process."""
+    engine = Engine(EngineConfig(model=model, device="cpu", progress=False, **config))
+    try:
+        outs = engine.generate([p for p, _ in work], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                                                       for _, m in work])
+    finally:
+        engine.close()
+    return [o.token_ids for o in outs]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def test_the_tables_cover_every_state_and_end_in_death():
 def test_an_illegal_move_is_refused_and_changes_nothing():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    worker = WorkerHandle("decode", proc, WorkerState.STANDBY)
+    worker = WorkerHandle("decode", [proc], WorkerState.STANDBY)
     with pytest.raises(IllegalMove, match=rf"decode worker \(pid {proc.pid}\): standby -> serving"):
         worker.move_to(WorkerState.SERVING)  # a standby serves only once a switch has prepared it
     assert worker.state is WorkerState.STANDBY

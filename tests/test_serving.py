@@ -15,21 +15,14 @@ from semipd.shared.engine import Engine
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.sampling_params import SamplingParams
 from tests.serving import ROOT, Server
-from tests.serving_fixtures import workload
+from tests.serving_fixtures import engine_greedy, workload
 from tests.serving_fixtures import model, server  # noqa: F401 (fixtures, found by name)
 
 
 @pytest.fixture(scope="module")
 def reference(model):
     """Greedy outputs of the in-process engine (what `semipd generate` runs)."""
-    engine = Engine(EngineConfig(model=model, device="cpu", progress=False))
-    try:
-        work = workload(32)
-        outs = engine.generate([p for p, _ in work], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
-                                                       for _, m in work])
-    finally:
-        engine.close()
-    return [o.token_ids for o in outs]
+    return engine_greedy(model, workload(32))
 
 
 async def run_concurrently(address: str, work) -> list:

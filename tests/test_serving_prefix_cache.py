@@ -10,10 +10,8 @@ import signal
 
 import pytest
 
-from semipd.shared.engine import Engine
-from semipd.shared.engine_config import EngineConfig
-from semipd.shared.sampling_params import SamplingParams
 from tests.serving import Server, wait_for
+from tests.serving_fixtures import engine_greedy
 from tests.serving_fixtures import model  # noqa: F401 (a fixture, found by name)
 from tests.test_serving import run_concurrently
 
@@ -30,14 +28,7 @@ def shared_work(seed: int = 0) -> list[tuple[list[int], int]]:
 
 @pytest.fixture(scope="module")
 def reference(model):  # noqa: F811
-    engine = Engine(EngineConfig(model=model, device="cpu", progress=False, prefix_cache=False))
-    try:
-        work = shared_work()
-        outs = engine.generate([p for p, _ in work], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
-                                                       for _, m in work])
-    finally:
-        engine.close()
-    return [o.token_ids for o in outs]
+    return engine_greedy(model, shared_work(), prefix_cache=False)
 
 
 def settled(server: Server) -> dict:

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
                    help="most sequences in a batch (default %(default)s)")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="most prompt and output tokens together (default and cap: the model's context length)")
+    p.add_argument("-tp", "--tensor-parallel-size", type=positive_int, default=1,
+                   help="GPUs (CPU: processes) per worker, the model sharded across them (default %(default)s)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="compute every prompt in full: keep no computed pages for later prompts")
     p.add_argument("--address", type=server_address, default=None,

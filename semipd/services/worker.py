@@ -17,6 +17,8 @@ from semipd.shared.engine_config import DTYPES
 from semipd.shared.loader import build_model
 from semipd.shared.model_runner import ModelRunner
 from semipd.shared.page_allocator import PageAllocator
+from semipd.shared.parallel.group import TPGroup
+from semipd.shared.parallel.mirror import LeadRunner, follow, join
 from semipd.shared.runtime import parent_pid
 from semipd.shared.sampling_params import SamplingParams
 from semipd.shared.sequence import Sequence
@@ -61,6 +63,10 @@ class ControllerLink:
 class Worker:
     """Connects, maps the controller's memory and builds a model runner over it.
 
+    With tensor parallelism (WorkerInit.tp_size > 1) a role is that many such processes, each
+    mapping its rank's shard, in one process group; rank 0 alone talks to the controller after
+    its hello and runs the role's loop, the others mirror its model calls (parallel/mirror.py).
+
     A worker waits for its WorkerInit as long as the controller likes: a standby process sits
     here with everything imported and no CUDA context, until a new SM split calls it up."""
 
@@ -85,14 +91,25 @@ class Worker:
         dtype = DTYPES[init.dtype]
         self.model_config = ModelConfig.from_hf(load_hf_config(init.model))
         self.arenas = [SharedArena.open(h) for h in (init.weights, init.k_pool, init.v_pool)]
-        model = build_model(self.model_config, device, dtype, self.arenas[0].tensor)
+        self.tp, self.steps = TPGroup(), None
+        if init.tp_size > 1:
+            if device.type == "cpu":
+                torch.set_num_threads(1)  # N ranks of torch's default width on shared cores crawl
+            self.tp, self.steps = join(init.tp_init, init.tp_rank, init.tp_size, device)
+        model = build_model(self.model_config, device, dtype, self.arenas[0].tensor, self.tp)
         model.bind_kv_cache(self.arenas[1].view(dtype, init.kv_shape), self.arenas[2].view(dtype, init.kv_shape))
         self.allocator = PageAllocator.attach(init.allocator)
         mapped = time.perf_counter()  # the CUDA context is made and the controller's memory mapped
         graphs = init.cuda_graphs
-        self.runner = ModelRunner(model, init.page_size, init.max_model_len, init.max_num_seqs,
-                                  cuda_graphs=graphs and role != "prefill",
-                                  prefill_graph_tokens=init.max_batched_tokens if graphs and role != "decode" else 0)
+        runner = LeadRunner if self.steps is not None and self.tp.rank == 0 else ModelRunner
+        self.runner = runner(model, init.page_size, init.max_model_len, init.max_num_seqs,
+                             cuda_graphs=graphs and role != "prefill",
+                             prefill_graph_tokens=init.max_batched_tokens if graphs and role != "decode" else 0)
+        if self.steps is not None:
+            self.steps.ready()
+            if self.tp.rank > 0:
+                return  # it says nothing more: rank 0 speaks for the role
+            self.runner.lead(self.steps, self.tp)
         parts = {"context_and_map": mapped - began, **self.runner.setup_s}
         self.link.send(protocol.WorkerReady(role=role, pid=os.getpid(), prepare_parts_s=parts))
 
@@ -212,7 +229,12 @@ def worker_main(role: str, loop) -> None:
     preload()
     try:
         worker = Worker(args.controller, role)
-        loop(worker)
+        if worker.tp.rank > 0:
+            follow(worker.runner, worker.steps, worker.tp)
+        else:
+            loop(worker)
+            if worker.steps is not None:
+                worker.runner.stop_followers()
         worker.link.close()  # its last messages (a hand-over's) go out, within the socket's linger
         code = 0
     except SystemExit as e:  # stopped while waiting for its init, or the controller is gone

@@ -24,6 +24,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     prefix_cache: bool = True           # keep computed prompt pages for later prompts (as vLLM, SGLang)
     seed: int = 0                       # for preset weights
+    tp_size: int = 1                    # tensor-parallel ranks per role (`semipd serve`; Engine takes a TPGroup)
     progress: bool = True
 
     def torch_device(self) -> torch.device:

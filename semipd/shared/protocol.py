@@ -110,6 +110,9 @@ class WorkerInit:
     max_batched_tokens: int
     cuda_graphs: bool
     sm_percent: int | None = None  # MPS quota, set before this process creates its CUDA context
+    tp_rank: int = 0               # this process's rank in its role's tensor-parallel group
+    tp_size: int = 1               # 1: no process group (the handles above are the whole model's)
+    tp_init: str = ""              # the group's rendezvous (a file:// init method) when tp_size > 1
 
 
 @dataclass

@@ -38,7 +38,7 @@ class Controller:
         self.mode = mode or ServingMode({"prefill": DEFAULT_PREFILL_SM, "decode": DEFAULT_DECODE_SM})
         self.prefill_role = "unified" if self.mode.unified else "prefill"  # where requests start
         self.memory = ResidentMemory(config)
-        init_msg = self.memory.worker_init()
+        inits = [self.memory.worker_init(rank) for rank in range(config.tp_size)]
         self.address = address
         self.ctx = zmq.Context()
         try:
@@ -49,7 +49,8 @@ class Controller:
             self.memory.close()
             raise UserError(f"cannot bind {address}: {e}") from None
         self.supervisor = Supervisor(worker_address, self._send_worker,
-                                     lambda sm: replace(init_msg, sm_percent=sm), self.mode.shares)
+                                     lambda sm, rank: replace(inits[rank], sm_percent=sm), self.mode.shares,
+                                     config.tp_size)
         self.switcher = Switcher(self.supervisor, self._alive,
                                  self.memory.allocator.free_owner, self.mode.switch_timeout_s)
         self.split = PartitionControl(self.mode, self.supervisor, self.switcher)

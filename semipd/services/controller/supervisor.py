@@ -6,30 +6,65 @@ new SM split calls it up (see switcher.py), so calling one up costs no imports. 
 worker that is not open yet wait in its queue. A worker is known by its socket identity
 (role-pid), so anything a predecessor still had in flight is recognised.
 
+With tensor parallelism of size N a worker is N processes, ranks 0..N-1 of one process group
+(its own rendezvous file), started, switched and ended together: a dead rank fails the others'
+collectives, so the death of any is the death of the worker and the rest are killed. Each rank
+says hello and gets its own WorkerInit (its shard's handles); rank 0 speaks for the worker after.
+
 Every live worker is one handle in one list; where it is (current, standby, called up, handing
 over) is its state (lifecycle.py), which changes only through `WorkerHandle.move_to`.
 """
 
+import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from semipd.services.controller.lifecycle import CURRENT, WAITING, WORKER_MOVES, WorkerState, advance
 from semipd.shared import protocol
-from semipd.shared.runtime import child_env
+from semipd.shared.runtime import child_env, owned_name, remove_paths, runtime_dir
 
 
 @dataclass
 class WorkerHandle:
     role: str
-    proc: subprocess.Popen
+    procs: list[subprocess.Popen]      # one per tensor-parallel rank
     state: WorkerState
+    rendezvous: str = ""               # the ranks' process group's rendezvous file (size > 1)
     sm_percent: int | None = None
-    identity: bytes | None = None      # set by the worker's hello
+    identities: list[bytes | None] = field(default_factory=list)  # per rank, set by its hello
     last_output: float | None = None   # when its last tokens arrived (monotonic s)
     step_times: tuple | None = None    # (its last StepTimes, when it came)
     queue: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.identities = self.identities or [None] * len(self.procs)
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        """Rank 0's process, which talks to the controller."""
+        return self.procs[0]
+
+    @property
+    def identity(self) -> bytes | None:
+        return self.identities[0]
+
+    def exited(self) -> bool:
+        """Whether any rank has exited: the worker is done for."""
+        return any(p.poll() is not None for p in self.procs)
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def kill(self) -> None:
+        """Kill every rank now (a no-op for those already dead), reap them and remove their
+        group's rendezvous file (the ranks exit without removing it)."""
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        remove_paths([self.rendezvous] if self.rendezvous else [])
 
     def move_to(self, state: WorkerState) -> None:
         advance(f"{self.role} worker (pid {self.proc.pid})", WORKER_MOVES, self.state, state)
@@ -49,10 +84,11 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, worker_address: str, send, init, shares: dict[str, int | None]):
+    def __init__(self, worker_address: str, send, init, shares: dict[str, int | None], tp_size: int = 1):
         self.worker_address = worker_address
         self._send = send              # send(identity, message) on the controller's worker socket
-        self._init = init              # init(sm_percent) -> WorkerInit
+        self._init = init              # init(sm_percent, rank) -> WorkerInit
+        self.tp_size = tp_size
         self.handles: list[WorkerHandle] = []  # every live worker
         self.shares = shares
         self.restarts = 0
@@ -62,8 +98,11 @@ class Supervisor:
         # A process group of its own: a terminal's Ctrl-C and honcho's SIGTERM to the server's
         # group are the controller's to handle (stop() ends the workers), even before a worker
         # has set its own handlers. It still dies with the controller (runtime.die_with_parent).
-        proc = subprocess.Popen(cmd, env=child_env(), stdin=subprocess.DEVNULL, process_group=0)
-        worker = WorkerHandle(role, proc, state)
+        procs = [subprocess.Popen(cmd, env=child_env(), stdin=subprocess.DEVNULL, process_group=0)
+                 for _ in range(self.tp_size)]
+        # the ranks' rendezvous, named after this process: a killed controller's is found and removed
+        rendezvous = os.path.join(runtime_dir(), owned_name(f"tp-{role}")) if self.tp_size > 1 else ""
+        worker = WorkerHandle(role, procs, state, rendezvous)
         self.handles.append(worker)
         return worker
 
@@ -102,32 +141,40 @@ class Supervisor:
     def activate(self, worker: WorkerHandle, sm_percent: int | None) -> None:
         """Give a worker its quota and the memory handles (at its hello if it has not said it)."""
         worker.sm_percent = sm_percent
-        if worker.identity is not None:
-            self._send(worker.identity, self._init(sm_percent))
+        for rank, identity in enumerate(worker.identities):
+            if identity is not None:
+                self._send(identity, self._rank_init(worker, rank))
+
+    def _rank_init(self, worker: WorkerHandle, rank: int) -> protocol.WorkerInit:
+        init = self._init(worker.sm_percent, rank)
+        return replace(init, tp_init=f"file://{worker.rendezvous}") if worker.rendezvous else init
 
     def stats(self, role: str) -> dict:
-        """The role's current worker and its standby, each with its state."""
+        """The role's current worker (with its ranks' pids) and its standby, each with its state."""
         w, standby = self.current(role), self.standby_of(role)
-        return {**w.summary(), "sm_percent": w.sm_percent, "ready": w.state is WorkerState.SERVING,
+        return {**w.summary(), "ranks": [p.pid for p in w.procs], "sm_percent": w.sm_percent,
+                "ready": w.state is WorkerState.SERVING,
                 "standby": standby and {**standby.summary(), "ready": standby.state is WorkerState.STANDBY},
                 "steps": w.step_stats()}
 
     def live_pids(self) -> set[int]:
-        return {w.proc.pid for w in self.handles if w.proc.poll() is None}
+        return {p.pid for w in self.handles for p in w.procs if p.poll() is None}
 
     def handle_of(self, identity: bytes) -> WorkerHandle | None:
         """The live worker with this identity; None for a dead one's last words."""
         return next((w for w in self.handles if w.identity == identity), None)
 
     def hello(self, identity: bytes, msg: protocol.WorkerHello) -> None:
-        worker = next((w for w in self.handles if w.proc.pid == msg.pid and w.role == msg.role), None)
+        worker, rank = next(((w, r) for w in self.handles for r, p in enumerate(w.procs)
+                             if p.pid == msg.pid and w.role == msg.role), (None, 0))
         if worker is None:
             return
-        worker.identity = identity
+        worker.identities[rank] = identity
         if worker.state is WorkerState.IMPORTING:
-            worker.move_to(WorkerState.STANDBY)
+            if all(worker.identities):
+                worker.move_to(WorkerState.STANDBY)
         elif worker.state in (WorkerState.STARTING, WorkerState.PREPARING):
-            self._send(identity, self._init(worker.sm_percent))
+            self._send(identity, self._rank_init(worker, rank))
 
     def open(self, worker: WorkerHandle) -> None:
         """Open it for messages and deliver what waited for it."""
@@ -165,9 +212,10 @@ class Supervisor:
         """(its state when it died, handle) for every worker that exited since the last call,
         current workers first. A current worker is replaced at once, with the same quota; the
         caller decides about the others."""
-        exited = [w for w in self.handles if w.proc.poll() is not None]
+        exited = [w for w in self.handles if w.exited()]
         events = [(w.state, w) for w in sorted(exited, key=lambda w: w.state not in CURRENT)]
         for was, w in events:
+            w.kill()  # a dead rank has taken its group down: the other ranks go with it
             self._bury(w)
             if was in CURRENT:
                 self._replace(w, f"exited with {w.proc.returncode}")
@@ -185,8 +233,7 @@ class Supervisor:
             self._replace(worker, "was stopped")
 
     def _end(self, worker: WorkerHandle) -> None:
-        worker.proc.kill()
-        worker.proc.wait()
+        worker.kill()
         self._bury(worker)
 
     def _bury(self, worker: WorkerHandle) -> None:
@@ -204,19 +251,18 @@ class Supervisor:
 
     def stop(self, deadline: float) -> int:
         """Stop every worker and standby together, by the deadline (monotonic s): a Shutdown to
-        each that has said hello, SIGKILL at once to those that have not (they map nothing yet)
-        and to any still running at the deadline. Returns how many had to be killed then."""
+        each that has said hello (every rank of it: rank 0 stops the others), SIGKILL at once to
+        those that have not (they serve nothing yet) and to any still running at the deadline.
+        Returns how many had to be killed then."""
         handles, self.handles = self.handles, []
         for w in handles:
-            if w.identity is not None:
+            if all(w.identities):
                 self._send(w.identity, protocol.Shutdown())
-            else:
-                w.proc.kill()
-        while any(w.proc.poll() is None for w in handles) and time.monotonic() < deadline:
+            else:  # a rank has not said hello: the worker serves nothing yet
+                w.kill()
+        while any(w.running() for w in handles) and time.monotonic() < deadline:
             time.sleep(0.01)
-        late = [w for w in handles if w.proc.poll() is None]
-        for w in late:
-            w.proc.kill()
+        late = [w for w in handles if w.running()]
         for w in handles:
-            w.proc.wait()
+            w.kill()  # those still running at the deadline; and every rank is reaped
         return len(late)

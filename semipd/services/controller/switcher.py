@@ -185,7 +185,7 @@ class Switcher:
             else:
                 continue
             print(f"semipd: {sw.stalled}; stopping it (pid {stuck.proc.pid})", file=sys.stderr, flush=True)
-            stuck.proc.kill()
+            stuck.kill()
 
     def on_death(self, was: WorkerState, worker: WorkerHandle) -> bool:
         """A worker exited in state `was` (the supervisor has replaced a current one). True if the
@@ -204,7 +204,7 @@ class Switcher:
             sw.worker.queue.clear()   # recovery resends everything the role held...
             # ...some of which the new worker already holds, or it has died too (not yet noticed:
             # recovery must not open it): a fresh one (same share) takes its place
-            if sw.phase is SwitchPhase.LAST_STEP or sw.worker.proc.poll() is not None:
+            if sw.phase is SwitchPhase.LAST_STEP or sw.worker.exited():
                 self.sup.kill(sw.worker)
             when = "before handing over" if sw.phase is SwitchPhase.HANDING_OVER else "during its last step"
             self._finish(sw, 0, sw.stalled or f"old {worker.role} worker exited {when}")
