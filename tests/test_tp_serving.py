@@ -90,8 +90,9 @@ def test_a_killed_rank_takes_its_role_down_and_the_role_recovers(model, role, ra
         os.kill(old[rank], signal.SIGKILL)
         results = [s.result() for s in streams]  # raises if any stream gets no Final
         assert [r.token_ids for r in results] == engine_greedy(model, work)
+        wait_for(lambda s: s["worker_restarts"] == 1, server)  # streams may end before it is seen
         stats = server.wait_idle()
-        assert stats["worker_restarts"] == 1 and not any(alive(pid) for pid in old)
+        assert not any(alive(pid) for pid in old)
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         assert_two_ranks_each(stats)
         assert len(client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result().token_ids) == 5
