@@ -35,6 +35,20 @@ class PartitionConfig:
         if not 2 * self.min_share <= self.max_total <= 200:
             raise UserError(f"max_total must be in [{2 * self.min_share}, 200], got {self.max_total}")
 
+    def raised(self, split: tuple[int, int], i: int, share: int) -> tuple[int, int] | None:
+        """The split with phase i raised to `share`: what passes 100 comes off the other phase,
+        which is also lowered as far as max_total needs (None: below min_share)."""
+        top = min(share, 100)
+        other = min(split[1 - i] - (share - top), self.max_total - top)
+        if other < self.min_share:
+            return None
+        return (top, other) if i == 0 else (other, top)
+
+
+def overlap(split: tuple[int, int]) -> int:
+    """SM percent both phases' caps cover (negative: none, with that much to spare)."""
+    return sum(split) - 100
+
 
 @dataclass
 class Decision:

@@ -22,7 +22,7 @@ import numpy as np
 from semipd.services.controller.evidence import LOAD_WINDOWS, Evidence
 from semipd.services.controller.latency_model import fit_latency
 from semipd.services.controller.load_signals import LoadSignals
-from semipd.services.controller.partition_config import Decision, PartitionConfig
+from semipd.services.controller.partition_config import Decision, PartitionConfig, overlap
 from semipd.services.controller.queue_model import HORIZON_S, SCALE_RANGE, Calibration, PrefillMeter, QueueModel
 from semipd.shared.errors import UserError
 
@@ -252,7 +252,7 @@ class Partitioner:
         where the other phase's prediction misses (or misses worse); one without a prediction."""
         cfg, allowed, k = self.config, [], 1
         while cfg.max_steps is None or k <= cfg.max_steps:
-            target = self._with(i, self.split[i] + k * cfg.step)
+            target = cfg.raised(self.split, i, self.split[i] + k * cfg.step)
             if target is None:
                 break
             # The predictions see phase i's share only: a step past 100, which comes off the
@@ -272,22 +272,8 @@ class Partitioner:
         """One step to the other phase; from the giver where the taker holds 100 or max_total
         requires. None where it would deepen the overlap of the caps."""
         taker = 1 - giver
-        target = self._with(taker, self.split[taker] + self.config.step)
-        if (target is None or _overlap(target) > max(_overlap(self.split), 0)
+        target = self.config.raised(self.split, taker, self.split[taker] + self.config.step)
+        if (target is None or overlap(target) > max(overlap(self.split), 0)
                 or not self.evidence.allows(self.split, target, fresh=True)):
             return None
         return None if predictor and predictor.at(target[giver]) > GIVE_BACK * self._slos[giver] else target
-
-    def _with(self, i: int, share: int) -> tuple[int, int] | None:
-        """The split with phase i raised to `share`: what passes 100 comes off the other phase,
-        which is also lowered as far as max_total needs."""
-        raised = min(share, 100)
-        other = min(self.split[1 - i] - (share - raised), self.config.max_total - raised)
-        if other < self.config.min_share:
-            return None
-        return (raised, other) if i == 0 else (other, raised)
-
-
-def _overlap(split: tuple[int, int]) -> int:
-    """SM percent both phases' caps cover (negative: none, with that much to spare)."""
-    return sum(split) - 100
