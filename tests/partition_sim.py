@@ -6,7 +6,9 @@ split and the load; nothing about them is drawn at random but the arrivals and t
 
 The controller's part is played as server.py plays it: every arrival goes to arrived(), every
 finished request to observe(), the load signals (load_signals.gather over the request table) to
-tick() when due, none of it while a switch is under way, which takes SWITCH_S to take effect."""
+tick() when due, none of it while a switch is under way, which takes SWITCH_S to take effect; and,
+with `prime`, a prefill worker primed SWITCH_S after the partitioner names its share, which a
+switch to that share takes over in HANDOVER_S."""
 
 import functools
 import itertools
@@ -21,6 +23,7 @@ from semipd.services.controller.requests import Request
 from semipd.shared.protocol import StepTimes
 
 SWITCH_S = 3.0        # a split takes effect this long after it is decided (a standby prepares)
+HANDOVER_S = 0.05     # ...or this long, to a primed worker's share
 TICK_S = 0.05         # the controller's poll
 REPORT_S = 1.0        # a worker's StepTimes, about once a second while it works
 
@@ -114,7 +117,7 @@ def arrivals(mixes: list[Mix], seed: int) -> list[tuple[float, int, int]]:
 
 
 def simulate(p: Partitioner | None, split: tuple[int, int], mixes: list[Mix], seed: int,
-             gpu: Gpu = Gpu()) -> Run:
+             gpu: Gpu = Gpu(), prime: bool = True) -> Run:
     """Serve the mixes one after the other; with p None, at the fixed split."""
     run, now, x_y = Run(splits=[(0.0, split)]), 0.0, split
     incoming = arrivals(mixes, seed)
@@ -125,18 +128,28 @@ def simulate(p: Partitioner | None, split: tuple[int, int], mixes: list[Mix], se
     prefill_end, prefilling = math.inf, []
     pending, batch, decode_end = [], [], math.inf
     next_tick, switch_at, target = 0.0, math.inf, None
+    primed = None                              # (prefill share, when ready)
     timer = {"since": None, "steps": 0, "busy": 0.0}
     report = None                              # the prefill worker's (last StepTimes, received)
     seq_ids = itertools.count()
 
     def act(decision):
-        nonlocal switch_at, target
+        nonlocal switch_at, target, primed
         if decision is None:
             return
         run.decisions.append(decision)
         wanted = (decision.next_prefill_sm, decision.next_decode_sm)
         if wanted != x_y:
-            switch_at, target = now + SWITCH_S, wanted
+            instant = primed is not None and primed[1] <= now and wanted == (primed[0], x_y[1])
+            switch_at, target = now + (HANDOVER_S if instant else SWITCH_S), wanted
+            if wanted[0] != x_y[0]:
+                primed = None                     # taken over, or killed for the worker preparing
+
+    def aim_primed():
+        nonlocal primed
+        share = p.prime_share()
+        if primed is None or primed[0] != share:
+            primed = None if share is None else (share, now + SWITCH_S)
 
     def finish(req):
         del table[req.seq_id]
@@ -221,4 +234,6 @@ def simulate(p: Partitioner | None, split: tuple[int, int], mixes: list[Mix], se
         else:
             next_tick = now + TICK_S
             if p is not None and switch_at == math.inf and p.due(now):
+                if prime:
+                    aim_primed()
                 act(p.tick(gather(table.values(), report, now)))

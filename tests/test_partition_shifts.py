@@ -124,3 +124,19 @@ def test_a_load_after_a_silence_is_measured_over_the_time_it_has_run():
         run = simulate(p, (60, 100), [warm_up, silence, PROMPTS], seed)
         first = next(d for d in run.decisions if d.time > 22 and d.action != "hold")
         assert 0.5 * truth <= first.ttft_queue.arrivals <= 2 * truth, (seed, first.ttft_queue)
+
+
+def test_a_worker_primed_at_the_top_saves_a_raise_to_it_its_preparation():
+    """From 60/100 under long prompts the first raise goes to 80 or to 100 on this simulated
+    server, the same either way; one to 100, where a prefill worker is primed, takes effect at
+    once instead of after SWITCH_S."""
+    slos, gained = (0.3, 0.15), []
+    for seed in range(8):
+        runs = [simulate(Partitioner(PartitionConfig(*slos), 60, 100), (60, 100), [PROMPTS], seed, prime=prime)
+                for prime in (False, True)]
+        first = runs[0].splits[1][1]
+        assert runs[1].splits[1][1] == first
+        if first == (100, 100):
+            cold, primed = (reached(run, 0, PROMPTS, slos)[0] for run in runs)
+            gained.append(cold - primed)
+    assert len(gained) >= 3 and min(gained) >= 2.5, gained

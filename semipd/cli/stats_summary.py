@@ -62,6 +62,9 @@ def worker_line(worker: dict) -> str:
                  f"mean batch {steps['mean_batch']:.1f}, busy {percent(steps['busy'])}")
     if worker["standby"]:
         line += f"; standby pid {worker['standby']['pid']} {worker['standby']['state']}"
+    if worker["primed"]:
+        primed = worker["primed"]
+        line += f"; pid {primed['pid']} {primed['state']} at {primed['sm_percent']}%"
     switch = worker["switch"]
     if switch:
         old = f", old pid {switch['old']['pid']} {switch['old']['state']}" if switch["old"] else ""

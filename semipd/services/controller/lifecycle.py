@@ -13,6 +13,8 @@ from enum import Enum
 class WorkerState(Enum):
     IMPORTING = "importing"        # spawned to be a standby, still importing
     STANDBY = "standby"            # said hello; waits for a switch to call it up
+    PRIMING = "priming"            # called up ahead, at a share a switch is likely to ask for: prepares
+    PRIMED = "primed"              # prepared ahead: a switch to its share takes it with no preparation
     STARTING = "starting"          # the role's current worker, not ready yet (its first, or a replacement)
     PREPARING = "preparing"        # called up by a switch: maps memory, captures graphs; the old one serves
     TAKING_OVER = "taking_over"    # the role's current worker, closed until the old one has handed over
@@ -24,8 +26,11 @@ class WorkerState(Enum):
 
 WORKER_MOVES: dict[WorkerState, set[WorkerState]] = {
     # called up before its hello: a cold switch, whose WorkerInit goes at the hello
-    WorkerState.IMPORTING: {WorkerState.STANDBY, WorkerState.PREPARING, WorkerState.DEAD},
-    WorkerState.STANDBY: {WorkerState.PREPARING, WorkerState.DEAD},
+    WorkerState.IMPORTING: {WorkerState.STANDBY, WorkerState.PREPARING, WorkerState.PRIMING, WorkerState.DEAD},
+    WorkerState.STANDBY: {WorkerState.PREPARING, WorkerState.PRIMING, WorkerState.DEAD},
+    # a switch to its share adopts it, preparing or prepared; one aimed elsewhere is killed
+    WorkerState.PRIMING: {WorkerState.PRIMED, WorkerState.PREPARING, WorkerState.DEAD},
+    WorkerState.PRIMED: {WorkerState.TAKING_OVER, WorkerState.DEAD},
     WorkerState.STARTING: {WorkerState.SERVING, WorkerState.DEAD},
     WorkerState.PREPARING: {WorkerState.TAKING_OVER, WorkerState.DEAD},
     WorkerState.TAKING_OVER: {WorkerState.SERVING, WorkerState.DEAD},
@@ -38,6 +43,8 @@ WORKER_MOVES: dict[WorkerState, set[WorkerState]] = {
 CURRENT = {WorkerState.STARTING, WorkerState.TAKING_OVER, WorkerState.SERVING}
 # A standby, not yet called up.
 WAITING = {WorkerState.IMPORTING, WorkerState.STANDBY}
+# Called up ahead of any switch: it holds no request and no page.
+PRIMES = {WorkerState.PRIMING, WorkerState.PRIMED}
 
 
 class SwitchPhase(Enum):

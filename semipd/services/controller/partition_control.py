@@ -44,8 +44,11 @@ class PartitionControl:
         """Between finished requests: decide on the load signals once the partitioner says a
         decision is due (a shift shows in the requests in flight seconds before any finishes)."""
         if self.partitioner is not None and not self.switcher.active and self.partitioner.due(now):
+            # a prefill worker prepared ahead at the share a raise is likely to ask for
+            self.switcher.prime("prefill", self.partitioner.prime_share())
             prefill = self.supervisor.current("prefill").step_times
             self._act(self.partitioner.tick(gather(requests, prefill, now)))
+
 
     def _act(self, decision: Decision | None) -> None:
         """Log a partitioner's decision and start the switch it chose."""

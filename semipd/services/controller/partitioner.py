@@ -62,6 +62,16 @@ class Partitioner:
         self._points: deque[tuple] = deque(maxlen=FIT_WINDOWS)
         self.evidence = Evidence(config.window)
         self._enough = math.ceil(0.8 * config.window)  # arrivals a tick decision needs: a window's rate counts as many
+        self._highest = prefill_sm       # the highest prefill share held so far
+
+    def prime_share(self) -> int | None:
+        """Prefill's share worth priming a worker at: the highest a raise has taken it to, which
+        a load of long prompts seen before will ask for again, else the top of its range (None:
+        it is there already, or getting there would move decode too, which no primed prefill
+        worker can do)."""
+        top = self._highest if self._highest > self.split[0] else 100
+        target = self.config.raised(self.split, 0, top)
+        return target[0] if target and target[0] > self.split[0] and target[1] == self.split[1] else None
 
     def check(self, split: tuple[int, int]) -> None:
         cfg = self.config
@@ -74,6 +84,7 @@ class Partitioner:
         """The split in effect from `now` (call once the workers have switched, or failed to):
         requests that arrived earlier ran partly under the old split and are left out."""
         self.check((prefill_sm, decode_sm))
+        self._highest = max(self._highest, prefill_sm)
         self.split, self._settled_at, self._opened_at, self._cleared = (prefill_sm, decode_sm), now, now, False
         self._window.clear()
         self._meter.restart()

@@ -128,7 +128,7 @@ class Controller:
         if worker is None:
             return  # a dead worker's last words: its requests were already recovered
         if isinstance(msg, protocol.WorkerReady):
-            if worker.state is WorkerState.PREPARING:  # called up by a switch
+            if worker.state in (WorkerState.PREPARING, WorkerState.PRIMING):  # called up by a switch, or ahead
                 self.switcher.on_ready(worker, msg.prepare_parts_s)
             else:
                 self.supervisor.open(worker)

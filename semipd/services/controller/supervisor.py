@@ -11,8 +11,8 @@ With tensor parallelism of size N a worker is N processes, ranks 0..N-1 of one p
 collectives, so the death of any is the death of the worker and the rest are killed. Each rank
 says hello and gets its own WorkerInit (its shard's handles); rank 0 speaks for the worker after.
 
-Every live worker is one handle in one list; where it is (current, standby, called up, handing
-over) is its state (lifecycle.py), which changes only through `WorkerHandle.move_to`.
+Every live worker is one handle in one list; where it is (current, standby, called up, primed
+ahead of a switch, handing over) is its state (lifecycle.py), which changes only through `WorkerHandle.move_to`.
 """
 
 import os
@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
-from semipd.services.controller.lifecycle import CURRENT, WAITING, WORKER_MOVES, WorkerState, advance
+from semipd.services.controller.lifecycle import CURRENT, PRIMES, WAITING, WORKER_MOVES, WorkerState, advance
 from semipd.shared import protocol
 from semipd.shared.runtime import child_env, owned_name, remove_paths, runtime_dir
 
@@ -36,6 +36,7 @@ class WorkerHandle:
     identities: list[bytes | None] = field(default_factory=list)  # per rank, set by its hello
     last_output: float | None = None   # when its last tokens arrived (monotonic s)
     step_times: tuple | None = None    # (its last StepTimes, when it came)
+    prepared: dict | None = None       # a primed worker's account of its preparation (WorkerReady)
     queue: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -129,12 +130,16 @@ class Supervisor:
         if self.standby_of(role) is None:
             self._spawn(role, WorkerState.IMPORTING)
 
-    def call_up(self, role: str) -> WorkerHandle:
-        """The role's standby, now preparing (activate it); the next standby starts importing at
-        once: switches can come seconds apart."""
+    def primed_of(self, role: str) -> WorkerHandle | None:
+        """The role's worker called up ahead of a switch (priming or primed), if any."""
+        return next((w for w in self.handles if w.role == role and w.state in PRIMES), None)
+
+    def call_up(self, role: str, state: WorkerState = WorkerState.PREPARING) -> WorkerHandle:
+        """The role's standby, now preparing for a switch (or priming ahead of one: activate it);
+        the next standby starts importing at once: switches can come seconds apart."""
         self.ensure_standby(role)
         worker = self.standby_of(role)
-        worker.move_to(WorkerState.PREPARING)
+        worker.move_to(state)
         self.ensure_standby(role)
         return worker
 
@@ -150,11 +155,13 @@ class Supervisor:
         return replace(init, tp_init=f"file://{worker.rendezvous}") if worker.rendezvous else init
 
     def stats(self, role: str) -> dict:
-        """The role's current worker (with its ranks' pids) and its standby, each with its state."""
-        w, standby = self.current(role), self.standby_of(role)
+        """The role's current worker (with its ranks' pids), its standby and its primed worker,
+        each with its state."""
+        w, standby, primed = self.current(role), self.standby_of(role), self.primed_of(role)
         return {**w.summary(), "ranks": [p.pid for p in w.procs], "sm_percent": w.sm_percent,
                 "ready": w.state is WorkerState.SERVING,
                 "standby": standby and {**standby.summary(), "ready": standby.state is WorkerState.STANDBY},
+                "primed": primed and {**primed.summary(), "sm_percent": primed.sm_percent},
                 "steps": w.step_stats()}
 
     def live_pids(self) -> set[int]:
@@ -173,7 +180,7 @@ class Supervisor:
         if worker.state is WorkerState.IMPORTING:
             if all(worker.identities):
                 worker.move_to(WorkerState.STANDBY)
-        elif worker.state in (WorkerState.STARTING, WorkerState.PREPARING):
+        elif worker.state in (WorkerState.STARTING, WorkerState.PREPARING, WorkerState.PRIMING):
             self._send(identity, self._rank_init(worker, rank))
 
     def open(self, worker: WorkerHandle) -> None:

@@ -4,7 +4,8 @@ MPS fixes a process's SM quota when its CUDA context is created, so a new share 
 a new worker process. The switch for one role (prefill and decode switch independently):
 
 1. call up the role's standby (already imported everything): its WorkerInit carries the new quota;
-   it opens the IPC handles and captures its CUDA graphs while the old worker keeps serving;
+   it opens the IPC handles and captures its CUDA graphs while the old worker keeps serving. A
+   worker primed ahead at that share (prime(), below) has done all that already: step 2 at once;
 2. once it is ready it becomes the role's current worker, closed for now: new messages for the
    role wait in its queue; the old worker gets a Handover;
 3. between two steps the old worker sends everything it holds (HandedOver: sequences with their
@@ -25,13 +26,18 @@ Pages of sequences that ended while they were handed over are freed once no step
 worker can write them. A switch held up past its timeout (a new worker that never becomes ready,
 an old one that never hands over) is ended by stopping the worker that holds it up: its death is
 then handled like any other (the old worker stays, or its requests are recovered).
+
+Preparing takes seconds, which a load that shifts does not wait for. prime() calls a standby up
+ahead of any switch, at the share the partitioner expects to ask for next; it prepares, then
+waits, holding no request and no page. A switch to another share kills it (its memory goes to
+the worker that prepares now), and the caller aims the next one once the switch is over.
 """
 
 import sys
 import time
 from dataclasses import dataclass, field
 
-from semipd.services.controller.lifecycle import CURRENT, SWITCH_MOVES, WAITING, SwitchPhase, WorkerState, advance
+from semipd.services.controller.lifecycle import CURRENT, PRIMES, SWITCH_MOVES, WAITING, SwitchPhase, WorkerState, advance
 from semipd.services.controller.supervisor import Supervisor, WorkerHandle
 from semipd.shared import protocol
 
@@ -48,6 +54,7 @@ class Switch:
     reason: str
     worker: WorkerHandle                # the standby called up
     cold: bool                          # the standby had not finished starting
+    primed: bool = False                # the worker was primed ahead at this share
     phase: SwitchPhase = SwitchPhase.PREPARING
     # when each phase it has been in began (time.monotonic(), throughout)
     times: dict[SwitchPhase, float] = field(default_factory=lambda: {SwitchPhase.PREPARING: time.monotonic()})
@@ -84,16 +91,48 @@ class Switcher:
         if role in self.active or current.sm_percent == sm_percent:
             return
         self.keep_standbys = True
-        worker = self.sup.call_up(role)
+        worker = self.sup.primed_of(role)
+        if worker is not None and worker.sm_percent != sm_percent:
+            self.sup.kill(worker)
+            worker = None
+        if worker is None:
+            worker = self.sup.call_up(role)
+            self.sup.activate(worker, sm_percent)
         cold = worker.identity is None  # still importing: the switch waits for that
-        self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold)
-        self.sup.activate(worker, sm_percent)
+        sw = self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold,
+                                        primed=worker.state in PRIMES)
+        if worker.state is WorkerState.PRIMED:
+            self._take_over(sw, worker.prepared)
+        elif worker.state is WorkerState.PRIMING:  # the switch waits for it as for any it called up
+            worker.move_to(WorkerState.PREPARING)
+
+    def prime(self, role: str, sm_percent: int | None) -> None:
+        """Keep the role's primed worker at this share (None: keep none). Only from a standby
+        that has finished importing: one that dies while priming is not replaced in a loop."""
+        primed = self.sup.primed_of(role)
+        if role in self.active or (primed is not None and primed.sm_percent == sm_percent):
+            return
+        if primed is not None:
+            self.sup.kill(primed)
+        standby = self.sup.standby_of(role)
+        if (sm_percent is not None and sm_percent != self.sup.current(role).sm_percent
+                and standby is not None and standby.state is WorkerState.STANDBY):
+            self.sup.activate(self.sup.call_up(role, WorkerState.PRIMING), sm_percent)
 
     def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> None:
-        """The new worker has mapped the memory and captured its graphs: retire the old one."""
+        """The new worker has mapped the memory and captured its graphs: retire the old one. A
+        primed worker waits for a switch to its share."""
+        if worker.state is WorkerState.PRIMING:
+            worker.prepared = prepare_parts
+            return worker.move_to(WorkerState.PRIMED)
         sw = self.active[worker.role]
         if sw.stalled is not None:  # too late: the timeout has killed it (its death ends the switch)
             return
+        self._take_over(sw, prepare_parts)
+
+    def _take_over(self, sw: Switch, prepare_parts: dict) -> None:
+        """The switch's worker is ready: it becomes current and the old one hands over."""
+        worker = sw.worker
         sw.prepare_parts = prepare_parts
         steps = self.sup.current(worker.role).step_stats()
         if steps and steps["age_s"] < FRESH_STEPS_S:
@@ -166,7 +205,7 @@ class Switcher:
         shares = {role: w.sm_percent for role, w in self.sup.workers.items()}
         return {"time": time.time(), "role": sw.role, "from_sm": sw.from_sm, "to_sm": sw.to_sm,
                 "prefill_sm": shares.get("prefill"), "decode_sm": shares.get("decode"),
-                "reason": sw.reason, "cold_start": sw.cold,
+                "reason": sw.reason, "cold_start": sw.cold, "primed": sw.primed,
                 "prepare_s": None if ready is None else ready - times[SwitchPhase.PREPARING],
                 "prepare_parts_s": sw.prepare_parts,
                 "handover_s": None if handover is None else end - handover,
@@ -191,7 +230,7 @@ class Switcher:
         """A worker exited in state `was` (the supervisor has replaced a current one). True if the
         requests of its role must be recovered (their pages freed and recomputed through prefill)."""
         sw = self.active.get(worker.role)
-        if was in WAITING:
+        if was in WAITING or was in PRIMES:  # it held nothing; a primed one is aimed again later
             if self.keep_standbys:
                 self.sup.ensure_standby(worker.role)
             return False

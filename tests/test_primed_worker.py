@@ -1,0 +1,74 @@
+"""A prefill worker primed ahead of a switch, end to end with real processes: a dynamic server
+keeps one prepared at the share the partitioner names; a switch to that share takes it over with
+no preparation and loses nothing; a switch elsewhere kills it and the next one is aimed again; a
+primed worker that dies is replaced from the next standby. SLOs nothing misses: no decision
+moves the split, manual switches on the grid do."""
+
+import os
+import signal
+
+from tests.serving import Server, wait_for
+from tests.serving_fixtures import engine_greedy, workload
+from tests.serving_fixtures import model  # noqa: F401 (a fixture, found by name)
+from tests.stop_tools import alive
+from tests.test_lifecycle import cli_stats
+
+DYNAMIC = ("--dynamic", "--ttft-slo", "1000", "--tpot-slo", "1000", "--window", "1000")
+
+
+def primed_at(share: int):
+    """A predicate on stats: prefill has a primed worker, prepared, at this share."""
+    def holds(stats) -> bool:
+        primed = stats["workers"]["prefill"]["primed"]
+        return primed is not None and primed["state"] == "primed" and primed["sm_percent"] == share
+    return holds
+
+
+def switched(stats) -> bool:
+    return not stats["partition"]["switching"]
+
+
+def test_a_switch_to_the_primed_share_takes_the_primed_worker(model):  # noqa: F811
+    server = Server(model, "--max-num-seqs", "16", *DYNAMIC)
+    try:
+        client = server.client
+        primed = wait_for(primed_at(100), server)["workers"]["prefill"]["primed"]["pid"]  # the top, at first
+        assert f"pid {primed} primed at 100%" in cli_stats(server)["prefill"]
+        work = [(p * 3, 60) for p, _ in workload(12, seed=5)]
+        streams = [client.generate(prompt_ids=p, temperature=0, max_tokens=m, ignore_eos=True) for p, m in work]
+        next(streams[0])
+        client.partition(100, 100)
+        assert [s.result().token_ids for s in streams] == engine_greedy(model, work)
+        stats = wait_for(switched, server)
+        record = stats["partition"]["history"][-1]
+        assert (record["role"], record["to_sm"], record["primed"], record["error"]) == ("prefill", 100, True, None)
+        assert stats["workers"]["prefill"]["pid"] == primed and stats["workers"]["prefill"]["primed"] is None
+        client.partition(60, 100)  # no worker primed at 60: a standby prepares
+        stats = wait_for(switched, server)
+        assert stats["partition"]["history"][-1]["primed"] is False
+        wait_for(primed_at(100), server)  # the highest share held so far, primed again
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_switch_elsewhere_kills_the_primed_worker_and_one_dying_is_replaced(model):  # noqa: F811
+    server = Server(model, *DYNAMIC)
+    try:
+        client = server.client
+        first = wait_for(primed_at(100), server)["workers"]["prefill"]["primed"]["pid"]
+        os.kill(first, signal.SIGKILL)
+        second = wait_for(lambda s: primed_at(100)(s) and s["workers"]["prefill"]["primed"]["pid"] != first,
+                          server)["workers"]["prefill"]["primed"]["pid"]
+        assert server.stats()["worker_restarts"] == 0  # it served nothing: no restart, no recovery
+        client.partition(70, 100)
+        stats = wait_for(switched, server)
+        record = stats["partition"]["history"][-1]
+        assert (record["to_sm"], record["primed"], record["error"]) == (70, False, None)
+        assert not alive(second) and stats["partition"]["prefill_sm"] == 70
+        wait_for(primed_at(100), server)  # aimed again from 70
+        result = client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result()
+        assert len(result.token_ids) == 5
+    finally:
+        assert server.stop() == 0
