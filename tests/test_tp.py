@@ -19,9 +19,10 @@ from semipd.shared.config import ModelConfig, load_hf_config
 from semipd.shared.engine import Engine
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.errors import UserError
-from semipd.shared.loader import load_model
+from semipd.shared.loader import build_model, load_model, load_ranks, weight_layout
 from semipd.shared.parallel.group import TPGroup
 from semipd.shared.parallel.partition import Partition
+from semipd.shared.shared_memory import SharedArena
 from tests.conftest import make_checkpoint
 from tests.test_parity import GREEDY, prompts
 
@@ -104,14 +105,25 @@ def test_two_ranks_give_the_greedy_tokens_of_one(models, two_ranks, case):
 
 @pytest.mark.parametrize("model", ["tiny", "llama", "qwen2", "gguf"])
 def test_each_rank_holds_its_cut_of_the_whole_weights(models, model):
-    """Built and loaded without a process group, as the controller will hold every rank's
-    weights: rank r's parameters are its part of the size-1 model's, and only that."""
-    whole = dict(load_model(models[model], torch.device("cpu"), torch.float32, progress=False).named_parameters())
-    for rank in range(2):
-        net = load_model(models[model], torch.device("cpu"), torch.float32, progress=False, tp=TPGroup(rank, 2))
-        for name, p in net.named_parameters():
-            assert torch.equal(p, net.partition.take(name, whole[name])), (rank, name)
-        assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in whole.values())
+    """Built and loaded without a process group, as the controller holds every rank's weights,
+    one rank at a time or all in one pass over the checkpoint (load_ranks, in shared memory):
+    rank r's parameters are its part of the size-1 model's, and only that."""
+    cpu, cfg = torch.device("cpu"), ModelConfig.from_hf(load_hf_config(models[model]))
+    whole = dict(load_model(models[model], cpu, torch.float32, progress=False).named_parameters())
+    sizes = [weight_layout(build_model(cfg, torch.device("meta"), torch.float32, tp=TPGroup(r, 2)))[1] for r in range(2)]
+    arenas = [SharedArena.create(n, cpu) for n in sizes]
+    try:
+        load_ranks(models[model], [cpu, cpu], torch.float32, arenas, progress=False)
+        for rank in range(2):
+            alone = load_model(models[model], cpu, torch.float32, progress=False, tp=TPGroup(rank, 2))
+            in_pass = build_model(cfg, cpu, torch.float32, arenas[rank].tensor, TPGroup(rank, 2))
+            for net in (alone, in_pass):
+                for name, p in net.named_parameters():
+                    assert torch.equal(p, net.partition.take(name, whole[name])), (rank, name)
+            assert sum(p.numel() for p in alone.parameters()) < sum(p.numel() for p in whole.values())
+    finally:
+        for arena in arenas:
+            arena.close()
 
 
 def test_fewer_kv_heads_than_ranks_are_replicated(models):

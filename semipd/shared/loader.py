@@ -33,11 +33,27 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, seed: int =
     cfg = cfg or ModelConfig.from_hf(load_hf_config(model))
     checkpoint = open_checkpoint(model, cfg)  # a bad file is reported before memory is allocated
     net = build_model(cfg, device, dtype, None if arena is None else arena.tensor, tp)
-    if checkpoint is not None:
-        _load_checkpoint(net, checkpoint, progress, extra or {})
-    else:
-        _init_random(net, seed, extra or {})
+    _fill([net], [extra or {}], checkpoint, seed, progress)
     return net
+
+
+def load_ranks(model: str, devices: list[torch.device], dtype: torch.dtype, arenas: list,
+               seed: int = 0, progress: bool = True) -> None:
+    """Fill the weights of every tensor-parallel rank, rank r's in arenas[r] on devices[r], in one
+    pass: each checkpoint tensor is read once and cut for every rank."""
+    cfg = ModelConfig.from_hf(load_hf_config(model))
+    checkpoint = open_checkpoint(model, cfg)
+    nets = [build_model(cfg, device, dtype, arena.tensor, TPGroup(rank, len(devices)))
+            for rank, (device, arena) in enumerate(zip(devices, arenas))]
+    _fill(nets, [{} for _ in nets], checkpoint, seed, progress)
+
+
+def _fill(nets: list[Transformer], extras: list[dict], checkpoint, seed: int, progress: bool) -> None:
+    """The ranks' parts of one model, from the checkpoint or (None) drawn from the seed."""
+    if checkpoint is not None:
+        _load_checkpoint(nets, checkpoint, progress, extras)
+    else:
+        _init_random(nets, seed, extras)
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -86,14 +102,16 @@ def open_checkpoint(model: str, cfg: ModelConfig):
     return SafetensorsCheckpoint(model) if os.path.isdir(model) else None
 
 
-def _load_checkpoint(net: Transformer, checkpoint, progress: bool, extra: dict) -> None:
-    params = dict(net.named_parameters()) | extra
-    sizes = {".qkv_proj.": [net.layers[0].self_attn.q_size, *[net.layers[0].self_attn.kv_size] * 2],
-             ".gate_up_proj.": [net.partition.intermediate.size] * 2}
+def _load_checkpoint(nets: list[Transformer], checkpoint, progress: bool, extras: list[dict]) -> None:
+    ranks = [(dict(net.named_parameters()) | extra, net.partition,
+              {".qkv_proj.": [net.layers[0].self_attn.q_size, *[net.layers[0].self_attn.kv_size] * 2],
+               ".gate_up_proj.": [net.partition.intermediate.size] * 2})
+             for net, extra in zip(nets, extras)]
+    cfg = nets[0].cfg
 
     def wanted(hf_name: str) -> bool:
         target = _our_name(hf_name)[0]
-        return target is not None and not (target == "lm_head.weight" and net.cfg.tie_word_embeddings)
+        return target is not None and not (target == "lm_head.weight" and cfg.tie_word_embeddings)
 
     loaded: set[str] = set()
     bar = tqdm(total=checkpoint.num_tensors, unit="tensor", desc="loading weights", disable=not progress)
@@ -102,12 +120,13 @@ def _load_checkpoint(net: Transformer, checkpoint, progress: bool, extra: dict) 
         if tensor is None:
             continue
         target, shard = _our_name(hf_name)
-        if target not in params:
+        if target not in ranks[0][0]:
             raise UserError(f"{checkpoint.path}: unexpected tensor {hf_name}")
-        _copy_into(params[target], tensor, target, shard, sizes, net.partition, hf_name, checkpoint.path)
+        for params, part, sizes in ranks:
+            _copy_into(params[target], tensor, target, shard, sizes, part, hf_name, checkpoint.path)
         loaded.add(f"{target}#{shard}")
     bar.close()
-    expected = {f"{name}#{i}" for name in params for i in _shard_ids(name)}
+    expected = {f"{name}#{i}" for name in ranks[0][0] for i in _shard_ids(name)}
     missing = sorted(expected - loaded)
     if missing:
         raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")
@@ -141,17 +160,20 @@ def _copy_into(param, tensor, target, shard, sizes, part, hf_name, where):
     param.copy_(part.take_block(target, block, tensor))
 
 
-def _init_random(net: Transformer, seed: int, extra: dict) -> None:
-    """Small normal weights (std 0.02, norms at 1), made on the target device, reproducible.
-    A rank's part is cut from the whole tensor, drawn as at size 1: every rank, whatever the
-    size, holds a part of the same model."""
-    gen = torch.Generator(device=net.embed_tokens.weight.device).manual_seed(seed)
-    for name, p in [*net.named_parameters(), *extra.items()]:
+def _init_random(nets: list[Transformer], seed: int, extras: list[dict]) -> None:
+    """Small normal weights (std 0.02, norms at 1), made on the (first) target device,
+    reproducible. Each tensor is drawn whole, as at size 1, and every rank takes its part: every
+    rank, whatever the size, holds a part of the same model."""
+    gen = torch.Generator(device=nets[0].embed_tokens.weight.device).manual_seed(seed)
+    ranks = [dict([*net.named_parameters(), *extra.items()]) for net, extra in zip(nets, extras)]
+    for name, p in ranks[0].items():
         if name.endswith("norm.weight"):
-            p.fill_(1.0)
+            for params in ranks:
+                params[name].fill_(1.0)
             continue
-        shape = net.partition.full_shape(name, p.shape)
+        shape = nets[0].partition.full_shape(name, p.shape)
         whole = p if list(p.shape) == shape else p.new_empty(shape)
         whole.normal_(0.0, 0.02, generator=gen)
-        if whole is not p:
-            p.copy_(net.partition.take(name, whole))
+        for net, params in zip(nets, ranks):
+            if params[name] is not whole:
+                params[name].copy_(net.partition.take(name, whole))

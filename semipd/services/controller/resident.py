@@ -14,7 +14,7 @@ from semipd.shared.config import ModelConfig, load_hf_config
 from semipd.shared.engine_config import EngineConfig
 from semipd.shared.errors import UserError
 from semipd.shared.kv_cache import auto_num_pages, page_bytes, rank_kv_heads
-from semipd.shared.loader import build_model, load_model, weight_layout
+from semipd.shared.loader import build_model, load_ranks, weight_layout
 from semipd.shared.page_allocator import PageAllocator
 from semipd.shared.parallel.group import TPGroup
 from semipd.shared.shared_memory import SharedArena
@@ -51,18 +51,20 @@ class ResidentMemory:
             half = page_bytes(cfg, config.page_size, self.dtype, size) // 2 * self.num_pages
             for rank in range(size):
                 self.shards.append(self._shard(rank, half))
+            load_ranks(config.model, [s.device for s in self.shards], self.dtype,
+                       [s.weights for s in self.shards], config.seed, config.progress)
             self.allocator = self._own(PageAllocator.create(self.num_pages, config.page_size, config.prefix_cache))
         except BaseException:
             self.close()
             raise
 
     def _shard(self, rank: int, kv_bytes: int) -> Shard:
-        """Rank `rank`'s weights, loaded (read from the checkpoint and cut), and its K/V arenas."""
-        c, tp = self.config, TPGroup(rank, self.config.tp_size)
+        """Rank `rank`'s arenas: its weights (filled by load_ranks, for every rank in one pass)
+        and its K and V."""
+        tp = TPGroup(rank, self.config.tp_size)
         device = torch.device("cuda", rank) if self.device.type == "cuda" else self.device
         _, nbytes = weight_layout(build_model(self.model_config, torch.device("meta"), self.dtype, tp=tp))
         weights = self._own(SharedArena.create(nbytes, device))
-        load_model(c.model, device, self.dtype, c.seed, c.progress, arena=weights, tp=tp)
         return Shard(device, weights, self._own(SharedArena.create(kv_bytes, device)),
                      self._own(SharedArena.create(kv_bytes, device)))
 
