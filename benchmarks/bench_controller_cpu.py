@@ -3,12 +3,15 @@ controller does per token (routing, detokenizing, streaming) should not grow wit
 the output.
 
     python -m benchmarks.bench_controller_cpu [--lengths 64,2000] [--tokens 32000] [--streams 16]
+                                              [--context TOKENS]
 
 Starts `semipd serve --model tiny --device cpu` (random weights, the byte tokenizer) on a private
 address. For each output length it keeps `--streams` requests in flight (ignore_eos) until about
 `--tokens` tokens are generated, and reads the controller's CPU time (user + system, from /proc)
 before and after: the server's own pid, not its workers', all its threads and its main thread
-(the loop) alone. The server runs the semipd this script imports: to measure another checkout,
+(the loop) alone. A longer context makes a step slower; `--context` pads each prompt so that
+every length's sequences hold about that many tokens on average while they decode, so that the
+lengths differ in their output alone. The server runs the semipd this script imports: to measure another checkout,
 run this file by its path with PYTHONPATH pointing there (`-m` puts the current folder first).
 """
 
@@ -59,13 +62,15 @@ def start_server(folder: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not become ready")
 
 
-async def load(address: str, length: int, requests: int, streams: int) -> int:
-    """Run the requests, at most `streams` at a time; the tokens generated."""
+async def load(address: str, length: int, requests: int, streams: int, context: int = 0) -> int:
+    """Run the requests, at most `streams` at a time; the tokens generated. With a context, the
+    prompt is that many token ids less half the output (at least 16)."""
     gate = asyncio.Semaphore(streams)
+    prompt = {"prompt_ids": [3 + i % 250 for i in range(max(16, context - length // 2))]} if context else {"prompt": PROMPT}
 
     async def one(client) -> int:
         async with gate:
-            stream = await client.generate(prompt=PROMPT, max_tokens=length, ignore_eos=True, seed=1)
+            stream = await client.generate(**prompt, max_tokens=length, ignore_eos=True, seed=1)
             return len((await stream.result()).token_ids)
     async with AsyncClient(address, timeout_s=600) as client:
         return sum(await asyncio.gather(*(one(client) for _ in range(requests))))
@@ -76,6 +81,9 @@ def main() -> None:
     p.add_argument("--lengths", default="64,2000", help="output lengths, comma-separated")
     p.add_argument("--tokens", type=int, default=32000, help="tokens to generate per length")
     p.add_argument("--streams", type=int, default=16, help="requests in flight")
+    p.add_argument("--context", type=int, default=0,
+                   help="mean tokens a sequence holds while it decodes, the same for every length "
+                        "(0: a 16-token prompt for all)")
     args = p.parse_args()
     print(f"semipd from {os.path.dirname(semipd.__file__)}")
     with tempfile.TemporaryDirectory(prefix="semipd-bench-") as folder:
@@ -87,7 +95,7 @@ def main() -> None:
             for length in map(int, args.lengths.split(",")):
                 requests = max(args.streams, args.tokens // length)
                 (cpu, loop), wall = controller_cpu(proc.pid), time.monotonic()
-                generated = asyncio.run(load(address, length, requests, args.streams))
+                generated = asyncio.run(load(address, length, requests, args.streams, args.context))
                 (cpu_end, loop_end), wall = controller_cpu(proc.pid), time.monotonic() - wall
                 cpu, loop = cpu_end - cpu, loop_end - loop
                 print(f"{length:>13} {requests:>8} {generated:>9} {wall:>7.1f} {cpu:>16.2f} "
