@@ -2,6 +2,7 @@
 `semipd serve --http`, which starts a gateway beside the server and stops both."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ import urllib.error
 
 import pytest
 
-from tests.gateway import Gateway, http, wait_for_line, wait_healthy
+from tests.gateway import Gateway, http, running_gateway, wait_for_line, wait_healthy
 from tests.serving import ROOT, Server, terminate
 
 
@@ -44,6 +45,24 @@ def test_the_gateway_answers_503_while_its_server_is_away(tmp_path):
             time.sleep(0.2)
     finally:
         assert gateway.stop() == 0
+
+
+def test_a_draining_server_refuses_with_a_503(tmp_path):
+    """Between two of the gateway's health checks the server starts to drain: its refusal is the
+    server's state, not the request's fault (it was a 400)."""
+    server = Server("tiny", "--drain-timeout", "60", address=f"ipc://{tmp_path}/front.sock")
+    try:
+        with running_gateway(server.address) as gateway:
+            stream = server.client.generate(prompt_ids=[5] * 8, max_tokens=2000, ignore_eos=True)
+            next(stream)
+            server.proc.send_signal(signal.SIGTERM)
+            while server.client.health()["status"] != "stopping":
+                time.sleep(0.01)
+            status, answer = completion(gateway.url)
+            assert status == 503 and answer["error"]["code"] == "service_unavailable", answer
+            assert stream.result().finish_reason == "length"  # the drain serves what it holds
+    finally:
+        assert server.stop() == 0
 
 
 def test_serve_http_starts_a_gateway_beside_the_server_and_stops_both(tmp_path):

@@ -59,6 +59,7 @@ def test_a_huge_prompt_is_refused_without_stalling_others_byte_tokenizer(size):
     try:
         gap, error = gaps_beside(server, "a" * size)
         assert error is not None and "exceeds the context length" in str(error)
+        assert error.final.error_kind == "invalid"  # the request's fault: a 400 at the gateway
         assert gap < MAX_GAP_S
     finally:
         server.stop()

@@ -83,13 +83,14 @@ def test_killed_monitor_with_closed_policy_ends_requests_with_an_error(flag_all)
     for (_, moderated), (tokens, outcome) in zip(work, results):
         if moderated:
             assert isinstance(outcome, ServerError) and "content monitor unavailable" in str(outcome)
-            assert outcome.final.verdict["monitored"] is False
+            assert outcome.final.verdict["monitored"] is False and outcome.final.error_kind == "unavailable"
             assert len(tokens) < 300
         else:
             assert outcome.finish_reason == "length" and len(tokens) == 300
     # While the monitor is down, a monitored request is refused at once; others are served.
     [(_, refused), (tokens, fine)] = asyncio.run(collect(server.address, [([5, 6], True), ([5, 6], False)], 5))
     assert isinstance(refused, ServerError) and "content monitor unavailable" in str(refused)
+    assert refused.final.error_kind == "unavailable"  # a 503 at the gateway, not the request's fault
     assert fine.finish_reason == "length" and len(tokens) == 5
     stats = server.wait_idle()
     assert stats["kv_pages_free"] == stats["kv_pages_total"] and stats["scm"]["status"] == "connecting"

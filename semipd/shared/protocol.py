@@ -73,6 +73,9 @@ class Final:
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)  # gaps between successive tokens
     error: str | None = None
+    # whose the error is: invalid (the request's), unavailable (the server stops or lacks a
+    # part it needs now), internal (it failed serving it); what an HTTP status is made of
+    error_kind: str | None = None
     verdict: dict | None = None        # content monitor's stop decision (token index, score)
 
 

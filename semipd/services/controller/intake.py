@@ -96,10 +96,11 @@ class Intake:
         self.thread.close()
         for (client, request_id), state in self.waiting.items():
             if state is not None:
-                self.send_client(client, protocol.Final(request_id, "error", error="the server is shutting down"))
+                self.send_client(client, protocol.Final(request_id, "error", error="the server is shutting down",
+                                                        error_kind="unavailable"))
 
-    def _reject(self, client: bytes, msg: protocol.GenerateRequest, error: str) -> None:
-        self.send_client(client, protocol.Final(msg.request_id, "error", error=error))
+    def _reject(self, client: bytes, msg: protocol.GenerateRequest, error: str, kind: str = "invalid") -> None:
+        self.send_client(client, protocol.Final(msg.request_id, "error", error=error, error_kind=kind))
 
     def _tokenize(self, batches: list[list]) -> list:
         """(client, msg, (prompt ids, params) or the error) for each job: on the thread, or inline."""
@@ -135,6 +136,6 @@ class Intake:
             return self._reject(client, msg, "this server has no content monitor (start it with --scm ADDR)")
         req = Request(client, msg.request_id, self.book.next_seq_id(), prompt_ids, params, params.resolved_seed())
         error = moderation and moderation.open(req, msg.prompt, msg.moderate)
-        if error:
-            return self._reject(client, msg, error)
+        if error:  # its content monitor is away
+            return self._reject(client, msg, error, "unavailable")
         self.book.admit(req)

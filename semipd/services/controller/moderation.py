@@ -265,7 +265,7 @@ class Moderation:
             final = w.final
         else:
             final = w.final or w.req.final("error")
-            final.finish_reason = "error"
+            final.finish_reason, final.error_kind = "error", "unavailable"
             final.error = f"content monitor unavailable: {reason}"
         final.verdict = {"monitored": False, "error": reason}
         if w.final is not None:

@@ -64,7 +64,8 @@ class RequestBook:
     def close(self) -> None:
         """The server stops: every open stream ends with one Final, now too."""
         for req in list(self.requests.values()):
-            self.finish(req, req.final("error", error="the server is shutting down"), rest=True)
+            self.finish(req, req.final("error", error="the server is shutting down", error_kind="unavailable"),
+                        rest=True)
         self.on_text(self.detok.close())  # the last deltas, and the Finals
 
     def finish(self, req: Request, final: protocol.Final | None, rest: bool = False) -> None:
@@ -152,8 +153,8 @@ class RequestBook:
             self.memory.allocator.free_owner(req.seq_id)
             req.restarts += 1
             if req.restarts > MAX_RESTARTS_PER_REQUEST:
-                self.finish(req, req.final("error", error=f"the {role} worker died twice while serving it"),
-                            rest=True)
+                error = f"the {role} worker died twice while serving it"
+                self.finish(req, req.final("error", error=error, error_kind="internal"), rest=True)
                 continue
             self.resume(req)
 

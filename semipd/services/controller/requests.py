@@ -39,10 +39,11 @@ class Request:
         """A stop string ended the output at token index: forget the tokens after it."""
         del self.output_ids[index + 1:], self.token_times[index + 1:]
 
-    def final(self, reason: str, error: str | None = None, verdict: dict | None = None) -> protocol.Final:
+    def final(self, reason: str, error: str | None = None, verdict: dict | None = None,
+              error_kind: str | None = None) -> protocol.Final:
         times = self.token_times
         return protocol.Final(
             self.request_id, reason,
             prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids),
             ttft_s=times[0] - self.arrival if times else None,
-            itl_s=[b - a for a, b in zip(times, times[1:])], error=error, verdict=verdict)
+            itl_s=[b - a for a, b in zip(times, times[1:])], error=error, error_kind=error_kind, verdict=verdict)

@@ -93,10 +93,11 @@ class Controller:
         except protocol.ProtocolError as e:
             name, request_id = protocol.peek(data)
             if name == "GenerateRequest" and request_id and (client, request_id) not in self.book.requests:
-                return self._send_client(client, protocol.Final(request_id, "error", error=str(e)))
+                final = protocol.Final(request_id, "error", error=str(e), error_kind="invalid")
+                return self._send_client(client, final)
             return self._send_client(client, protocol.Reply(request_id, False, error=str(e)))
         if isinstance(msg, protocol.GenerateRequest) and self.stop.draining:
-            self._send_client(client, protocol.Final(msg.request_id, "error",
+            self._send_client(client, protocol.Final(msg.request_id, "error", error_kind="unavailable",
                                                      error="the server is stopping: it admits no new requests"))
         elif isinstance(msg, protocol.GenerateRequest):
             self.intake.generate(client, msg)

@@ -102,10 +102,10 @@ class Run:
 
     async def _failure(self, error: ClientError) -> APIError:
         if isinstance(error, ServerError) and error.final is not None:
-            # The controller's refusals (bad values, a prompt beyond the context) come before any
-            # output; a request that fails after some (a worker died twice) is the server's fault.
-            status = 400 if error.final.completion_tokens == 0 else 500
-            return APIError(status, str(error))
+            kind = error.final.error_kind
+            if kind == "unavailable":  # stopping, or its content monitor is away: try again later
+                return APIError(503, str(error), code="service_unavailable")
+            return APIError(400 if kind == "invalid" else 500, str(error))
         await self.link.lost(error)
         return APIError(503, f"lost the server: {error}", code="service_unavailable")
 
