@@ -7,7 +7,7 @@ import numpy as np
 
 from semipd.cli.bench.launched import Launched
 from semipd.cli.bench.phases import plan, resolve
-from semipd.cli.bench.prompts import PREFIX_GROUPS, TURNS, make_prompts
+from semipd.cli.bench.prompts import PREFIX_GROUPS, TURNS, make_prompts, next_turn
 from semipd.cli.main import main
 from semipd.shared.client import Client
 
@@ -36,6 +36,19 @@ def test_multi_turn_conversations_extend_their_last_turn():
         if j is not None:  # the turn before, its answer, a new question
             assert j < i and prompts[i][:len(prompts[j])] == prompts[j]
             assert len(prompts[i]) == len(prompts[j]) + planned[j].output_len + planned[i].input_len
+
+
+def test_a_turn_is_sent_after_the_turn_before_as_sent_and_its_real_answer():
+    planned, prompts, after = planned_prompts("multi-turn", 40, 2048)
+    i = next(i for i, j in enumerate(after) if j is not None and after[j] is not None)  # a third turn
+    j, k = after[i], after[after[i]]
+    sent_k = prompts[k]
+    sent_j = next_turn(prompts[j], prompts[k], sent_k, planned[k].output_len, [7] * planned[k].output_len)
+    sent_i = next_turn(prompts[i], prompts[j], sent_j, planned[j].output_len, [9, 9])  # an answer cut short
+    question_j, question_i = (prompts[x][len(prompts[y]) + planned[y].output_len:] for x, y in ((j, k), (i, j)))
+    assert sent_i == prompts[k] + [7] * planned[k].output_len + question_j + [9, 9] + question_i
+    # a backend that answers text: the planned stand-in stays
+    assert next_turn(prompts[j], prompts[k], sent_k, planned[k].output_len, None) == prompts[j]
 
 
 def test_sharing_workloads_hit_the_cache_of_a_tiny_server(tmp_path):

@@ -29,6 +29,7 @@ class Answer:
     finish_reason: str
     server_ttft_s: float | None = None
     server_tpot_s: float | None = None
+    token_ids: list[int] | None = None  # the answer's tokens, where the backend streams ids
 
 
 class Refused(Exception):
@@ -89,15 +90,16 @@ class SemipdBackend:
         return max_len
 
     async def send(self, prompt_ids: list[int], params: dict) -> Answer:
-        chunks = []
+        chunks, ids = [], []
         try:
             async with await self.client.generate(prompt_ids=prompt_ids, **params) as stream:
                 async for delta in stream:
                     chunks.append((time.perf_counter(), len(delta.token_ids)))
+                    ids += delta.token_ids
         except ServerError as e:
             if e.final is None:  # not a rejected request but a broken server: stop the run
                 raise
             raise Refused(str(e)) from None
         final = stream.final
-        return Answer(chunks, time.perf_counter(), sum(k for _, k in chunks), final.finish_reason, final.ttft_s,
-                      sum(final.itl_s) / len(final.itl_s) if final.itl_s else None)
+        return Answer(chunks, time.perf_counter(), len(ids), final.finish_reason, final.ttft_s,
+                      sum(final.itl_s) / len(final.itl_s) if final.itl_s else None, ids)

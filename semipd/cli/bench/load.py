@@ -11,7 +11,7 @@ from tqdm import tqdm
 from semipd.cli.bench import phases as workloads
 from semipd.cli.bench.backends import Refused, SemipdBackend, check_args as check_backend_args
 from semipd.cli.bench.metrics import RequestRecord, token_timing
-from semipd.cli.bench.prompts import make_prompts
+from semipd.cli.bench.prompts import make_prompts, next_turn
 from semipd.cli.bench.workload import CHARS_PER_TOKEN, SIGMA, load_sharegpt
 from semipd.shared.errors import UserError
 
@@ -27,19 +27,20 @@ class LoadRun:
 
 
 async def _measure(backend, index: int, phase: int, prompt_ids: list[int], params: dict,
-                   start: float) -> RequestRecord:
+                   start: float) -> tuple[RequestRecord, list[int] | None]:
+    """The request's record and its answer's token ids (None: the backend streams text)."""
     sent = time.perf_counter()
     record = RequestRecord(index, len(prompt_ids), params["max_tokens"], sent - start, phase)
     try:
         answer = await backend.send(prompt_ids, params)
     except Refused as e:
         record.finish_reason, record.error = "error", str(e)
-        return record
+        return record, []
     record.e2e_s = answer.ended - sent
     record.ttft_s, record.itl_s = token_timing([(t - sent, k) for t, k in answer.chunks])
     record.output_tokens, record.finish_reason = answer.output_tokens, answer.finish_reason
     record.server_ttft_s, record.server_tpot_s = answer.server_ttft_s, answer.server_tpot_s
-    return record
+    return record, answer.token_ids
 
 
 async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator,
@@ -56,11 +57,17 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
         bar = tqdm(total=len(requests), desc=desc, unit="req")
         start = time.perf_counter()
 
+        sent_ids, answers = {}, {}  # what each request sent, and its answer's ids
+
         async def one(i: int) -> RequestRecord:
             await asyncio.sleep(max(0.0, start + planned[i].send_s - time.perf_counter()))
-            if after[i] is not None:  # a conversation's next turn follows the answer before it
-                await tasks[after[i]]
-            record = await _measure(backend, i, *requests[i], start)
+            phase, ids, params = requests[i]
+            j = after[i]
+            if j is not None:  # a conversation's next turn follows the answer before it
+                await tasks[j]
+                ids = next_turn(ids, prompts[j], sent_ids[j], planned[j].output_len, answers[j])
+            sent_ids[i] = ids
+            record, answers[i] = await _measure(backend, i, phase, ids, params, start)
             bar.update(1)
             return record
 

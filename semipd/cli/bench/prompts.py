@@ -8,10 +8,12 @@ prefixes, as the traffic a prefix cache serves (chat turns, shared system prompt
   j mod C (C = the phase's requests / TURNS, rounded up), so turns of one conversation arrive
   C requests apart; a turn's prompt is the one before, its answer and a new question of its
   planned input length, and it is sent no earlier than the answer before it ends (a person
-  reads before replying). The answer in the next prompt is random ids of the answer's length,
-  not its tokens: prompts are planned before anything is sent, and an OpenAI server answers
-  text. A server thus finds the earlier prompts cached, not the earlier answers. A conversation
-  that would outgrow the context starts over.
+  reads before replying). Prompts are planned before anything is sent, with random ids of the
+  answer's length in its place; a turn is sent as the turn before was sent, then the answer's
+  own tokens where the backend streams token ids (semipd's does: the server finds the whole
+  conversation cached) or the planned ids where it answers text (OpenAI's: the earlier prompts
+  are cached, not the answers), then its question (next_turn). A conversation that would outgrow
+  the context starts over.
 """
 
 import math
@@ -61,3 +63,11 @@ def make_prompts(planned: list, phases: list, rng: np.random.Generator,
             prompts.append(question)
             after.append(None)
     return prompts, after
+
+
+def next_turn(planned: list[int], before_planned: list[int], before_sent: list[int], before_output: int,
+              answer: list[int] | None) -> list[int]:
+    """A turn's prompt as sent: the turn before as it was sent, its answer (the planned stand-in
+    if None) and the turn's question (what follows the stand-in in the planned prompt)."""
+    end = len(before_planned) + before_output
+    return before_sent + (planned[len(before_planned):end] if answer is None else answer) + planned[end:]
