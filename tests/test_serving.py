@@ -105,6 +105,21 @@ def test_small_kv_pool_gives_the_same_outputs(model, reference):
         assert server.stop() == 0
 
 
+@pytest.mark.parametrize("mode", ["semi-pd", "unified"])
+def test_a_small_step_budget_computes_prompts_in_chunks_with_the_same_outputs(model, mode):
+    """--max-batched-tokens 32 (vLLM's --max-num-batched-tokens): prompts of up to 240 tokens
+    take several prefill (or unified) steps each."""
+    work = [(p * 4, m) for p, m in workload(12, seed=2)]
+    server = Server(model, "--mode", mode, "--max-batched-tokens", "32", "--max-num-seqs", "16")
+    try:
+        results = asyncio.run(run_concurrently(server.address, work))
+        assert [r.token_ids for r in results] == engine_greedy(model, work)
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    finally:
+        assert server.stop() == 0
+
+
 def test_cli_complete_and_stats(server, reference):
     work = workload(32)[:3]
     args = [a for p, _ in work for a in ("--prompt-ids", ",".join(map(str, p)))]

@@ -6,6 +6,7 @@ from semipd.cli.args import add_model_args, at_least, positive_int, server_addre
 from semipd.services.controller.moderation import add_moderation_args, moderation_config
 from semipd.services.controller.modes import add_mode_args, mode_from_args
 from semipd.shared.config import check_model
+from semipd.shared.errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -17,6 +18,9 @@ def add_parser(sub) -> None:
                    help="tokens per KV page (default %(default)s)")
     p.add_argument("--max-num-seqs", type=positive_int, default=256,
                    help="most sequences in a batch (default %(default)s)")
+    p.add_argument("--max-batched-tokens", "--max-num-batched-tokens", type=positive_int, default=8192,
+                   help="most tokens one prefill or unified step computes; longer prompts are computed "
+                        "in chunks (default %(default)s; vLLM's --max-num-batched-tokens)")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="most prompt and output tokens together (default and cap: the model's context length)")
     p.add_argument("-tp", "--tensor-parallel-size", type=positive_int, default=1,
@@ -46,6 +50,9 @@ def cmd_serve(args) -> None:
     # What a user may have mistyped fails here, in well under a second, not after torch and
     # the weights have loaded; serve() builds the mode and the monitor's config anew.
     check_model(args.model)
+    if args.max_batched_tokens < args.max_num_seqs:  # a unified step must hold a token of each sequence
+        raise UserError(f"--max-batched-tokens ({args.max_batched_tokens}) must be at least "
+                        f"--max-num-seqs ({args.max_num_seqs})")
     mode_from_args(args)
     moderation_config(args)
     from semipd.services.controller.serve import serve  # torch: only when the command runs

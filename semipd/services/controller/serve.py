@@ -24,6 +24,7 @@ def serve(args) -> None:
     state_file = claim(address)  # removes what a killed server left here
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                           num_pages=args.num_pages, max_num_seqs=args.max_num_seqs,
+                          max_batched_tokens=args.max_batched_tokens,
                           max_model_len=args.max_model_len, prefix_cache=args.prefix_cache,
                           tp_size=args.tensor_parallel_size)
     # Workers connect over a private socket in the runtime folder, never over the network.
