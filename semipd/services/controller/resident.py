@@ -44,29 +44,26 @@ class ResidentMemory:
         self.shards: list[Shard] = []
         try:
             self.tokenizer = load_tokenizer(config.model)
-            self.num_pages = config.num_pages or auto_num_pages(
-                cfg, config.page_size, self.dtype, self.device, config.max_batched_tokens,
-                config.max_num_seqs, self.max_model_len, size)
+            devices = [torch.device("cuda", r) if self.device.type == "cuda" else self.device for r in range(size)]
+            weights = [self._own(SharedArena.create(self._weight_bytes(r), d)) for r, d in enumerate(devices)]
+            load_ranks(config.model, devices, self.dtype, weights, config.seed, config.progress)
+            # Sized once the weights are in place: what the fullest GPU has left.
+            self.num_pages = config.num_pages or min(auto_num_pages(
+                cfg, config.page_size, self.dtype, d, config.max_batched_tokens,
+                config.max_num_seqs, self.max_model_len, size) for d in devices)
             self.kv_shape = [cfg.num_layers, self.num_pages, config.page_size, rank_kv_heads(cfg, size), cfg.head_dim]
             half = page_bytes(cfg, config.page_size, self.dtype, size) // 2 * self.num_pages
-            for rank in range(size):
-                self.shards.append(self._shard(rank, half))
-            load_ranks(config.model, [s.device for s in self.shards], self.dtype,
-                       [s.weights for s in self.shards], config.seed, config.progress)
+            self.shards = [Shard(d, w, self._own(SharedArena.create(half, d)), self._own(SharedArena.create(half, d)))
+                           for d, w in zip(devices, weights)]
             self.allocator = self._own(PageAllocator.create(self.num_pages, config.page_size, config.prefix_cache))
         except BaseException:
             self.close()
             raise
 
-    def _shard(self, rank: int, kv_bytes: int) -> Shard:
-        """Rank `rank`'s arenas: its weights (filled by load_ranks, for every rank in one pass)
-        and its K and V."""
+    def _weight_bytes(self, rank: int) -> int:
+        """The size of rank `rank`'s weights arena: the layout of its part of the model."""
         tp = TPGroup(rank, self.config.tp_size)
-        device = torch.device("cuda", rank) if self.device.type == "cuda" else self.device
-        _, nbytes = weight_layout(build_model(self.model_config, torch.device("meta"), self.dtype, tp=tp))
-        weights = self._own(SharedArena.create(nbytes, device))
-        return Shard(device, weights, self._own(SharedArena.create(kv_bytes, device)),
-                     self._own(SharedArena.create(kv_bytes, device)))
+        return weight_layout(build_model(self.model_config, torch.device("meta"), self.dtype, tp=tp))[1]
 
     def _own(self, resource):
         self._owned.append(resource)
