@@ -36,8 +36,8 @@ def imported_torch(err: bytes) -> bool:
     (["--model", "missing.gguf"], ["missing.gguf: no such GGUF file"]),
     (["--model", "tiny", "--dynamic"], ["--dynamic needs --ttft-slo and --tpot-slo"]),
     (["--model", "tiny", "--moderate", "all"], ["--moderate all needs a content monitor"]),
-    (["--model", "tiny", "--max-batched-tokens", "8", "--max-num-seqs", "16"],
-     ["--max-batched-tokens (8) must be at least --max-num-seqs (16)"]),
+    (["--model", "tiny", "--mode", "unified", "--max-batched-tokens", "8", "--max-num-seqs", "16"],
+     ["--mode unified needs --max-batched-tokens (8) at least --max-num-seqs (16)"]),
 ], ids=["unknown", "hub-name", "gguf", "dynamic", "moderate", "batched-tokens"])
 def test_serve_refuses_a_bad_model_or_flag_before_importing_torch(args, says):
     run = semipd("serve", *args, importtime=True)

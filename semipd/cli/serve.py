@@ -50,8 +50,9 @@ def cmd_serve(args) -> None:
     # What a user may have mistyped fails here, in well under a second, not after torch and
     # the weights have loaded; serve() builds the mode and the monitor's config anew.
     check_model(args.model)
-    if args.max_batched_tokens < args.max_num_seqs:  # a unified step must hold a token of each sequence
-        raise UserError(f"--max-batched-tokens ({args.max_batched_tokens}) must be at least "
+    if args.mode == "unified" and args.max_batched_tokens < args.max_num_seqs:
+        # a unified step holds a token of each running sequence first: prefill would starve
+        raise UserError(f"--mode unified needs --max-batched-tokens ({args.max_batched_tokens}) at least "
                         f"--max-num-seqs ({args.max_num_seqs})")
     mode_from_args(args)
     moderation_config(args)
