@@ -1,7 +1,7 @@
 """A prefill worker primed ahead of a switch, end to end with real processes: a dynamic server
 keeps one prepared at the share the partitioner names; a switch to that share takes it over with
-no preparation and loses nothing; a switch elsewhere kills it and the next one is aimed again; a
-primed worker that dies is replaced from the next standby. SLOs nothing misses: no decision
+no preparation and loses nothing; a switch elsewhere kills it, takes the other standby, ready
+too, and the next one is aimed again; a primed worker that dies is replaced and counted. SLOs nothing misses: no decision
 moves the split, manual switches on the grid do."""
 
 import os
@@ -61,11 +61,14 @@ def test_a_switch_elsewhere_kills_the_primed_worker_and_one_dying_is_replaced(mo
         os.kill(first, signal.SIGKILL)
         second = wait_for(lambda s: primed_at(100)(s) and s["workers"]["prefill"]["primed"]["pid"] != first,
                           server)["workers"]["prefill"]["primed"]["pid"]
-        assert server.stats()["worker_restarts"] == 0  # it served nothing: no restart, no recovery
+        stats = server.stats()
+        assert stats["worker_restarts"] == 0  # it served nothing: no restart, no recovery
+        assert stats["partition"]["primed_deaths"] == 1
+        wait_for(lambda s: s["workers"]["prefill"]["standby"]["ready"], server)  # the second standby
         client.partition(70, 100)
         stats = wait_for(switched, server)
         record = stats["partition"]["history"][-1]
-        assert (record["to_sm"], record["primed"], record["error"]) == (70, False, None)
+        assert (record["to_sm"], record["primed"], record["cold_start"], record["error"]) == (70, False, False, None)
         assert not alive(second) and stats["partition"]["prefill_sm"] == 70
         wait_for(primed_at(100), server)  # aimed again from 70
         result = client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result()

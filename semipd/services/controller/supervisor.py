@@ -123,11 +123,16 @@ class Supervisor:
         """The current worker of each role."""
         return {role: self.current(role) for role in self.shares}
 
-    def standby_of(self, role: str) -> WorkerHandle | None:
-        return next((w for w in self.handles if w.role == role and w.state in WAITING), None)
+    def standbys_of(self, role: str) -> list[WorkerHandle]:
+        """The role's standbys, those that have finished importing first."""
+        return sorted((w for w in self.handles if w.role == role and w.state in WAITING),
+                      key=lambda w: w.state is not WorkerState.STANDBY)
 
-    def ensure_standby(self, role: str) -> None:
-        if self.standby_of(role) is None:
+    def standby_of(self, role: str) -> WorkerHandle | None:
+        return next(iter(self.standbys_of(role)), None)
+
+    def ensure_standby(self, role: str, count: int = 1) -> None:
+        for _ in range(count - len(self.standbys_of(role))):
             self._spawn(role, WorkerState.IMPORTING)
 
     def primed_of(self, role: str) -> WorkerHandle | None:

@@ -29,8 +29,10 @@ then handled like any other (the old worker stays, or its requests are recovered
 
 Preparing takes seconds, which a load that shifts does not wait for. prime() calls a standby up
 ahead of any switch, at the share the partitioner expects to ask for next; it prepares, then
-waits, holding no request and no page. A switch to another share kills it (its memory goes to
-the worker that prepares now), and the caller aims the next one once the switch is over.
+waits, holding no request and no page. A switch to its share records a preparation of about 0 s
+and, as its parts, those of the preparation ahead. A switch to another share kills it (its
+memory goes to the worker that prepares now) and takes the other standby, ready too; the caller
+aims the next one once the switch is over.
 """
 
 import sys
@@ -44,6 +46,7 @@ from semipd.shared import protocol
 # A worker reports its steps about once a second while it works: an older report says nothing
 # about its current step.
 FRESH_STEPS_S = 2.0
+PRIME_DEATHS = 3  # primed workers that may die before priming stops
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Switcher:
         self.history: list[dict] = []
         self._gap: dict[str, tuple[dict, Switch]] = {}  # role -> a finished switch's record, until its first output
         self.keep_standbys = False           # true once switching is in use
+        self.prime_deaths = 0                # workers that died primed or priming
 
     def request(self, role: str, sm_percent: int, reason: str) -> None:
         """Start moving `role` to a new share; no-op if it has that share or is switching."""
@@ -92,8 +96,8 @@ class Switcher:
             return
         self.keep_standbys = True
         worker = self.sup.primed_of(role)
-        if worker is not None and worker.sm_percent != sm_percent:
-            self.sup.kill(worker)
+        if worker is not None and (worker.sm_percent != sm_percent or worker.exited()):
+            self.sup.kill(worker)  # aimed elsewhere (its memory goes to the one preparing), or dead
             worker = None
         if worker is None:
             worker = self.sup.call_up(role)
@@ -107,16 +111,19 @@ class Switcher:
             worker.move_to(WorkerState.PREPARING)
 
     def prime(self, role: str, sm_percent: int | None) -> None:
-        """Keep the role's primed worker at this share (None: keep none). Only from a standby
-        that has finished importing: one that dies while priming is not replaced in a loop."""
+        """Keep the role's primed worker at this share (None: keep none). A worker is primed
+        only from a second standby that has finished importing, so that a switch elsewhere still
+        finds one ready, and no more once PRIME_DEATHS have died primed or priming (on a GPU
+        without room for one more worker they would die one after another)."""
         primed = self.sup.primed_of(role)
         if role in self.active or (primed is not None and primed.sm_percent == sm_percent):
             return
         if primed is not None:
             self.sup.kill(primed)
-        standby = self.sup.standby_of(role)
-        if (sm_percent is not None and sm_percent != self.sup.current(role).sm_percent
-                and standby is not None and standby.state is WorkerState.STANDBY):
+        if sm_percent is None or sm_percent == self.sup.current(role).sm_percent or self.prime_deaths >= PRIME_DEATHS:
+            return
+        self.sup.ensure_standby(role, count=2)
+        if sum(w.state is WorkerState.STANDBY for w in self.sup.standbys_of(role)) == 2:
             self.sup.activate(self.sup.call_up(role, WorkerState.PRIMING), sm_percent)
 
     def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> None:
@@ -230,6 +237,11 @@ class Switcher:
         """A worker exited in state `was` (the supervisor has replaced a current one). True if the
         requests of its role must be recovered (their pages freed and recomputed through prefill)."""
         sw = self.active.get(worker.role)
+        if was in PRIMES:
+            self.prime_deaths += 1
+            if self.prime_deaths == PRIME_DEATHS:
+                print(f"semipd: {PRIME_DEATHS} primed {worker.role} workers died: priming no more",
+                      file=sys.stderr, flush=True)
         if was in WAITING or was in PRIMES:  # it held nothing; a primed one is aimed again later
             if self.keep_standbys:
                 self.sup.ensure_standby(worker.role)
