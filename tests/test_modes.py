@@ -104,8 +104,11 @@ def test_a_worker_dying_mid_switch_loses_nothing(model, dies):  # noqa: F811
         stats = server.wait_idle()
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         switch = [h for h in stats["partition"]["history"] if h["role"] == "decode"][-1]
+        # (a stopped old worker that held the page allocator's lock is killed by the controller
+        # after FROZEN_S: then the old one's death ends the switch, whatever the test kills next)
         assert switch["error"] in {"old": ["old decode worker exited before handing over"],
-                                   "new": ["new decode worker exited during the hand-over"],
+                                   "new": ["new decode worker exited during the hand-over",
+                                           "old decode worker exited before handing over"],
                                    "both": ["new decode worker exited during the hand-over",  # whichever
                                             "old decode worker exited before handing over"],  # is seen first
                                    "before": [None]}[dies]

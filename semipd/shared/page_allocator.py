@@ -7,7 +7,9 @@ change to a cached page's key or reference count. The state lives in one shared-
 (its layout and every change to it: page_state.py), and each call here is one critical section.
 
 The lock is flock() on a file beside the segment: the kernel drops it when its holder dies, even by
-SIGKILL, so a crashed worker cannot wedge the pool. Pages carry their owner so that the controller
+SIGKILL, so a crashed worker cannot wedge the pool. A frozen one could (stopped, or descheduled
+for good inside a critical section): the controller, whose loop must never block, waits at most
+`stuck_after_s` and then hands the holder's pid (H_HOLDER) to `on_stuck`, which kills it. Pages carry their owner so that the controller
 can reclaim a dead worker's requests with free_owner(), and with free_owner(releasing(pid)) the
 pages it was still holding back for a step in flight (shared/pipeline.py), whose requests are
 gone. The tag names the worker: while an old decode worker finishes its last step beside its
@@ -18,12 +20,13 @@ pages goes with its own pages, so the same calls let go of it, exactly once.
 import fcntl
 import os
 import threading
+import time
 from contextlib import contextmanager
 from multiprocessing import shared_memory
 
 import numpy as np
 
-from semipd.shared.page_state import CACHED, FREE, H_TOP, PageState, releaser, releasing, segment_size
+from semipd.shared.page_state import CACHED, FREE, H_HOLDER, H_TOP, PageState, releaser, releasing, segment_size
 from semipd.shared.runtime import owned_name, runtime_dir
 from semipd.shared.shared_memory import attach_segment, unlink_segment
 
@@ -41,8 +44,11 @@ class PageAllocator:
         # flock() excludes other open files, not other threads sharing ours, hence the thread lock.
         self._thread_lock = threading.Lock()
         self._state = PageState(shm.buf)
+        self._holder = np.ndarray((1,), np.int64, shm.buf, offset=8 * H_HOLDER)  # the header's slot
         self.num_pages, self.page_size = self._state.num_pages, self._state.page_size
         self.caching = self._state.caching
+        self.stuck_after_s: float | None = None  # None: wait for the lock as long as it takes
+        self.on_stuck = None                      # on_stuck(pid): the holder past stuck_after_s
 
     @classmethod
     def create(cls, num_pages: int, page_size: int = 16, caching: bool = True,
@@ -166,7 +172,7 @@ class PageAllocator:
         shm, self._shm = self._shm, None
         if shm is None:
             return
-        self._state = None  # release the views over the buffer
+        self._state = self._holder = None  # release the views over the buffer
         shm.close()
         os.close(self._lock_fd)
         if self._is_creator:
@@ -185,11 +191,27 @@ class PageAllocator:
             # A forked child shares our open lock file, so flock() would not exclude it.
             raise RuntimeError("PageAllocator inherited through fork; attach() by name in the child")
         with self._thread_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._acquire()
+            self._holder[0] = self._pid
             try:
                 yield
             finally:
+                self._holder[0] = 0
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _acquire(self) -> None:
+        if self.stuck_after_s is None:
+            return fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        deadline, told = time.monotonic() + self.stuck_after_s, set()
+        while True:
+            try:
+                return fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = int(self._holder[0])
+                if time.monotonic() > deadline and holder and holder not in told:
+                    told.add(holder)
+                    self.on_stuck(holder)  # its death drops the lock
+                time.sleep(0.001)
 
     def _check_pages(self, pages: list[int]) -> np.ndarray:
         pages = np.asarray(pages, dtype=np.int64).reshape(-1)

@@ -20,7 +20,7 @@ from semipd.services.controller.partition_control import PartitionControl
 from semipd.services.controller.request_book import RequestBook
 from semipd.services.controller.resident import ResidentMemory
 from semipd.services.controller.stopping import Stop
-from semipd.services.controller.supervisor import Supervisor
+from semipd.services.controller.supervisor import FROZEN_S, Supervisor
 from semipd.services.controller.switcher import Switcher
 from semipd.shared import protocol
 from semipd.shared.engine_config import EngineConfig
@@ -51,6 +51,8 @@ class Controller:
         self.supervisor = Supervisor(worker_address, self._send_worker,
                                      lambda sm, rank: replace(inits[rank], sm_percent=sm), self.mode.shares,
                                      config.tp_size)
+        allocator = self.memory.allocator  # the loop never waits on a frozen worker for ever
+        allocator.stuck_after_s, allocator.on_stuck = FROZEN_S, self.supervisor.kill_frozen
         self.switcher = Switcher(self.supervisor, self._alive,
                                  self.memory.allocator.free_owner, self.mode.switch_timeout_s)
         self.split = PartitionControl(self.mode, self.supervisor, self.switcher)

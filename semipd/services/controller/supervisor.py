@@ -16,6 +16,7 @@ ahead of a switch, handing over) is its state (lifecycle.py), which changes only
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from semipd.services.controller.lifecycle import CURRENT, PRIMES, WAITING, WORKER_MOVES, WorkerState, advance
 from semipd.shared import protocol
 from semipd.shared.runtime import child_env, owned_name, remove_paths, runtime_dir
+
+FROZEN_S = 2.0  # a worker holding the page allocator's lock this long is frozen
 
 
 @dataclass
@@ -171,6 +174,15 @@ class Supervisor:
 
     def live_pids(self) -> set[int]:
         return {p.pid for w in self.handles for p in w.procs if p.poll() is None}
+
+    def kill_frozen(self, pid: int) -> None:
+        """A worker has held the page allocator's lock for FROZEN_S (PageAllocator.on_stuck):
+        it is frozen inside a critical section, and the controller's loop would wait on it for
+        ever. SIGKILL drops the lock; dead() then reports the death like any other."""
+        if pid in self.live_pids():
+            print(f"semipd: worker pid {pid} has held the page allocator's lock for {FROZEN_S:g} s; "
+                  f"killing it", file=sys.stderr, flush=True)
+            os.kill(pid, signal.SIGKILL)
 
     def handle_of(self, identity: bytes) -> WorkerHandle | None:
         """The live worker with this identity; None for a dead one's last words."""
