@@ -8,16 +8,20 @@ change to a cached page's key or reference count. The state lives in one shared-
 
 The lock is flock() on a file beside the segment: the kernel drops it when its holder dies, even by
 SIGKILL, so a crashed worker cannot wedge the pool. A frozen one could (stopped, or descheduled
-for good inside a critical section): the controller, whose loop must never block, waits at most
-`stuck_after_s` and then hands the holder's pid (H_HOLDER) to `on_stuck`, which kills it. Pages carry their owner so that the controller
-can reclaim a dead worker's requests with free_owner(), and with free_owner(releasing(pid)) the
-pages it was still holding back for a step in flight (shared/pipeline.py), whose requests are
-gone. The tag names the worker: while an old decode worker finishes its last step beside its
-successor, the death of one must not free what the other holds back. A sequence's hold on cached
-pages goes with its own pages, so the same calls let go of it, exactly once.
+for good inside a critical section): the controller, whose loop must never block, waits while
+one critical section (the same holder, the same count of sections begun) lasts `stuck_after_s`,
+then hands its holder's pid (H_HOLDER) to `on_stuck`, which kills it.
+
+Pages carry their owner so that the controller can reclaim a dead worker's requests with
+free_owner(), and with free_owner(releasing(pid)) the pages it was still holding back for a step
+in flight (shared/pipeline.py), whose requests are gone. The tag names the worker: while an old
+decode worker finishes its last step beside its successor, the death of one must not free what
+the other holds back. A sequence's hold on cached pages goes with its own pages, so the same calls
+let go of it, exactly once.
 """
 
 import fcntl
+import math
 import os
 import threading
 import time
@@ -44,7 +48,7 @@ class PageAllocator:
         # flock() excludes other open files, not other threads sharing ours, hence the thread lock.
         self._thread_lock = threading.Lock()
         self._state = PageState(shm.buf)
-        self._holder = np.ndarray((1,), np.int64, shm.buf, offset=8 * H_HOLDER)  # the header's slot
+        self._holder = np.ndarray((2,), np.int64, shm.buf, offset=8 * H_HOLDER)  # (pid, sections begun)
         self.num_pages, self.page_size = self._state.num_pages, self._state.page_size
         self.caching = self._state.caching
         self.stuck_after_s: float | None = None  # None: wait for the lock as long as it takes
@@ -192,7 +196,7 @@ class PageAllocator:
             raise RuntimeError("PageAllocator inherited through fork; attach() by name in the child")
         with self._thread_lock:
             self._acquire()
-            self._holder[0] = self._pid
+            self._holder[:] = self._pid, self._holder[1] + 1
             try:
                 yield
             finally:
@@ -202,15 +206,17 @@ class PageAllocator:
     def _acquire(self) -> None:
         if self.stuck_after_s is None:
             return fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        deadline, told = time.monotonic() + self.stuck_after_s, set()
+        seen, since = None, time.monotonic()
         while True:
             try:
                 return fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = int(self._holder[0])
-                if time.monotonic() > deadline and holder and holder not in told:
-                    told.add(holder)
-                    self.on_stuck(holder)  # its death drops the lock
+                now, section = time.monotonic(), (int(self._holder[0]), int(self._holder[1]))
+                if section != seen:  # another critical section: its own time starts now
+                    seen, since = section, now
+                elif section[0] and now - since > self.stuck_after_s:
+                    self.on_stuck(section[0])  # its death drops the lock
+                    since = math.inf           # told once per section
                 time.sleep(0.001)
 
     def _check_pages(self, pages: list[int]) -> np.ndarray:

@@ -31,7 +31,8 @@ import numpy as np
 from semipd.shared.prefix_cache import EMPTY, PrefixIndex, index_capacity
 
 FREE, CACHED = -1, -2
-# H_HOLDER: the pid inside a critical section now (0: none), for a waiter that finds it stuck
+# H_HOLDER: the pid inside a critical section now (0: none) and, next to it, how many critical
+# sections have begun: a waiter tells one stuck holder from many short ones
 H_NUM_PAGES, H_TOP, H_PAGE_SIZE, H_CACHING, H_SLOTS, H_CLOCK, H_PROMPT, H_HIT, H_EVICTED, H_HOLDER = range(10)
 HEADER = 16
 
