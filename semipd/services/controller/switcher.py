@@ -46,7 +46,7 @@ from semipd.shared import protocol
 # A worker reports its steps about once a second while it works: an older report says nothing
 # about its current step.
 FRESH_STEPS_S = 2.0
-PRIME_DEATHS = 3  # primed workers that may die before priming stops
+PRIME_DEATHS = 3  # primed or priming workers that may die in a row before priming stops
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Switcher:
         self.history: list[dict] = []
         self._gap: dict[str, tuple[dict, Switch]] = {}  # role -> a finished switch's record, until its first output
         self.keep_standbys = False           # true once switching is in use
-        self.prime_deaths = 0                # workers that died primed or priming
+        self.prime_deaths = 0                # workers that died primed or priming, in a row
 
     def request(self, role: str, sm_percent: int, reason: str) -> None:
         """Start moving `role` to a new share; no-op if it has that share or is switching."""
@@ -113,8 +113,8 @@ class Switcher:
     def prime(self, role: str, sm_percent: int | None) -> None:
         """Keep the role's primed worker at this share (None: keep none). A worker is primed
         only from a second standby that has finished importing, so that a switch elsewhere still
-        finds one ready, and no more once PRIME_DEATHS have died primed or priming (on a GPU
-        without room for one more worker they would die one after another)."""
+        finds one ready, and no more once PRIME_DEATHS in a row have died primed or priming (on
+        a GPU without room for one more worker they would die one after another)."""
         primed = self.sup.primed_of(role)
         if role in self.active or (primed is not None and primed.sm_percent == sm_percent):
             return
@@ -130,7 +130,7 @@ class Switcher:
         """The new worker has mapped the memory and captured its graphs: retire the old one. A
         primed worker waits for a switch to its share."""
         if worker.state is WorkerState.PRIMING:
-            worker.prepared = prepare_parts
+            worker.prepared, self.prime_deaths = prepare_parts, 0  # deaths in a row count
             return worker.move_to(WorkerState.PRIMED)
         sw = self.active[worker.role]
         if sw.stalled is not None:  # too late: the timeout has killed it (its death ends the switch)
