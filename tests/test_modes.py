@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -172,6 +173,9 @@ def test_dynamic_partitioner_moves_the_split_on_its_own(model):  # noqa: F811
         assert decision["next_prefill_sm"] > decision["prefill_sm"] == 60
         assert stats["partition"]["history"][0]["reason"].startswith("partitioner")
         assert stats["partition"]["prefill_sm"] > 60 and stats["partition"]["dynamic"]
+        # The first tick after a switch leaves out what arrived before it (it may have waited
+        # behind the old split's prompts): a window sent before that tick would never count.
+        time.sleep(1.0)  # four ticks (partitioner.TICK_S)
         results = asyncio.run(run_concurrently(server.address, after))  # still serving
         assert all(r.finish_reason == "length" for r in results)
         stats = wait_for(lambda s: len(s["partition"]["decisions"]) > 1 and not s["partition"]["switching"], server)
