@@ -28,7 +28,8 @@ class LoadRun:
 
 async def _measure(backend, index: int, phase: int, prompt_ids: list[int], params: dict,
                    start: float) -> tuple[RequestRecord, list[int] | None]:
-    """The request's record and its answer's token ids (None: the backend streams text)."""
+    """The request's record and its answer's token ids (None: the backend streams text; none
+    for a refused request)."""
     sent = time.perf_counter()
     record = RequestRecord(index, len(prompt_ids), params["max_tokens"], sent - start, phase)
     try:

@@ -49,7 +49,6 @@ class PartitionControl:
             prefill = self.supervisor.current("prefill").step_times
             self._act(self.partitioner.tick(gather(requests, prefill, now)))
 
-
     def _act(self, decision: Decision | None) -> None:
         """Log a partitioner's decision and start the switch it chose."""
         if decision is None:
