@@ -9,6 +9,7 @@ import pytest
 from semipd.cli.bench.metrics import RequestRecord, summarize
 from semipd.cli.bench.sweep import step_means
 from semipd.cli.main import main
+from tests.serving import Server
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -53,6 +54,20 @@ def test_launched_server_swept_over_two_rates(tmp_path, capsys):
     assert captured.out.rstrip().splitlines()[-2:] == ["highest rate with >= 90% SLO attainment:",
                                                   f"  small: {best}"]
 
+
+def test_every_rate_sends_fresh_prompts(tmp_path, capsys):
+    """A sweep's rates share lengths and arrivals, not ids: the server's prefix cache finds
+    nothing of the warm-up or of the rate before (random ids never fill a page alike)."""
+    server = Server("tiny", "--page-size", "8")
+    try:
+        rc = main(["bench", "--servers", f"s={server.address}", "--rates", "16,32", "--num-requests", "6",
+                   "--input-len-mean", "64", "--output-len-mean", "8", "--ttft-slo", "2", "--tpot-slo", "0.5",
+                   "--out", str(tmp_path / "sweep")])
+        assert rc == 0, capsys.readouterr().err
+        cache = server.wait_idle()["prefix_cache"]
+        assert cache["enabled"] and cache["prompt_tokens"] > 0 and cache["hit_tokens"] == 0, cache
+    finally:
+        assert server.stop() == 0
 
 def summary_at(ttft_s: float, ok: bool) -> dict:
     """Four requests of 11 tokens; all meet TTFT <= 0.5 s and TPOT <= 0.1 s when ok, one when not."""

@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", help="ShareGPT-format JSON file to take the lengths from")
     p.add_argument("--input-len-mean", type=_positive, help="mean prompt tokens (default: the workload's)")
     p.add_argument("--output-len-mean", type=_positive, help="mean output tokens (default: the workload's)")
-    p.add_argument("--seed", type=int, default=0, help="seed for lengths, arrivals and prompts")
+    p.add_argument("--seed", type=int, default=0, help="seed for lengths, arrivals and sampling (prompt ids are fresh every run)")
     p.add_argument("--ttft-slo", type=_positive, help="TTFT objective in seconds")
     p.add_argument("--tpot-slo", type=_positive, help="TPOT objective in seconds")
     p.add_argument("--out", help="one rate: write the JSON report (config, per-request records, summary) "

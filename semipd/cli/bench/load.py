@@ -52,7 +52,9 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
         # Plan only requests the server can take: its context length bounds prompt + output.
         max_len = await backend.max_model_len()
         planned, sent = workloads.plan(phases, rng, max_len, pool)
-        prompts, after = make_prompts(planned, phases, rng, max_len)
+        # Fresh ids every run, whatever the seed: a server's prefix cache must not find the prompts
+        # of an earlier run (a sweep's rates send the same lengths and arrivals, from rng).
+        prompts, after = make_prompts(planned, phases, np.random.default_rng(), max_len)
         requests = [(p.phase, ids, {"max_tokens": p.output_len, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
                     for p, ids in zip(planned, prompts)]
         bar = tqdm(total=len(requests), desc=desc, unit="req")
