@@ -48,7 +48,12 @@ class MpsDaemon:
             time.sleep(0.1)
 
     def stop(self) -> None:
+        """Ask the daemon to quit, without waiting: it quits once its last client is gone, and the
+        controller itself is one until it exits, so waiting here would only run out the stop's bound."""
         try:
-            _control("quit")
-        except (OSError, subprocess.TimeoutExpired):
+            control = subprocess.Popen([CONTROL], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+            control.stdin.write("quit\n")
+            control.stdin.close()
+        except OSError:
             pass
