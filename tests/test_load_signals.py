@@ -59,16 +59,6 @@ def test_a_tick_decides_on_the_waits_of_requests_with_no_token_yet():
     assert decision.tpot_s is None and p.split[0] > 60
 
 
-def test_the_first_window_counts_the_arrivals_before_the_first_tick():
-    """A server's first tick may come after its first requests: they open its window."""
-    p = Partitioner(PartitionConfig(0.3, 0.1, window=20, interval=2.0), 60, 100)
-    arrivals = [0.1 * i for i in range(30)]
-    for t in arrivals:
-        p.arrived(t, 500)
-    decision = p.tick(signals(3.0, [(t, 500) for t in arrivals], []))
-    assert decision is not None and decision.trigger == "tick" and decision.action == "raise_prefill"
-
-
 def test_a_tick_holds_its_peace_while_requests_in_flight_meet_the_slos():
     p = Partitioner(PartitionConfig(0.3, 0.1, window=20, interval=2.0), 60, 100)
     p.tick(signals(0.0, [], []))

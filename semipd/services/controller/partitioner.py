@@ -135,8 +135,8 @@ class Partitioner:
         self._last_tick = now
         queued = sum(tokens for _, tokens in signals.waiting)
         self._meter.sample(now, self.split[0], queued, self._arrived_tokens, signals.prefill)
-        if self._opened_at is None:  # the first tick: its window opens at the first arrival
-            self._opened_at = self._arrivals[0] if self._arrivals else now
+        if self._opened_at is None:
+            self._opened_at = now
         if not self._cleared and all(arrival >= self._settled_at for arrival, _ in signals.waiting):
             # Requests that came while prompts of the split before still waited, waited behind
             # them: left out as those that came before the switch are.
