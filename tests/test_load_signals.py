@@ -59,6 +59,18 @@ def test_a_tick_decides_on_the_waits_of_requests_with_no_token_yet():
     assert decision.tpot_s is None and p.split[0] > 60
 
 
+def test_a_tick_measures_the_rate_from_the_first_arrival():
+    """A window opened on an idle server: the requests' rate, not their number over the idle time."""
+    p = Partitioner(PartitionConfig(0.3, 0.1, window=20, interval=2.0), 60, 100)
+    p.tick(signals(0.0, [], []))
+    arrivals = [100 + 0.1 * i for i in range(30)]
+    for t in arrivals:
+        p.arrived(t, 500)
+    decision = p.tick(signals(103.0, [(t, 500) for t in arrivals], []))
+    assert decision.trigger == "tick" and decision.rate == pytest.approx(10, rel=0.05)
+    assert decision.prompt_rate == pytest.approx(5000, rel=0.05)
+
+
 def test_a_tick_holds_its_peace_while_requests_in_flight_meet_the_slos():
     p = Partitioner(PartitionConfig(0.3, 0.1, window=20, interval=2.0), 60, 100)
     p.tick(signals(0.0, [], []))

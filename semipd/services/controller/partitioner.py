@@ -164,7 +164,10 @@ class Partitioner:
         queue = self._queue_model(now)
         if not missed and self._foreseen(queue) is None:
             return None
-        rate, prompt_rate = (len(self._arrivals) - first) / (now - start), sum(self._prompts[first:]) / (now - start)
+        # Counted from the first arrival: a window opened on an idle server (at its start, or in a
+        # quiet spell) would spread its requests over the idle time before them.
+        span = max(now - max(start, self._arrivals[first]), TICK_S)
+        rate, prompt_rate = (len(self._arrivals) - first) / span, sum(self._prompts[first:]) / span
         fits, predictors = self._predict(rate, observed, queue)
         if not missed and self._raise(0, predictors, fresh=True) is None:
             return None  # a foreseen miss with nowhere new to go: wait for one seen
