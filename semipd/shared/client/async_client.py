@@ -62,7 +62,9 @@ class AsyncClient:
             self._ctx.term()
             raise
         self._inbox: dict[str, asyncio.Queue] = {}
+        self._waiting: dict[asyncio.Queue, float] = {}  # a stream's inbox -> since when it waits in it
         self._reader: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._failure: ClientError | None = None  # why the reader stopped, for later requests
         self._last_heard = time.monotonic()
         self._closed = False
@@ -96,9 +98,10 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        tasks = [t for t in (self._reader, self._watchdog) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for request_id in self._inbox:
             await self._sock.send(encode(AbortRequest(request_id)))
         self._inbox.clear()
@@ -125,7 +128,8 @@ class AsyncClient:
         if self._failure is not None:
             raise self._failure
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+            loop = asyncio.get_running_loop()
+            self._reader, self._watchdog = loop.create_task(self._read_loop()), loop.create_task(self._watch())
         self._inbox[request_id] = asyncio.Queue()
         try:
             await self._sock.send(frame)
@@ -141,23 +145,30 @@ class AsyncClient:
         inbox = self._inbox.get(request_id)
         if inbox is None:
             raise ClientError(f"request {request_id} was closed")
-        waiting_since = time.monotonic()
-        while True:
-            if not inbox.empty():
-                msg = inbox.get_nowait()
-                break
-            left = max(waiting_since, self._last_heard) + self.timeout_s - time.monotonic()
-            if left <= 0:
-                raise ServerTimeout(f"no answer from the server at {self.address} for "
-                                    f"{self.timeout_s:g} s (is it running?)")
-            try:  # a timed-out get leaves its item queued, so nothing is lost
-                msg = await asyncio.wait_for(inbox.get(), left)
-                break
-            except asyncio.TimeoutError:
-                pass  # the deadline moved if the server spoke to other requests meanwhile
+        if inbox.empty():
+            # No timer per message (it cost more than the message): _watch() ends long waits.
+            self._waiting[inbox] = time.monotonic()
+            try:
+                msg = await inbox.get()
+            finally:
+                self._waiting.pop(inbox, None)
+        else:
+            msg = inbox.get_nowait()
         if isinstance(msg, ClientError):
             raise msg
         return msg
+
+    async def _watch(self) -> None:
+        """Fail a stream's wait once the server has said nothing for timeout_s, to it or to any
+        other request, since the wait began; checked a few times per timeout."""
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout_s / 4))
+            now = time.monotonic()
+            for inbox, since in list(self._waiting.items()):
+                if max(since, self._last_heard) + self.timeout_s <= now:
+                    del self._waiting[inbox]
+                    inbox.put_nowait(ServerTimeout(
+                        f"no answer from the server at {self.address} for {self.timeout_s:g} s (is it running?)"))
 
     async def _read_loop(self) -> None:
         try:
