@@ -7,8 +7,8 @@ split and the load; nothing about them is drawn at random but the arrivals and t
 The controller's part is played as server.py plays it: every arrival goes to arrived(), every
 finished request to observe(), the load signals (load_signals.gather over the request table) to
 tick() when due, none of it while a switch is under way, which takes SWITCH_S to take effect; and,
-with `prime`, a prefill worker primed SWITCH_S after the partitioner names its share, which a
-switch to that share takes over in HANDOVER_S."""
+with `prime`, workers primed SWITCH_S after the partitioner names their shares, which a switch
+to those shares takes over in HANDOVER_S."""
 
 import functools
 import itertools
@@ -128,28 +128,32 @@ def simulate(p: Partitioner | None, split: tuple[int, int], mixes: list[Mix], se
     prefill_end, prefilling = math.inf, []
     pending, batch, decode_end = [], [], math.inf
     next_tick, switch_at, target = 0.0, math.inf, None
-    primed = None                              # (prefill share, when ready)
+    primed: dict[int, tuple[int, float]] = {}  # phase -> (share a worker is primed at, when ready)
     timer = {"since": None, "steps": 0, "busy": 0.0}
     report = None                              # the prefill worker's (last StepTimes, received)
     seq_ids = itertools.count()
 
     def act(decision):
-        nonlocal switch_at, target, primed
+        nonlocal switch_at, target
         if decision is None:
             return
         run.decisions.append(decision)
         wanted = (decision.next_prefill_sm, decision.next_decode_sm)
         if wanted != x_y:
-            instant = primed is not None and primed[1] <= now and wanted == (primed[0], x_y[1])
+            moving = [i for i in (0, 1) if wanted[i] != x_y[i]]
+            instant = all(primed.get(i, (None,))[0] == wanted[i] and primed[i][1] <= now for i in moving)
             switch_at, target = now + (HANDOVER_S if instant else SWITCH_S), wanted
-            if wanted[0] != x_y[0]:
-                primed = None                     # taken over, or killed for the worker preparing
+            for i in moving:
+                primed.pop(i, None)               # taken over, or killed for the worker preparing
 
     def aim_primed():
-        nonlocal primed
-        share = p.prime_share()
-        if primed is None or primed[0] != share:
-            primed = None if share is None else (share, now + SWITCH_S)
+        split = p.prime_split()
+        for i in (0, 1):
+            share = None if split is None or split[i] == x_y[i] else split[i]
+            if share is None:
+                primed.pop(i, None)
+            elif primed.get(i, (None,))[0] != share:
+                primed[i] = (share, now + SWITCH_S)
 
     def finish(req):
         del table[req.seq_id]

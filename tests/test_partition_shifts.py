@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from semipd.services.controller.partitioner import PartitionConfig, Partitioner
-from tests.partition_sim import Mix, Run, meets, simulate
+from tests.partition_sim import HANDOVER_S, SWITCH_S, Mix, Run, meets, simulate
 
 PROMPTS = Mix(8, 1900, 40, 30)
 ANSWERS = Mix(16, 130, 440, 30)
@@ -140,3 +140,31 @@ def test_a_worker_primed_at_the_top_saves_a_raise_to_it_its_preparation():
             cold, primed = (reached(run, 0, PROMPTS, slos)[0] for run in runs)
             gained.append(cold - primed)
     assert len(gained) >= 3 and min(gained) >= 2.5, gained
+
+
+def switch_delays(run: Run) -> list[tuple[tuple[int, int], tuple[int, int], float]]:
+    """(split before, split after, seconds from the decision to the switch) of each switch."""
+    delays = []
+    for (_, before), (when, after) in zip(run.splits, run.splits[1:]):
+        decided = max(d.time for d in run.decisions
+                      if (d.next_prefill_sm, d.next_decode_sm) == after and d.time <= when)
+        delays.append((before, after, when - decided))
+    return delays
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_decode_worker_primed_a_step_down_takes_a_give_at_once(seed):
+    """Under more long prompts than any split serves, decode gives prefill its cap a step at a
+    time (the test before last). With decisions at least 4 s apart, more than a worker takes to
+    prepare, a give finds a decode worker primed a step down ready and takes effect at once;
+    without priming each waits SWITCH_S. (Decisions 2 s apart, the default under a sustained
+    miss, come before the worker primed after the switch before is ready.)"""
+    mix, cfg = Mix(24, 1900, 40, 80), PartitionConfig(0.3, 0.15, interval=4.0)
+    gives = {}
+    for prime in (False, True):
+        run = simulate(Partitioner(cfg, 60, 100), (60, 100), [mix], seed, prime=prime)
+        gives[prime] = [delay for before, after, delay in switch_delays(run)
+                        if before[0] == after[0] == 100 and after[1] < before[1]]
+        assert run.splits[-1][1] == (100, 10)
+    assert len(gives[False]) >= 5 and all(d == pytest.approx(SWITCH_S) for d in gives[False])
+    assert len(gives[True]) >= 5 and all(d == pytest.approx(HANDOVER_S) for d in gives[True])

@@ -1,5 +1,5 @@
-"""A prefill worker primed ahead of a switch, end to end with real processes: a dynamic server
-keeps one prepared at the share the partitioner names; a switch to that share takes it over with
+"""Workers primed ahead of a switch, end to end with real processes: a dynamic server keeps
+one prepared at each share the partitioner names (prefill's top, then a step off decode's cap); a switch to that share takes it over with
 no preparation and loses nothing; a switch elsewhere kills it, takes the other standby, ready
 too, and the next one is aimed again; a primed worker that dies is replaced and counted. SLOs nothing misses: no decision
 moves the split, manual switches on the grid do."""
@@ -16,10 +16,10 @@ from tests.test_lifecycle import cli_stats
 DYNAMIC = ("--dynamic", "--ttft-slo", "1000", "--tpot-slo", "1000", "--window", "1000")
 
 
-def primed_at(share: int):
-    """A predicate on stats: prefill has a primed worker, prepared, at this share."""
+def primed_at(share: int, role: str = "prefill"):
+    """A predicate on stats: the role has a primed worker, prepared, at this share."""
     def holds(stats) -> bool:
-        primed = stats["workers"]["prefill"]["primed"]
+        primed = stats["workers"][role]["primed"]
         return primed is not None and primed["state"] == "primed" and primed["sm_percent"] == share
     return holds
 
@@ -28,18 +28,23 @@ def switched(stats) -> bool:
     return not stats["partition"]["switching"]
 
 
+def switch_mid_stream(server: Server, model_path: str, split: tuple[int, int], seed: int) -> dict:
+    """Switch to `split` while greedy streams run; they match the engine's. The stats once done."""
+    work = [(p * 3, 60) for p, _ in workload(8, seed=seed)]
+    streams = [server.client.generate(prompt_ids=p, temperature=0, max_tokens=m, ignore_eos=True) for p, m in work]
+    next(streams[0])
+    server.client.partition(*split)
+    assert [s.result().token_ids for s in streams] == engine_greedy(model_path, work)
+    return wait_for(switched, server)
+
+
 def test_a_switch_to_the_primed_share_takes_the_primed_worker(model):  # noqa: F811
     server = Server(model, "--max-num-seqs", "16", *DYNAMIC)
     try:
         client = server.client
         primed = wait_for(primed_at(100), server)["workers"]["prefill"]["primed"]["pid"]  # the top, at first
         assert f"pid {primed} primed at 100%" in cli_stats(server)["prefill"]
-        work = [(p * 3, 60) for p, _ in workload(12, seed=5)]
-        streams = [client.generate(prompt_ids=p, temperature=0, max_tokens=m, ignore_eos=True) for p, m in work]
-        next(streams[0])
-        client.partition(100, 100)
-        assert [s.result().token_ids for s in streams] == engine_greedy(model, work)
-        stats = wait_for(switched, server)
+        stats = switch_mid_stream(server, model, (100, 100), seed=5)
         record = stats["partition"]["history"][-1]
         assert (record["role"], record["to_sm"], record["primed"], record["error"]) == ("prefill", 100, True, None)
         assert stats["workers"]["prefill"]["pid"] == primed and stats["workers"]["prefill"]["primed"] is None
@@ -73,5 +78,22 @@ def test_a_switch_elsewhere_kills_the_primed_worker_and_one_dying_is_replaced(mo
         wait_for(primed_at(100), server)  # aimed again from 70
         result = client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result()
         assert len(result.token_ids) == 5
+    finally:
+        assert server.stop() == 0
+
+
+def test_with_prefill_at_the_top_decode_is_primed_a_step_down(model):  # noqa: F811
+    server = Server(model, "--prefill-sm", "100", *DYNAMIC)
+    try:
+        stats = wait_for(primed_at(90, "decode"), server)
+        primed = stats["workers"]["decode"]["primed"]["pid"]
+        assert stats["workers"]["prefill"]["primed"] is None  # prefill is at its top already
+        stats = switch_mid_stream(server, model, (100, 90), seed=6)
+        record = stats["partition"]["history"][-1]
+        assert (record["role"], record["to_sm"], record["primed"], record["error"]) == ("decode", 90, True, None)
+        assert stats["workers"]["decode"]["pid"] == primed
+        wait_for(primed_at(80, "decode"), server)  # the next step down
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
     finally:
         assert server.stop() == 0

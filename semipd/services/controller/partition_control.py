@@ -44,8 +44,10 @@ class PartitionControl:
         """Between finished requests: decide on the load signals once the partitioner says a
         decision is due (a shift shows in the requests in flight seconds before any finishes)."""
         if self.partitioner is not None and not self.switcher.active and self.partitioner.due(now):
-            # a prefill worker prepared ahead at the share a raise is likely to ask for
-            self.switcher.prime("prefill", self.partitioner.prime_share())
+            # workers prepared ahead at the shares a raise of prefill is likely to ask for
+            split = self.partitioner.prime_split() or (None, None)
+            for role, share in zip(("prefill", "decode"), split):
+                self.switcher.prime(role, share)
             prefill = self.supervisor.current("prefill").step_times
             self._act(self.partitioner.tick(gather(requests, prefill, now)))
 

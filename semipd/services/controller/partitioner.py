@@ -64,14 +64,14 @@ class Partitioner:
         self._enough = math.ceil(0.8 * config.window)  # arrivals a tick decision needs: a window's rate counts as many
         self._highest = prefill_sm       # the highest prefill share held so far
 
-    def prime_share(self) -> int | None:
-        """Prefill's share worth priming a worker at: the highest a raise has taken it to, which
-        a load of long prompts seen before will ask for again, else the top of its range (None:
-        it is there already, or getting there would move decode too, which no primed prefill
-        worker can do)."""
-        top = self._highest if self._highest > self.split[0] else 100
-        target = self.config.raised(self.split, 0, top)
-        return target[0] if target and target[0] > self.split[0] and target[1] == self.split[1] else None
+    def prime_split(self) -> tuple[int, int] | None:
+        """The split the next raise of prefill is likely to ask for, whose new shares are worth
+        priming workers at: prefill at the highest share a raise has taken it to (a load of long
+        prompts seen before will ask for it again), else at the top of its range; once there, a
+        step off decode's cap, which a raise then takes (None: decode is at its least)."""
+        here = self.split
+        top = (self._highest if self._highest > here[0] else 100) if here[0] < 100 else 100 + self.config.step
+        return self.config.raised(here, 0, top)
 
     def check(self, split: tuple[int, int]) -> None:
         cfg = self.config
