@@ -6,6 +6,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -123,3 +124,16 @@ def test_timeout_bounds_the_wait_on_a_port_where_nobody_answers():
             await client.health()
     with pytest.raises(ServerTimeout):
         asyncio.run(ask())
+
+    async def close_while_waiting():
+        """A stream waiting when its client closes ends at once, with a clear error."""
+        client = AsyncClient(address, timeout_s=30)
+        stream = await client.generate(prompt_ids=[1, 2, 3], max_tokens=2)
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await client.close()
+        with pytest.raises(ClientError, match="the client is closed"):
+            await asyncio.wait_for(waiting, 5)
+        assert time.monotonic() - started < 2
+    asyncio.run(close_while_waiting())

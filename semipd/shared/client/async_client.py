@@ -102,6 +102,9 @@ class AsyncClient:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        closed = ClientError("the client is closed")
+        for inbox in {*self._inbox.values(), *self._waiting}:  # streams still waiting end with it
+            inbox.put_nowait(closed)
         for request_id in self._inbox:
             await self._sock.send(encode(AbortRequest(request_id)))
         self._inbox.clear()
@@ -138,7 +141,9 @@ class AsyncClient:
             raise
 
     async def _abort(self, request_id: str) -> None:
-        if not self._closed and self._inbox.pop(request_id, None) is not None:
+        inbox = None if self._closed else self._inbox.pop(request_id, None)
+        if inbox is not None:
+            inbox.put_nowait(ClientError(f"request {request_id} was aborted"))  # for another reader of it
             await self._sock.send(encode(AbortRequest(request_id)))
 
     async def _receive(self, request_id: str):
