@@ -289,7 +289,7 @@ def test_rate_is_the_load_the_window_met():
 
 def test_config_and_split_are_checked():
     for bad in (dict(ttft_slo=0), dict(window=1), dict(percentile=0), dict(step=30, min_share=20),
-                dict(max_total=250), dict(max_steps=0)):
+                dict(max_total=250), dict(max_steps=0), dict(step=30, min_share=30)):
         with pytest.raises(UserError):
             PartitionConfig(**{"ttft_slo": 0.3, "tpot_slo": 0.05} | bad)
     with pytest.raises(UserError, match="adding up to at most 100"):

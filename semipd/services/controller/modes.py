@@ -45,7 +45,7 @@ def add_mode_args(p) -> None:
                    help="finished requests per partitioning decision, at the latest")
     g.add_argument("--decision-interval", type=float, default=2.0, metavar="SECONDS",
                    help="least time before a partitioning decision on a miss that requests in flight already show")
-    g.add_argument("--sm-step", type=int, default=10, help="SM percent per partitioning step")
+    g.add_argument("--sm-step", type=int, default=10, help="SM percent per partitioning step (a divisor of 100)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="most steps one decision moves a share (default: as many as the prediction says)")
     g.add_argument("--switch-timeout", type=float, default=120.0, metavar="SECONDS",

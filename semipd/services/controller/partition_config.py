@@ -32,6 +32,8 @@ class PartitionConfig:
         if not (0 < self.step <= self.min_share <= 100 and self.min_share % self.step == 0):
             raise UserError(f"min_share ({self.min_share}) must be a multiple of step "
                             f"({self.step}) in (0, 100]")
+        if 100 % self.step:  # a raise to the top must land on the grid
+            raise UserError(f"the SM step (--sm-step, {self.step}) must divide 100")
         if not 2 * self.min_share <= self.max_total <= 200:
             raise UserError(f"max_total must be in [{2 * self.min_share}, 200], got {self.max_total}")
 
