@@ -16,7 +16,7 @@ def planned_prompts(workload: str, n: int, max_len: int):
     rng = np.random.default_rng(0)
     phases = resolve(workload, 8.0, n)
     planned, _ = plan(phases, rng, max_len)
-    return planned, *make_prompts(planned, phases, rng, max_len)
+    return planned, *make_prompts(planned, phases, rng, np.random.default_rng(1), max_len)
 
 
 def test_shared_prefix_groups():
@@ -67,3 +67,15 @@ def test_sharing_workloads_hit_the_cache_of_a_tiny_server(tmp_path):
             assert cache["hit_rate"] > 0.3, (workload, cache)
     finally:
         server.stop()
+
+
+def test_which_requests_share_follows_the_seed_and_the_ids_do_not():
+    """Two runs with one seed: the same requests share a prefix, through different ids."""
+    phases, heads = resolve("shared-prefix", 8.0, 100), []
+    for ids_seed in (1, 2):
+        rng = np.random.default_rng(0)
+        planned, _ = plan(phases, rng, 512)
+        prompts, _ = make_prompts(planned, phases, rng, np.random.default_rng(ids_seed), 512)
+        heads.append([tuple(p[:256]) for p in prompts])
+    sharing = [[[a == b for b in run] for a in run] for run in heads]
+    assert sharing[0] == sharing[1] and heads[0][0] != heads[1][0]

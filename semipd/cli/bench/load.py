@@ -53,8 +53,8 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
         max_len = await backend.max_model_len()
         planned, sent = workloads.plan(phases, rng, max_len, pool)
         # Fresh ids every run, whatever the seed: a server's prefix cache must not find the prompts
-        # of an earlier run (a sweep's rates send the same lengths and arrivals, from rng).
-        prompts, after = make_prompts(planned, phases, np.random.default_rng(), max_len)
+        # of an earlier run (a sweep's rates send the same lengths, arrivals and sharing, from rng).
+        prompts, after = make_prompts(planned, phases, rng, np.random.default_rng(), max_len)
         requests = [(p.phase, ids, {"max_tokens": p.output_len, "ignore_eos": True, "seed": int(rng.integers(2 ** 31))})
                     for p, ids in zip(planned, prompts)]
         bar = tqdm(total=len(requests), desc=desc, unit="req")

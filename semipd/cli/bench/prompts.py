@@ -34,10 +34,11 @@ def _ids(rng: np.random.Generator, n: int) -> list[int]:
     return rng.integers(0, 256, n).tolist()
 
 
-def make_prompts(planned: list, phases: list, rng: np.random.Generator,
+def make_prompts(planned: list, phases: list, rng: np.random.Generator, ids: np.random.Generator,
                  max_model_len: int | None) -> tuple[list[list[int]], list[int | None]]:
     """Each planned request's (phases.Planned) prompt ids, and the request whose answer it waits
-    for (its conversation's turn before; None: it goes at its planned time)."""
+    for (its conversation's turn before; None: it goes at its planned time). rng draws which
+    prefix each request shares, ids the token ids."""
     prompts, after = [], []
     prefixes = {}   # phase -> its shared prefixes
     talks = {}      # (phase, conversation) -> (ids so far, prompt and answer, the last turn's index)
@@ -45,10 +46,10 @@ def make_prompts(planned: list, phases: list, rng: np.random.Generator,
     for i, p in enumerate(planned):
         sharing, j = phases[p.phase].sharing, seen[p.phase]
         seen[p.phase] += 1
-        question = _ids(rng, p.input_len)
+        question = _ids(ids, p.input_len)
         if sharing == "shared-prefix":
             if p.phase not in prefixes:
-                prefixes[p.phase] = [_ids(rng, prefix_len(max_model_len)) for _ in range(PREFIX_GROUPS)]
+                prefixes[p.phase] = [_ids(ids, prefix_len(max_model_len)) for _ in range(PREFIX_GROUPS)]
             prompts.append(prefixes[p.phase][rng.integers(PREFIX_GROUPS)] + question)
             after.append(None)
         elif sharing == "multi-turn":
@@ -58,7 +59,7 @@ def make_prompts(planned: list, phases: list, rng: np.random.Generator,
                 history, last = [], None
             prompts.append(history + question)
             after.append(last)
-            talks[key] = (prompts[-1] + _ids(rng, p.output_len), i)
+            talks[key] = (prompts[-1] + _ids(ids, p.output_len), i)
         else:
             prompts.append(question)
             after.append(None)
