@@ -165,8 +165,9 @@ class Partitioner:
         if not missed and self._foreseen(queue) is None:
             return None
         # Counted from the first arrival: a window opened on an idle server (at its start, or in a
-        # quiet spell) would spread its requests over the idle time before them.
-        span = max(now - max(start, self._arrivals[first]), TICK_S)
+        # quiet spell) would spread its requests over the idle time before them. Over at least
+        # `interval`, as a window's span is: a burst of a moment is no steady rate.
+        span = max(now - max(start, self._arrivals[first]), cfg.interval)
         rate, prompt_rate = (len(self._arrivals) - first) / span, sum(self._prompts[first:]) / span
         fits, predictors = self._predict(rate, observed, queue)
         if not missed and self._raise(0, predictors, fresh=True) is None:
