@@ -64,10 +64,10 @@ def test_a_switch_elsewhere_kills_the_primed_worker_and_one_dying_is_replaced(mo
         client = server.client
         first = wait_for(primed_at(100), server)["workers"]["prefill"]["primed"]["pid"]
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda s: s["partition"]["primed_deaths"] == 1, server)  # counted...
+        wait_for(lambda s: s["partition"]["primed_deaths"]["prefill"] == 1, server)  # counted...
         stats = wait_for(lambda s: primed_at(100)(s) and s["workers"]["prefill"]["primed"]["pid"] != first, server)
         second = stats["workers"]["prefill"]["primed"]["pid"]
-        assert stats["partition"]["primed_deaths"] == 0  # ...as one in a row, until one is primed
+        assert stats["partition"]["primed_deaths"] == {"prefill": 0, "decode": 0}  # ...as one in a row, until one is primed
         assert stats["worker_restarts"] == 0  # it served nothing: no restart, no recovery
         wait_for(lambda s: s["workers"]["prefill"]["standby"]["ready"], server)  # the second standby
         client.partition(70, 100)

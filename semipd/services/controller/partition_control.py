@@ -100,6 +100,6 @@ class PartitionControl:
                 "prefill_sm": workers.get("prefill", workers.get("unified")).sm_percent,
                 "decode_sm": workers.get("decode", workers.get("unified")).sm_percent,
                 "mps": self.mode.mps, "dynamic": self.partitioner is not None,
-                "primed_deaths": self.switcher.prime_deaths,
+                "primed_deaths": dict(self.switcher.prime_deaths),
                 "switching": sorted(self.switcher.active), "history": self.switcher.history,
                 "decisions": list(self.decisions)}

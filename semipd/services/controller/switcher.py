@@ -87,7 +87,7 @@ class Switcher:
         self.history: list[dict] = []
         self._gap: dict[str, tuple[dict, Switch]] = {}  # role -> a finished switch's record, until its first output
         self.keep_standbys = False           # true once switching is in use
-        self.prime_deaths = 0                # workers that died primed or priming, in a row
+        self.prime_deaths = {"prefill": 0, "decode": 0}  # per role, workers that died primed or priming, in a row
 
     def request(self, role: str, sm_percent: int, reason: str) -> None:
         """Start moving `role` to a new share; no-op if it has that share or is switching."""
@@ -114,13 +114,14 @@ class Switcher:
         """Keep the role's primed worker at this share (None: keep none). A worker is primed
         only from a second standby that has finished importing, so that a switch elsewhere still
         finds one ready, and no more once PRIME_DEATHS in a row have died primed or priming (on
-        a GPU without room for one more worker they would die one after another)."""
+        a GPU without room for one more worker they would die one after another); per role, for
+        their workers differ."""
         primed = self.sup.primed_of(role)
         if role in self.active or (primed is not None and primed.sm_percent == sm_percent):
             return
         if primed is not None:
             self.sup.kill(primed)
-        if sm_percent is None or sm_percent == self.sup.current(role).sm_percent or self.prime_deaths >= PRIME_DEATHS:
+        if sm_percent in (None, self.sup.current(role).sm_percent) or self.prime_deaths[role] >= PRIME_DEATHS:
             return
         self.sup.ensure_standby(role, count=2)
         if sum(w.state is WorkerState.STANDBY for w in self.sup.standbys_of(role)) == 2:
@@ -130,7 +131,7 @@ class Switcher:
         """The new worker has mapped the memory and captured its graphs: retire the old one. A
         primed worker waits for a switch to its share."""
         if worker.state is WorkerState.PRIMING:
-            worker.prepared, self.prime_deaths = prepare_parts, 0  # deaths in a row count
+            worker.prepared, self.prime_deaths[worker.role] = prepare_parts, 0  # deaths in a row count
             return worker.move_to(WorkerState.PRIMED)
         sw = self.active[worker.role]
         if sw.stalled is not None:  # too late: the timeout has killed it (its death ends the switch)
@@ -238,8 +239,8 @@ class Switcher:
         requests of its role must be recovered (their pages freed and recomputed through prefill)."""
         sw = self.active.get(worker.role)
         if was in PRIMES:
-            self.prime_deaths += 1
-            if self.prime_deaths == PRIME_DEATHS:
+            self.prime_deaths[worker.role] += 1
+            if self.prime_deaths[worker.role] == PRIME_DEATHS:
                 print(f"semipd: {PRIME_DEATHS} primed {worker.role} workers died: priming no more",
                       file=sys.stderr, flush=True)
         if was in WAITING or was in PRIMES:  # it held nothing; a primed one is aimed again later
