@@ -41,11 +41,12 @@ def controller_cpu(pid: int) -> tuple[float, float]:
     return cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
 
 
-def start_server(folder: str) -> tuple[subprocess.Popen, str]:
+def start_server(folder: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`semipd serve --model tiny --device cpu` with these flags, once it is healthy."""
     address = f"ipc://{folder}/front.sock"
     root = os.path.dirname(os.path.dirname(os.path.abspath(semipd.__file__)))  # `-m` imports from cwd
     proc = subprocess.Popen([sys.executable, "-m", "semipd", "serve", "--model", "tiny", "--device", "cpu",
-                             "--address", address], cwd=root, env=dict(os.environ, XDG_RUNTIME_DIR=folder),
+                             "--address", address, *flags], cwd=root, env=dict(os.environ, XDG_RUNTIME_DIR=folder),
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -1,0 +1,109 @@
+"""What the HTTP gateway adds on the CPU: its hop on an idle server, and its CPU time per
+streamed token under load.
+
+    python -m benchmarks.bench_gateway_cpu [--requests 200] [--tokens 200] [--streams 16]
+
+Starts `semipd serve --model tiny --device cpu --http 127.0.0.1:PORT` (bench_controller_cpu's
+server). Idle: 50 requests one at a time (2 tokens each, the first 10 left out), the time to the
+first message through the ZeroMQ SDK and to the first server-sent event through the gateway, at
+the median. Load: `--requests` streamed completions of `--tokens` tokens (ignore_eos), at most
+`--streams` at a time, and the gateway process's CPU time (user + system, from /proc) over them.
+"""
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+import httpx2
+
+from benchmarks.bench_controller_cpu import cpu_seconds, start_server
+from semipd.shared.client import AsyncClient
+
+PROMPT = list(range(3, 43))  # 40 token ids
+
+
+def gateway_pid(server_pid: int) -> int:
+    """The server's `semipd api` child."""
+    with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+        for pid in map(int, f.read().split()):
+            with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                if b"api" in cmd.read().split(b"\0"):
+                    return pid
+    raise SystemExit("no gateway process under the server")
+
+
+async def first_message_ms(address: str, http: httpx2.AsyncClient) -> tuple[float, float]:
+    sdk, api = [], []
+    async with AsyncClient(address) as client:
+        for _ in range(50):
+            began = time.perf_counter()
+            async with await client.generate(prompt_ids=PROMPT, max_tokens=2, ignore_eos=True) as stream:
+                await anext(stream)
+            sdk.append(time.perf_counter() - began)
+    body = {"prompt": PROMPT, "max_tokens": 2, "ignore_eos": True, "stream": True}
+    for _ in range(50):
+        began = time.perf_counter()
+        async with http.stream("POST", "completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    break
+        api.append(time.perf_counter() - began)
+    return 1e3 * statistics.median(sdk[10:]), 1e3 * statistics.median(api[10:])
+
+
+async def stream_load(http: httpx2.AsyncClient, requests: int, tokens: int, streams: int) -> None:
+    gate, body = asyncio.Semaphore(streams), {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True}
+
+    async def one():
+        async with gate, http.stream("POST", "completions", json=body) as response:
+            async for _ in response.aiter_lines():
+                pass
+    await asyncio.gather(*(one() for _ in range(requests)))
+
+
+async def measure(address: str, port: int, server_pid: int, args) -> None:
+    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1/", timeout=600) as http:
+        for _ in range(300):  # the gateway starts once the server is ready
+            try:
+                if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+        await stream_load(http, args.streams, 16, args.streams)  # warm-up
+        sdk_ms, api_ms = await first_message_ms(address, http)
+        print(f"idle, first message: SDK {sdk_ms:.2f} ms, through the gateway {api_ms:.2f} ms "
+              f"(+{api_ms - sdk_ms:.2f} ms)")
+        stat = f"/proc/{gateway_pid(server_pid)}/stat"
+        cpu, wall = cpu_seconds(stat), time.monotonic()
+        await stream_load(http, args.requests, args.tokens, args.streams)
+        cpu, wall = cpu_seconds(stat) - cpu, time.monotonic() - wall
+        generated = args.requests * args.tokens
+        print(f"load: {generated} tokens in {wall:.1f} s, gateway CPU {cpu:.2f} s = "
+              f"{cpu / generated * 1e6:.1f} us/token")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=200, help="streamed completions under load")
+    p.add_argument("--tokens", type=int, default=200, help="tokens per completion")
+    p.add_argument("--streams", type=int, default=16, help="completions in flight")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="semipd-bench-") as folder:
+        proc, address = start_server(folder, "--http", f"127.0.0.1:{port}")
+        try:
+            asyncio.run(measure(address, port, proc.pid, args))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
