@@ -1,8 +1,9 @@
 """Workers primed ahead of a switch, end to end with real processes: a dynamic server keeps
 one prepared at each share the partitioner names (prefill's top, then a step off decode's cap); a switch to that share takes it over with
 no preparation and loses nothing; a switch elsewhere kills it, takes the other standby, ready
-too, and the next one is aimed again; a primed worker that dies is replaced and counted. SLOs nothing misses: no decision
-moves the split, manual switches on the grid do."""
+too, and the next one is aimed again; a primed worker that dies is replaced and counted, and
+neither its death nor a standby's clears the partitioner's window. SLOs nothing misses: no
+decision moves the split, manual switches on the grid do."""
 
 import os
 import signal
@@ -95,5 +96,30 @@ def test_with_prefill_at_the_top_decode_is_primed_a_step_down(model):  # noqa: F
         wait_for(primed_at(80, "decode"), server)  # the next step down
         stats = server.wait_idle()
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_standby_or_primed_worker_dying_keeps_the_decision_window(model):  # noqa: F811
+    """Neither held a request or changed the split: requests finished before either died still
+    count toward the partitioner's next decision (a window of 3 here)."""
+    server = Server(model, "--dynamic", "--ttft-slo", "1000", "--tpot-slo", "1000", "--window", "3")
+    try:
+        def finish_one():
+            server.client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=3).result()
+
+        def kill_and_wait(kind: str, stats: dict):
+            pid = stats["workers"]["prefill"][kind]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda s: (s["workers"]["prefill"][kind] or {}).get("pid") != pid, server)  # death handled
+        stats = wait_for(lambda s: primed_at(100)(s) and s["workers"]["prefill"]["standby"]["ready"], server)
+        finish_one()
+        kill_and_wait("standby", stats)
+        finish_one()
+        kill_and_wait("primed", stats)
+        assert server.stats()["partition"]["decisions"] == []
+        finish_one()
+        decisions = server.stats()["partition"]["decisions"]
+        assert [(d["trigger"], d["requests"], d["action"]) for d in decisions] == [("window", 3, "hold")]
     finally:
         assert server.stop() == 0
