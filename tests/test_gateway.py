@@ -50,6 +50,19 @@ def test_greedy_completions_equal_the_sdks(server, gateway, prompt):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+def test_a_token_without_text_still_gets_its_chunk(server, gateway):
+    """This prompt's greedy answer starts with the end-of-sequence token (no text): its chunk goes
+    out when the token comes, not with the next token's text, one chunk per token as the SDK's."""
+    prompt = [293, 215, 19, 208, 293]
+    with server.client.generate(prompt_ids=prompt, temperature=0, max_tokens=6, ignore_eos=True) as stream:
+        deltas = [d.text for d in stream]
+    assert deltas[0] == "" and len(deltas) == 6
+    chunks = list(client(gateway).completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True}))
+    assert [c.choices[0].text for c in chunks] == deltas + [""]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_async_streams_run_concurrently_and_equal_the_sdks(server, gateway):
     prompts = [f"t{i} t{i + 1}" for i in range(30, 36)]
     wants = [sdk_greedy(server, p, max_tokens=8, ignore_eos=True).text for p in prompts]

@@ -125,16 +125,17 @@ class Gateway:
 
     async def _events(self, run: Run, events, first, job: Job, answer: Answer):
         """One event per engine message, each choice's last with its finish reason, then the
-        usage if asked, then [DONE]. A client that leaves cancels this: its requests are aborted."""
+        usage if asked, then [DONE]. A token with no text yet (part of a character, a special
+        token) still gets its event, as vLLM's do: the client sees each token when the engine
+        sends it. A client that leaves cancels this: its requests are aborted."""
         begun = set()  # choices whose first chunk went out
         try:
             item = first
             while item is not None:
                 index, text, final = item
-                if text or final is not None:
-                    yield event(answer.chunk(index, text, final and final.finish_reason, index not in begun,
-                                             job.include_usage))
-                    begun.add(index)
+                yield event(answer.chunk(index, text, final and final.finish_reason, index not in begun,
+                                         job.include_usage))
+                begun.add(index)
                 item = await anext(events, None)
             if job.include_usage:
                 yield event(answer.usage_chunk([c.final for c in run.choices]))
