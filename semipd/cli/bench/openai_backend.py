@@ -76,10 +76,12 @@ class OpenAIBackend:
                         raise Refused(_message(event.data))
                     usage = obj.get("usage") or usage
                     for choice in obj.get("choices") or []:
-                        if choice.get("text") or choice.get("finish_reason"):
-                            chunks.append([now, 1 if choice.get("text") else 0])
-                        if choice.get("finish_reason"):
-                            ended, finish = now, choice["finish_reason"]
+                        # A chunk is a token, one without text too (a partial character, a special
+                        # token), unless it only carries the finish reason.
+                        text, reason = choice.get("text"), choice.get("finish_reason")
+                        chunks.append([now, 1 if text or not reason else 0])
+                        if reason:
+                            ended, finish = now, reason
         except httpx2.HTTPError as e:
             raise ClientError(f"lost the server at {self.base_url}: {e}") from None
         if finish is None:
@@ -88,7 +90,7 @@ class OpenAIBackend:
             raise UserError(f"{self.base_url} streams no usage (stream_options.include_usage), which the "
                             "output token counts come from")
         tokens = usage["completion_tokens"]
-        chunks[-1][1] += max(0, tokens - sum(k for _, k in chunks))  # tokens no chunk's text showed
+        chunks[-1][1] += max(0, tokens - sum(k for _, k in chunks))  # tokens no chunk showed
         return Answer([tuple(c) for c in chunks], ended, tokens, finish)
 
 
