@@ -115,7 +115,8 @@ async def _poll_split(address: str, started: float, rate: float, samples: list, 
 
 async def sweep_server(args, name: str, address: str) -> dict:
     """Every rate in turn against one server: per-rate summaries, the split over time, the goal rate.
-    A phased workload's runs also keep each request's phase, send time and TTFT, for its plot."""
+    Each run also keeps every request's phase, send time and TTFT (the client's and the server's):
+    a phased run's plot draws them, and a spike in any run can be traced to its requests."""
     args = argparse.Namespace(**backends.with_target(args, address))
     polled = args.backend == "semipd"  # the SM split is semipd's, and only its SDK reads the stats
     await run_load(args, warmup(workload_phases(args, max(args.rates)), WARMUP_REQUESTS),
@@ -135,9 +136,8 @@ async def sweep_server(args, name: str, address: str) -> dict:
         summary = summarize(run.records, run.duration_s, args.ttft_slo, args.tpot_slo, run.phases)
         runs.append({"rate": rate, "summary": summary, "started_s": run.started - started,
                      "steps": step_means([x for x in samples if x["rate"] == rate], began)})
-        if "phases" in summary:
-            runs[-1]["requests"] = [{"phase": r.phase, "send_s": r.send_s, "ttft_s": r.ttft_s, "ok": r.ok}
-                                    for r in run.records]
+        runs[-1]["requests"] = [{"phase": r.phase, "send_s": r.send_s, "ttft_s": r.ttft_s,
+                                 "server_ttft_s": r.server_ttft_s, "ok": r.ok} for r in run.records]
     partition = None
     if polled:
         async with AsyncClient(address) as client:
