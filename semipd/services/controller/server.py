@@ -13,7 +13,7 @@ from dataclasses import replace
 import zmq
 
 from semipd.services.controller.intake import Intake
-from semipd.services.controller.lifecycle import PRIMES, WAITING, WorkerState
+from semipd.services.controller.lifecycle import CURRENT, SWITCHING, WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
 from semipd.services.controller.partition_control import PartitionControl
@@ -241,9 +241,9 @@ class Controller:
             for was, worker in deaths:
                 if self.switcher.on_death(was, worker):
                     self.book.recover(worker.role)
-                # A standby or primed worker held no request and changed no split: settling would
-                # throw away the partitioner's window for nothing.
-                if was not in WAITING and was not in PRIMES:
+                # Only these deaths can change or end the split. A standby, primed or retiring
+                # worker serves none of it: settling would throw away the partitioner's window.
+                if was in CURRENT or was in SWITCHING:
                     self.split.settle()
             if deaths:
                 self.book.free_held_back()
