@@ -1,11 +1,12 @@
 """How much a running prefill slows decode on one GPU, as the two run in serving: two MPS clients.
 
     python -m benchmarks.bench_contention [--model llama3-8b] [--prefill-sm 60] [--decode-sm 100]
-        [--tokens 256,512,1024,2048] [--seconds 3] [--json out.json]
+        [--tokens 256,512,1024,2048] [--prompts 1] [--seconds 3] [--json out.json]
 
 A decode process (cap --decode-sm, normal MPS priority) runs decode steps of batch 128 with 512
 cached tokens back to back (a CUDA graph each); a prefill process (cap --prefill-sm, priority
-below normal, as serving runs it) runs prefills of N tokens back to back. For each N, each runs
+below normal, as serving runs it) runs prefills of N tokens back to back, eagerly: one prompt, or
+--prompts K of N / K tokens each (a serving step that took K queued prompts). For each N, each runs
 alone for --seconds, then both at once. Serving's question: prefill must get through a given
 number of tokens per second; does it slow decode less in few large batches (busy less of the
 time, each batch reading the weights once) or in many small ones? The last column answers it:
@@ -27,24 +28,24 @@ def decode_shape(device: str) -> tuple[int, int]:
     return (128, 512) if device == "cuda" else (4, 32)
 
 
-def child(role: str, model_name: str, device: str, max_tokens: int) -> None:
+def child(role: str, model_name: str, device: str, max_tokens: int, prompts: int) -> None:
     """Load the model, then for each `run N SECONDS` line on stdin run the role's step back to
     back for that long and print `RESULT {"steps": n, "ms": [median, mean]}`."""
     import torch
 
-    from benchmarks.bench_engine import decode_and_prompt
+    from benchmarks.bench_engine import decode_and_prompts
     from semipd.shared.loader import load_model
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = load_model(model_name, dev, dtype, progress=False)
-    runner, seqs, prompt = decode_and_prompt(model, dtype, *decode_shape(device), max_tokens)
+    runner, seqs, made = decode_and_prompts(model, dtype, *decode_shape(device), -(-max_tokens // prompts), prompts)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print("READY", flush=True)
     for line in sys.stdin:
         _, tokens, seconds = line.split()
         step = (lambda: runner.decode(seqs)) if role == "decode" else \
-            (lambda n=int(tokens): runner.prefill_logits([(prompt, n)]))
+            (lambda n=int(tokens) // prompts: runner.prefill_logits([(p, n) for p in made]))
         step(), sync()  # a new prefill length compiles its kernels here, not in the timing
         times, until = [], time.perf_counter() + float(seconds)
         while time.perf_counter() < until:
@@ -62,7 +63,8 @@ class Child:
             env.update(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(share), CUDA_MPS_CLIENT_PRIORITY=str(priority))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.bench_contention", "--child", role, "--model", args.model,
-             "--device", args.device, "--tokens", args.tokens], env=env, stdin=subprocess.PIPE,
+             "--device", args.device, "--tokens", args.tokens, "--prompts", str(args.prompts)], env=env,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True)
         self.role = role
         self._expect("READY")
@@ -98,13 +100,14 @@ def main() -> None:
     ap.add_argument("--prefill-sm", type=int, default=60)
     ap.add_argument("--decode-sm", type=int, default=100)
     ap.add_argument("--tokens", default="256,512,1024,2048", help="prefill lengths")
+    ap.add_argument("--prompts", type=int, default=1, help="prompts a prefill step's tokens are split over")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", choices=["decode", "prefill"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     lengths = [int(t) for t in args.tokens.split(",")]
     if args.child:
-        return child(args.child, args.model, args.device, max(lengths))
+        return child(args.child, args.model, args.device, max(lengths), args.prompts)
     cuda, daemon = args.device == "cuda", None
     if cuda:
         from semipd.services.controller.mps import MpsDaemon
@@ -125,8 +128,9 @@ def main() -> None:
         if daemon:
             daemon.stop()
     batch, context = decode_shape(args.device)
-    print(f"\n{args.model}, decode batch {batch} x {context} cached tokens at cap {args.decode_sm}%, prefill at "
-          f"cap {args.prefill_sm}% (priority below normal); median ms, {args.seconds:g} s per cell")
+    print(f"\n{args.model}, decode batch {batch} x {context} cached tokens at cap {args.decode_sm}%, prefill "
+          f"({args.prompts} prompt{'s' * (args.prompts > 1)} a step) at cap {args.prefill_sm}% (priority below "
+          f"normal); median ms, {args.seconds:g} s per cell")
     print("| prefill tokens | prefill ms alone / beside decode | prefill tokens/s beside decode "
           "| decode ms alone / beside prefill | decode's extra ms per 1k prefill tokens |\n|---:|---|---:|---|---:|")
     for r in rows:

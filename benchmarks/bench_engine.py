@@ -53,17 +53,23 @@ def fake_sequences(batch: int, context: int) -> list[Sequence]:
     return seqs
 
 
-def decode_and_prompt(model, dtype, batch: int, context: int, prompt_len: int):
-    """(runner, sequences, prompt) over a random KV pool holding `batch` sequences of `context`
-    cached tokens (fake_sequences) and one random prompt of prompt_len tokens on pages of its own."""
+def decode_and_prompts(model, dtype, batch: int, context: int, prompt_len: int, prompts: int = 1):
+    """(runner, sequences, prompts) over a random KV pool holding `batch` sequences of `context`
+    cached tokens (fake_sequences) and `prompts` random prompts of prompt_len tokens, each on
+    pages of its own."""
     cfg = model.cfg
-    num_pages = batch * pages_for(context, PAGE) + pages_for(prompt_len, PAGE)
+    prompt_pages = pages_for(prompt_len, PAGE)
+    num_pages = batch * pages_for(context, PAGE) + prompts * prompt_pages
     k, v = allocate_kv_pool(cfg, num_pages, PAGE, dtype, model.embed_tokens.weight.device)
     model.bind_kv_cache(k.normal_(), v.normal_())  # random, never zeros
-    runner = ModelRunner(model, PAGE, max_model_len=prompt_len + PAGE, max_num_seqs=batch)
-    prompt = Sequence(0, torch.randint(0, cfg.vocab_size, (prompt_len,)).tolist(), SamplingParams())
-    prompt.block_table = list(range(num_pages - pages_for(prompt_len, PAGE), num_pages))
-    return runner, fake_sequences(batch, context), prompt
+    runner = ModelRunner(model, PAGE, max_model_len=prompt_len + PAGE, max_num_seqs=max(batch, prompts))
+    made = []
+    for i in range(prompts):
+        prompt = Sequence(i, torch.randint(0, cfg.vocab_size, (prompt_len,)).tolist(), SamplingParams())
+        first = num_pages - (prompts - i) * prompt_pages
+        prompt.block_table = list(range(first, first + prompt_pages))
+        made.append(prompt)
+    return runner, fake_sequences(batch, context), made
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ def measure(model_name: str) -> dict:
     """Run in the child: every figure for this process's share."""
     import torch
 
-    from benchmarks.bench_engine import attention_flops, decode_and_prompt, linear_flops_per_token
+    from benchmarks.bench_engine import attention_flops, decode_and_prompts, linear_flops_per_token
     from benchmarks.common import cuda_time_ms, measure_ceilings
     from semipd.shared.kernels.triton_sampling import gumbel_max as fused_gumbel_max
     from semipd.shared.kv_cache import page_bytes
@@ -38,7 +38,7 @@ def measure(model_name: str) -> dict:
     dev = torch.device("cuda")
     model = load_model(model_name, dev, torch.bfloat16, progress=False)
     cfg = model.cfg
-    runner, seqs, prompt = decode_and_prompt(model, torch.bfloat16, BATCH, CONTEXT, PREFILL)
+    runner, seqs, [prompt] = decode_and_prompts(model, torch.bfloat16, BATCH, CONTEXT, PREFILL)
     runner.decode(seqs)
     decode_ms = cuda_time_ms(runner.graphs[BATCH].replay, warmup=5, repeat=30)
     logits = torch.randn(BATCH, cfg.vocab_size, device=dev) * 3

@@ -12,7 +12,7 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_engine import decode_and_prompt
+from benchmarks.bench_engine import decode_and_prompts
 from benchmarks.common import cuda_time_ms, host_time_ms
 from semipd.shared.loader import load_model
 
@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     model = load_model(args.model, torch.device("cuda"), torch.bfloat16)
     for n in [int(t) for t in args.tokens.split(",")]:
-        runner, _, prompt = decode_and_prompt(model, torch.bfloat16, 1, 16, n)
+        runner, _, [prompt] = decode_and_prompts(model, torch.bfloat16, 1, 16, n)
         step = lambda: runner.prefill_logits([(prompt, n)])  # noqa: E731
         gpu_ms, host_ms = cuda_time_ms(step, warmup=3, repeat=10), host_time_ms(step)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
