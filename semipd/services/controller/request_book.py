@@ -15,7 +15,10 @@ from semipd.services.controller.supervisor import Supervisor
 from semipd.shared import protocol
 from semipd.shared.page_allocator import releaser
 
-MAX_RESTARTS_PER_REQUEST = 1   # a request that kills workers twice ends with an error
+# A request that kills workers cannot loop: a third crash under it ends it with an error. Two are
+# forgiven because the two workers of a switch can die together, and a request recovered from the
+# old one may reach the new one before that one's death is noticed.
+MAX_RESTARTS_PER_REQUEST = 2
 # Dropped sequences remembered per role before those already freed are forgotten (after which
 # only the few whose AbortSeqs is still on its way remain).
 PRUNE_DROPPED = 1024
@@ -153,7 +156,7 @@ class RequestBook:
             self.memory.allocator.free_owner(req.seq_id)
             req.restarts += 1
             if req.restarts > MAX_RESTARTS_PER_REQUEST:
-                error = f"the {role} worker died twice while serving it"
+                error = f"a worker died while serving it {req.restarts} times, the last the {role} worker"
                 self.finish(req, req.final("error", error=error, error_kind="internal"), rest=True)
                 continue
             self.resume(req)
