@@ -1,6 +1,8 @@
 """The serving system end to end under faults: bad input, misbehaving clients, a second server
-on a live address, workers killed mid-stream and the server stopped mid-stream."""
+on a live address, workers killed mid-stream (and again and again under one request) and the
+server stopped mid-stream."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 import zmq
 
 from semipd.shared import protocol
-from semipd.shared.client import ServerError
+from semipd.shared.client import AsyncClient, ServerError
 from tests.serving import ROOT, Server, wait_for
 from tests.serving_fixtures import generate, raw_socket, workload
 from tests.serving_fixtures import model, server  # noqa: F401 (fixtures, found by name)
@@ -135,6 +137,45 @@ def test_worker_killed_mid_stream(model, role):
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
         after = client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result()
         assert len(after.token_ids) == 5
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_request_that_workers_keep_dying_under_ends_with_an_error(model):
+    """Two decode workers dying under a request are forgiven (it resumes through prefill each
+    time), a third ends it with an error Final; the server serves on and every page comes back."""
+    server = Server(model)
+
+    async def drain(stream, got: list[int]) -> None:
+        """Take what the stopped worker sent: nothing more comes for a while."""
+        try:
+            while True:
+                got += (await asyncio.wait_for(anext(stream), 0.5)).token_ids
+        except asyncio.TimeoutError:
+            pass
+
+    async def main():
+        async with AsyncClient(server.address) as client:
+            stream = await client.generate(prompt_ids=[5, 6, 7], temperature=0, max_tokens=400, ignore_eos=True)
+            got: list[int] = []
+            for death in range(3):
+                pid = wait_for(lambda s: s["workers"]["decode"]["ready"], server)["workers"]["decode"]["pid"]
+                had = len(got)
+                while len(got) < had + 2:  # the first after a recovery is prefill's: the second is decode's
+                    got += (await anext(stream)).token_ids
+                os.kill(pid, signal.SIGSTOP)
+                await drain(stream, got)
+                os.kill(pid, signal.SIGKILL)
+                if death < 2:
+                    wait_for(lambda s: s["workers"]["decode"]["pid"] != pid, server)
+            with pytest.raises(ServerError, match="a worker died while serving it 3 times"):
+                await anext(stream)
+            assert len(got) < 400
+    try:
+        asyncio.run(main())
+        assert len(server.client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result().token_ids) == 5
+        stats = server.wait_idle()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"]
     finally:
         assert server.stop() == 0
 
