@@ -83,8 +83,9 @@ class PartitionControl:
         busy = [r for r, v in shares.items() if r in self.switcher.active and self.supervisor.workers[r].sm_percent != v]
         if busy:
             return f"the {busy[0]} worker is already switching; try again when it is done"
-        for role, share in shares.items():
-            self.switcher.request(role, share, reason)
+        ended = [self.switcher.request(role, share, reason) for role, share in shares.items()]
+        if any(ended):
+            self.settle()
         return None
 
     def serving(self) -> None:

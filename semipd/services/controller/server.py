@@ -132,7 +132,8 @@ class Controller:
             return  # a dead worker's last words: its requests were already recovered
         if isinstance(msg, protocol.WorkerReady):
             if worker.state in (WorkerState.PREPARING, WorkerState.PRIMING):  # called up by a switch, or ahead
-                self.switcher.on_ready(worker, msg.prepare_parts_s)
+                if self.switcher.on_ready(worker, msg.prepare_parts_s):
+                    self.split.settle()
             else:
                 self.supervisor.open(worker)
         elif isinstance(msg, protocol.PrefillDone):

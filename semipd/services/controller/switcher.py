@@ -89,11 +89,12 @@ class Switcher:
         self.keep_standbys = False           # true once switching is in use
         self.prime_deaths = {"prefill": 0, "decode": 0}  # per role, workers that died primed or priming, in a row
 
-    def request(self, role: str, sm_percent: int, reason: str) -> None:
-        """Start moving `role` to a new share; no-op if it has that share or is switching."""
+    def request(self, role: str, sm_percent: int, reason: str) -> bool:
+        """Start moving `role` to a new share; no-op if it has that share or is switching. True if
+        the switch ended at once (a primed worker took over from one that never started)."""
         current = self.sup.current(role)
         if role in self.active or current.sm_percent == sm_percent:
-            return
+            return False
         self.keep_standbys = True
         worker = self.sup.primed_of(role)
         if worker is not None and (worker.sm_percent != sm_percent or worker.exited()):
@@ -106,9 +107,10 @@ class Switcher:
         sw = self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold,
                                         primed=worker.state in PRIMES)
         if worker.state is WorkerState.PRIMED:
-            self._take_over(sw, worker.prepared)
-        elif worker.state is WorkerState.PRIMING:  # the switch waits for it as for any it called up
+            return self._take_over(sw, worker.prepared)
+        if worker.state is WorkerState.PRIMING:  # the switch waits for it as for any it called up
             worker.move_to(WorkerState.PREPARING)
+        return False
 
     def prime(self, role: str, sm_percent: int | None) -> None:
         """Keep the role's primed worker at this share (None: keep none). A worker is primed
@@ -127,29 +129,33 @@ class Switcher:
         if sum(w.state is WorkerState.STANDBY for w in self.sup.standbys_of(role)) == 2:
             self.sup.activate(self.sup.call_up(role, WorkerState.PRIMING), sm_percent)
 
-    def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> None:
+    def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> bool:
         """The new worker has mapped the memory and captured its graphs: retire the old one. A
-        primed worker waits for a switch to its share."""
+        primed worker waits for a switch to its share. True if that ended the switch (_take_over)."""
         if worker.state is WorkerState.PRIMING:
             worker.prepared, self.prime_deaths[worker.role] = prepare_parts, 0  # deaths in a row count
-            return worker.move_to(WorkerState.PRIMED)
+            worker.move_to(WorkerState.PRIMED)
+            return False
         sw = self.active[worker.role]
         if sw.stalled is not None:  # too late: the timeout has killed it (its death ends the switch)
-            return
-        self._take_over(sw, prepare_parts)
+            return False
+        return self._take_over(sw, prepare_parts)
 
-    def _take_over(self, sw: Switch, prepare_parts: dict) -> None:
-        """The switch's worker is ready: it becomes current and the old one hands over."""
+    def _take_over(self, sw: Switch, prepare_parts: dict) -> bool:
+        """The switch's worker is ready: it becomes current and the old one hands over. True if
+        that ended the switch: the old worker never started, so it has nothing to hand over."""
         worker = sw.worker
         sw.prepare_parts = prepare_parts
         steps = self.sup.current(worker.role).step_stats()
         if steps and steps["age_s"] < FRESH_STEPS_S:
             sw.old_step_s = steps["step_ms"] / 1e3
         sw.old = self.sup.promote(worker)
-        if sw.old is None:  # the old worker never started: nothing to hand over
-            return self._finish(sw, 0)
+        if sw.old is None:
+            self._finish(sw, 0)
+            return True
         sw.move_to(SwitchPhase.HANDING_OVER)
         self.sup.send_to(sw.old, protocol.Handover())
+        return False
 
     def on_output(self, worker: WorkerHandle) -> None:
         """A PrefillDone or DecodeStep arrived from this worker: track the pause in the stream."""
