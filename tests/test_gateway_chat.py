@@ -80,6 +80,10 @@ def test_the_gateway_chat_equals_the_sdks(server, gateway, chat_model):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == words(answer[:-1])
     assert chunks[-1].choices[0].finish_reason == "stop"
+    # A chunk per token, the end-of-turn token's (no text) too, with content "" as vLLM sends it;
+    # the last only ends the choice.
+    assert [c.choices[0].delta.content for c in chunks[-2:]] == ["", None]
+    assert len(chunks) == len(answer) + 1
 
 
 def test_conversations_and_content_parts_render_alike(server, gateway):

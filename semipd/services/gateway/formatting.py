@@ -41,10 +41,12 @@ class Answer:
                             usage=usage(finals))
 
     def chunk(self, index: int, text: str, finish_reason: str | None, first: bool, with_usage: bool) -> dict:
-        """One choice's new text; the first chunk of a chat choice names the role. With
+        """One choice's new text; the first chunk of a chat choice names the role. A chat chunk
+        carries content ("" for a token with no text yet) unless it only ends its choice. With
         include_usage, every chunk but the last carries "usage": null, as OpenAI's do."""
         if self.chat:
-            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
+            has_content = text or first or finish_reason is None
+            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if has_content else {})
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
