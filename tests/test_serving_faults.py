@@ -156,7 +156,7 @@ def test_a_request_that_workers_keep_dying_under_ends_with_an_error(model):
 
     async def main():
         async with AsyncClient(server.address) as client:
-            stream = await client.generate(prompt_ids=[5, 6, 7], temperature=0, max_tokens=400, ignore_eos=True)
+            stream = await client.generate(prompt_ids=[5, 6, 7], temperature=0, max_tokens=500, ignore_eos=True)
             got: list[int] = []
             for death in range(3):
                 pid = wait_for(lambda s: s["workers"]["decode"]["ready"], server)["workers"]["decode"]["pid"]
@@ -168,9 +168,9 @@ def test_a_request_that_workers_keep_dying_under_ends_with_an_error(model):
                 os.kill(pid, signal.SIGKILL)
                 if death < 2:
                     wait_for(lambda s: s["workers"]["decode"]["pid"] != pid, server)
-            with pytest.raises(ServerError, match="a worker died while serving it 3 times"):
+            with pytest.raises(ServerError, match="workers died under it 3 times"):
                 await anext(stream)
-            assert len(got) < 400
+            assert len(got) < 500
     try:
         asyncio.run(main())
         assert len(server.client.generate(prompt_ids=[7, 8, 9], temperature=0, max_tokens=5).result().token_ids) == 5

@@ -156,7 +156,7 @@ class RequestBook:
             self.memory.allocator.free_owner(req.seq_id)
             req.restarts += 1
             if req.restarts > MAX_RESTARTS_PER_REQUEST:
-                error = f"a worker died while serving it {req.restarts} times, the last the {role} worker"
+                error = f"workers died under it {req.restarts} times, the last the {role} worker"
                 self.finish(req, req.final("error", error=error, error_kind="internal"), rest=True)
                 continue
             self.resume(req)
