@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--child", choices=["decode", "prefill"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     lengths = [int(t) for t in args.tokens.split(",")]
+    if any(n % args.prompts for n in lengths):
+        ap.error(f"every --tokens length must split evenly over --prompts {args.prompts}")
     if args.child:
         return child(args.child, args.model, args.device, max(lengths), args.prompts)
     cuda, daemon = args.device == "cuda", None

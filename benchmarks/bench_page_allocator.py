@@ -6,8 +6,8 @@ shares a page (the case where the cache can only cost).
 Each request does what the workers ask of the allocator: match its prompt's pages, allocate
 them, grow one page at a time while it decodes, publish its full pages and, once `--live`
 later requests have started, give its pages back. Lengths are ShareGPT-like (uniform 100-600
-prompt and 50-400 output tokens), page size 16. The pool (27000 pages: llama3-8b's on an H100)
-fills with cached pages, so later requests evict. CPU only: no model, one process.
+prompt and 50-400 output tokens), page size 16. The pool fills with cached pages, so later
+requests evict. CPU only: no model, one process.
 """
 
 import argparse
