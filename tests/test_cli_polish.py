@@ -30,7 +30,7 @@ def test_help_shows_the_defaults(command):
                 "stats": ["(default: 60)"], "partition": ["(default: 180)"], "chat": ["(default: 1.0)"],
                 "bench": ["(default: 0)"]}[command]
     assert all(e in text for e in expected), text
-    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
 
 
 def test_a_mistyped_flag_prints_its_subcommands_usage():

@@ -14,11 +14,12 @@ from semipd.shared.errors import UserError
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:
     """End every flag's help with its default, unless there is none worth showing (unset, off,
-    an empty list) or the help already says it."""
+    an empty list, a switch that takes no value: "--no-prefix-cache (default: True)" would say
+    the opposite of what it means) or the help already says it."""
     for action in parser._actions:
         default = action.default
-        if not action.option_strings or default is None or default is False or default == [] \
-                or default == argparse.SUPPRESS or "default" in (action.help or ""):
+        if not action.option_strings or action.nargs == 0 or default is None or default is False \
+                or default == [] or default == argparse.SUPPRESS or "default" in (action.help or ""):
             continue
         action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
