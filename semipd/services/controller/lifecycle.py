@@ -45,8 +45,6 @@ CURRENT = {WorkerState.STARTING, WorkerState.TAKING_OVER, WorkerState.SERVING}
 WAITING = {WorkerState.IMPORTING, WorkerState.STANDBY}
 # Called up ahead of any switch: it holds no request and no page.
 PRIMES = {WorkerState.PRIMING, WorkerState.PRIMED}
-# In a switch under way without being the role's current worker: the new one preparing, the old handing over.
-SWITCHING = {WorkerState.PREPARING, WorkerState.HANDING_OVER}
 
 
 class SwitchPhase(Enum):

@@ -22,6 +22,7 @@ from semipd.shared.errors import UserError
 class PartitionControl:
     def __init__(self, mode: ServingMode, supervisor: Supervisor, switcher: Switcher):
         self.mode, self.supervisor, self.switcher = mode, supervisor, switcher
+        switcher.on_end = self.settle  # every switch, done or failed, ends in a settled split
         self.unified = mode.unified
         self.partitioner = mode.partition and Partitioner(mode.partition, **{
             f"{role}_sm": share for role, share in mode.shares.items()})
@@ -83,9 +84,8 @@ class PartitionControl:
         busy = [r for r, v in shares.items() if r in self.switcher.active and self.supervisor.workers[r].sm_percent != v]
         if busy:
             return f"the {busy[0]} worker is already switching; try again when it is done"
-        ended = [self.switcher.request(role, share, reason) for role, share in shares.items()]
-        if any(ended):
-            self.settle()
+        for role, share in shares.items():
+            self.switcher.request(role, share, reason)
         return None
 
     def serving(self) -> None:

@@ -13,7 +13,7 @@ from dataclasses import replace
 import zmq
 
 from semipd.services.controller.intake import Intake
-from semipd.services.controller.lifecycle import CURRENT, SWITCHING, WorkerState
+from semipd.services.controller.lifecycle import CURRENT, WorkerState
 from semipd.services.controller.moderation import Moderation, ModerationConfig
 from semipd.services.controller.modes import DEFAULT_DECODE_SM, DEFAULT_PREFILL_SM, ServingMode
 from semipd.services.controller.partition_control import PartitionControl
@@ -132,8 +132,7 @@ class Controller:
             return  # a dead worker's last words: its requests were already recovered
         if isinstance(msg, protocol.WorkerReady):
             if worker.state in (WorkerState.PREPARING, WorkerState.PRIMING):  # called up by a switch, or ahead
-                if self.switcher.on_ready(worker, msg.prepare_parts_s):
-                    self.split.settle()
+                self.switcher.on_ready(worker, msg.prepare_parts_s)
             else:
                 self.supervisor.open(worker)
         elif isinstance(msg, protocol.PrefillDone):
@@ -142,13 +141,11 @@ class Controller:
         elif isinstance(msg, protocol.DecodeStep):
             self.switcher.on_output(worker)
             self.on_decode_step(msg)
-            if self.switcher.on_last_step(worker, msg):
-                self.split.settle()
+            self.switcher.on_last_step(worker, msg)
         elif isinstance(msg, protocol.StepTimes):
             worker.step_times = (msg, time.monotonic())
         elif isinstance(msg, protocol.HandedOver):
             self.switcher.on_handed_over(worker, msg)
-            self.split.settle()
         elif isinstance(msg, protocol.Preempted):
             for state in msg.seqs:
                 req = self.book.by_seq.get(state.seq_id)
@@ -242,9 +239,10 @@ class Controller:
             for was, worker in deaths:
                 if self.switcher.on_death(was, worker):
                     self.book.recover(worker.role)
-                # Only these deaths can change or end the split. A standby, primed or retiring
-                # worker serves none of it: settling would throw away the partitioner's window.
-                if was in CURRENT or was in SWITCHING:
+                # A switch that a death ends settles through Switcher.on_end. A current worker's
+                # death starts a new window too (its latencies are not the split's); a standby's,
+                # a primed or a retiring worker's does not: they serve none of the split.
+                if was in CURRENT:
                     self.split.settle()
             if deaths:
                 self.book.free_held_back()

@@ -88,13 +88,13 @@ class Switcher:
         self._gap: dict[str, tuple[dict, Switch]] = {}  # role -> a finished switch's record, until its first output
         self.keep_standbys = False           # true once switching is in use
         self.prime_deaths = {"prefill": 0, "decode": 0}  # per role, workers that died primed or priming, in a row
+        self.on_end = lambda: None           # called once a switch has ended, done or failed
 
-    def request(self, role: str, sm_percent: int, reason: str) -> bool:
-        """Start moving `role` to a new share; no-op if it has that share or is switching. True if
-        the switch ended at once (a primed worker took over from one that never started)."""
+    def request(self, role: str, sm_percent: int, reason: str) -> None:
+        """Start moving `role` to a new share; no-op if it has that share or is switching."""
         current = self.sup.current(role)
         if role in self.active or current.sm_percent == sm_percent:
-            return False
+            return
         self.keep_standbys = True
         worker = self.sup.primed_of(role)
         if worker is not None and (worker.sm_percent != sm_percent or worker.exited()):
@@ -107,10 +107,9 @@ class Switcher:
         sw = self.active[role] = Switch(role, current.sm_percent, sm_percent, reason, worker, cold,
                                         primed=worker.state in PRIMES)
         if worker.state is WorkerState.PRIMED:
-            return self._take_over(sw, worker.prepared)
-        if worker.state is WorkerState.PRIMING:  # the switch waits for it as for any it called up
+            self._take_over(sw, worker.prepared)
+        elif worker.state is WorkerState.PRIMING:  # the switch waits for it as for any it called up
             worker.move_to(WorkerState.PREPARING)
-        return False
 
     def prime(self, role: str, sm_percent: int | None) -> None:
         """Keep the role's primed worker at this share (None: keep none). A worker is primed
@@ -129,33 +128,29 @@ class Switcher:
         if sum(w.state is WorkerState.STANDBY for w in self.sup.standbys_of(role)) == 2:
             self.sup.activate(self.sup.call_up(role, WorkerState.PRIMING), sm_percent)
 
-    def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> bool:
+    def on_ready(self, worker: WorkerHandle, prepare_parts: dict) -> None:
         """The new worker has mapped the memory and captured its graphs: retire the old one. A
-        primed worker waits for a switch to its share. True if that ended the switch (_take_over)."""
+        primed worker waits for a switch to its share."""
         if worker.state is WorkerState.PRIMING:
             worker.prepared, self.prime_deaths[worker.role] = prepare_parts, 0  # deaths in a row count
-            worker.move_to(WorkerState.PRIMED)
-            return False
+            return worker.move_to(WorkerState.PRIMED)
         sw = self.active[worker.role]
         if sw.stalled is not None:  # too late: the timeout has killed it (its death ends the switch)
-            return False
-        return self._take_over(sw, prepare_parts)
+            return
+        self._take_over(sw, prepare_parts)
 
-    def _take_over(self, sw: Switch, prepare_parts: dict) -> bool:
-        """The switch's worker is ready: it becomes current and the old one hands over. True if
-        that ended the switch: the old worker never started, so it has nothing to hand over."""
+    def _take_over(self, sw: Switch, prepare_parts: dict) -> None:
+        """The switch's worker is ready: it becomes current and the old one hands over."""
         worker = sw.worker
         sw.prepare_parts = prepare_parts
         steps = self.sup.current(worker.role).step_stats()
         if steps and steps["age_s"] < FRESH_STEPS_S:
             sw.old_step_s = steps["step_ms"] / 1e3
         sw.old = self.sup.promote(worker)
-        if sw.old is None:
-            self._finish(sw, 0)
-            return True
+        if sw.old is None:  # the old worker never started: nothing to hand over
+            return self._finish(sw, 0)
         sw.move_to(SwitchPhase.HANDING_OVER)
         self.sup.send_to(sw.old, protocol.Handover())
-        return False
 
     def on_output(self, worker: WorkerHandle) -> None:
         """A PrefillDone or DecodeStep arrived from this worker: track the pause in the stream."""
@@ -185,15 +180,14 @@ class Switcher:
         else:
             self._finish(sw, sw.moved)
 
-    def on_last_step(self, worker: WorkerHandle, msg: protocol.DecodeStep) -> bool:
+    def on_last_step(self, worker: WorkerHandle, msg: protocol.DecodeStep) -> None:
         """A DecodeStep arrived: the last one of a worker that has handed over is passed on, and
-        the switch is over (True)."""
+        the switch is over."""
         sw = self.active.get(worker.role)
         if sw is None or worker is not sw.old or sw.phase is not SwitchPhase.LAST_STEP:
-            return False
+            return
         self.sup.send_to(sw.worker, msg)
         self._finish(sw, sw.moved)
-        return True
 
     def _finish(self, sw: Switch, moved: int | None, error: str | None = None) -> None:
         """The old worker is done (or dead): no step of it writes pages any more. Done, the new
@@ -210,6 +204,7 @@ class Switcher:
         if moved and sw.old.last_output is not None:
             record["gap_parts_s"] = {"hand_over": sw.times[SwitchPhase.DONE] - sw.old.last_output}
             self._gap[sw.role] = (record, sw)
+        self.on_end()
 
     def _record(self, sw: Switch, moved: int | None, error: str | None) -> dict:
         """The switch's entry in the history (`semipd stats` -> partition.history)."""
