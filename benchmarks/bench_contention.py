@@ -39,7 +39,7 @@ def child(role: str, model_name: str, device: str, max_tokens: int, prompts: int
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = load_model(model_name, dev, dtype, progress=False)
-    runner, seqs, made = decode_and_prompts(model, dtype, *decode_shape(device), -(-max_tokens // prompts), prompts)
+    runner, seqs, made = decode_and_prompts(model, dtype, *decode_shape(device), max_tokens // prompts, prompts)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     print("READY", flush=True)
     for line in sys.stdin:
@@ -63,9 +63,8 @@ class Child:
             env.update(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(share), CUDA_MPS_CLIENT_PRIORITY=str(priority))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.bench_contention", "--child", role, "--model", args.model,
-             "--device", args.device, "--tokens", args.tokens, "--prompts", str(args.prompts)], env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True)
+             "--device", args.device, "--tokens", args.tokens, "--prompts", str(args.prompts)],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.role = role
         self._expect("READY")
 
