@@ -62,7 +62,7 @@ def decode_and_prompts(model, dtype, batch: int, context: int, prompt_len: int, 
     num_pages = batch * pages_for(context, PAGE) + prompts * prompt_pages
     k, v = allocate_kv_pool(cfg, num_pages, PAGE, dtype, model.embed_tokens.weight.device)
     model.bind_kv_cache(k.normal_(), v.normal_())  # random, never zeros
-    runner = ModelRunner(model, PAGE, max_model_len=prompt_len + PAGE, max_num_seqs=max(batch, prompts))
+    runner = ModelRunner(model, PAGE, max_model_len=max(prompt_len, context) + PAGE, max_num_seqs=max(batch, prompts))
     made = []
     for i in range(prompts):
         prompt = Sequence(i, torch.randint(0, cfg.vocab_size, (prompt_len,)).tolist(), SamplingParams())
