@@ -1,5 +1,5 @@
 """What the HTTP gateway adds on the CPU: its hop on an idle server, and its CPU time per
-streamed token under load.
+streamed token under load, beside what the bench's own clients spend on each path.
 
     python -m benchmarks.bench_gateway_cpu [--requests 200] [--tokens 200] [--streams 16]
 
@@ -7,7 +7,10 @@ Starts `semipd serve --model tiny --device cpu --http 127.0.0.1:PORT` (bench_con
 server). Idle: 50 requests one at a time (2 tokens each, the first 10 left out), the time to the
 first message through the ZeroMQ SDK and to the first server-sent event through the gateway, at
 the median. Load: `--requests` streamed completions of `--tokens` tokens (ignore_eos), at most
-`--streams` at a time, and the gateway process's CPU time (user + system, from /proc) over them.
+`--streams` at a time, sent through `semipd bench`'s two backends in turn: over HTTP, with the
+gateway process's CPU time (user + system, from /proc) and this client's over them; then through
+the SDK, with this client's. A first token that comes with a decode step's burst waits behind
+the others' in each process it passes, so both figures weigh on TTFT under load.
 """
 
 import argparse
@@ -21,6 +24,8 @@ import time
 import httpx2
 
 from benchmarks.bench_controller_cpu import cpu_seconds, start_server
+from semipd.cli.bench.backends import SemipdBackend
+from semipd.cli.bench.openai_backend import OpenAIBackend
 from semipd.shared.client import AsyncClient
 
 PROMPT = list(range(3, 43))  # 40 token ids
@@ -55,18 +60,18 @@ async def first_message_ms(address: str, http: httpx2.AsyncClient) -> tuple[floa
     return 1e3 * statistics.median(sdk[10:]), 1e3 * statistics.median(api[10:])
 
 
-async def stream_load(http: httpx2.AsyncClient, requests: int, tokens: int, streams: int) -> None:
-    gate, body = asyncio.Semaphore(streams), {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True}
+async def stream_load(send, requests: int, tokens: int, streams: int) -> None:
+    gate = asyncio.Semaphore(streams)
 
     async def one():
-        async with gate, http.stream("POST", "completions", json=body) as response:
-            async for _ in response.aiter_lines():
-                pass
+        async with gate:
+            await send(PROMPT, {"max_tokens": tokens, "ignore_eos": True})
     await asyncio.gather(*(one() for _ in range(requests)))
 
 
 async def measure(address: str, port: int, server_pid: int, args) -> None:
-    async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1/", timeout=600) as http:
+    base_url = f"http://127.0.0.1:{port}/v1"
+    async with httpx2.AsyncClient(base_url=base_url + "/", timeout=600) as http:
         for _ in range(300):  # the gateway starts once the server is ready
             try:
                 if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
@@ -74,17 +79,23 @@ async def measure(address: str, port: int, server_pid: int, args) -> None:
             except httpx2.HTTPError:
                 pass
             await asyncio.sleep(0.1)
-        await stream_load(http, args.streams, 16, args.streams)  # warm-up
+        for _ in range(args.streams):  # warm-up
+            async with http.stream("POST", "completions", json={"prompt": PROMPT, "max_tokens": 16}) as response:
+                await response.aread()
         sdk_ms, api_ms = await first_message_ms(address, http)
-        print(f"idle, first message: SDK {sdk_ms:.2f} ms, through the gateway {api_ms:.2f} ms "
-              f"(+{api_ms - sdk_ms:.2f} ms)")
-        stat = f"/proc/{gateway_pid(server_pid)}/stat"
-        cpu, wall = cpu_seconds(stat), time.monotonic()
-        await stream_load(http, args.requests, args.tokens, args.streams)
-        cpu, wall = cpu_seconds(stat) - cpu, time.monotonic() - wall
-        generated = args.requests * args.tokens
-        print(f"load: {generated} tokens in {wall:.1f} s, gateway CPU {cpu:.2f} s = "
-              f"{cpu / generated * 1e6:.1f} us/token")
+    print(f"idle, first message: SDK {sdk_ms:.2f} ms, through the gateway {api_ms:.2f} ms "
+          f"(+{api_ms - sdk_ms:.2f} ms)")
+    stat, generated = f"/proc/{gateway_pid(server_pid)}/stat", args.requests * args.tokens
+    async with OpenAIBackend(base_url, None, None) as api, SemipdBackend(address, 600) as sdk:
+        await api.max_model_len()
+        for name, backend in (("HTTP", api), ("SDK", sdk)):
+            await stream_load(backend.send, args.streams, 16, args.streams)  # warm-up
+            gateway, client, wall = cpu_seconds(stat), time.process_time(), time.monotonic()
+            await stream_load(backend.send, args.requests, args.tokens, args.streams)
+            gateway, client = cpu_seconds(stat) - gateway, time.process_time() - client
+            through = f", gateway {gateway / generated * 1e6:.1f} us/token" if name == "HTTP" else ""
+            print(f"load through {name}: {generated} tokens in {time.monotonic() - wall:.1f} s, "
+                  f"bench client {client / generated * 1e6:.1f} us/token{through}")
 
 
 def main() -> None:
