@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 
-import httpx2
+import aiohttp
 
 from benchmarks.bench_controller_cpu import cpu_seconds, start_server
 from semipd.cli.bench.backends import SemipdBackend
@@ -41,7 +41,7 @@ def gateway_pid(server_pid: int) -> int:
     raise SystemExit("no gateway process under the server")
 
 
-async def first_message_ms(address: str, http: httpx2.AsyncClient) -> tuple[float, float]:
+async def first_message_ms(address: str, http: aiohttp.ClientSession, base_url: str) -> tuple[float, float]:
     sdk, api = [], []
     async with AsyncClient(address) as client:
         for _ in range(50):
@@ -52,9 +52,9 @@ async def first_message_ms(address: str, http: httpx2.AsyncClient) -> tuple[floa
     body = {"prompt": PROMPT, "max_tokens": 2, "ignore_eos": True, "stream": True}
     for _ in range(50):
         began = time.perf_counter()
-        async with http.stream("POST", "completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
+        async with http.post(base_url + "/completions", json=body) as response:
+            async for line in response.content:
+                if line.startswith(b"data:"):
                     break
         api.append(time.perf_counter() - began)
     return 1e3 * statistics.median(sdk[10:]), 1e3 * statistics.median(api[10:])
@@ -71,18 +71,19 @@ async def stream_load(send, requests: int, tokens: int, streams: int) -> None:
 
 async def measure(address: str, port: int, server_pid: int, args) -> None:
     base_url = f"http://127.0.0.1:{port}/v1"
-    async with httpx2.AsyncClient(base_url=base_url + "/", timeout=600) as http:
+    async with aiohttp.ClientSession() as http:
         for _ in range(300):  # the gateway starts once the server is ready
             try:
-                if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
-                    break
-            except httpx2.HTTPError:
+                async with http.get(f"http://127.0.0.1:{port}/health") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.1)
         for _ in range(args.streams):  # warm-up
-            async with http.stream("POST", "completions", json={"prompt": PROMPT, "max_tokens": 16}) as response:
-                await response.aread()
-        sdk_ms, api_ms = await first_message_ms(address, http)
+            async with http.post(base_url + "/completions", json={"prompt": PROMPT, "max_tokens": 16}) as response:
+                await response.read()
+        sdk_ms, api_ms = await first_message_ms(address, http, base_url)
     print(f"idle, first message: SDK {sdk_ms:.2f} ms, through the gateway {api_ms:.2f} ms "
           f"(+{api_ms - sdk_ms:.2f} ms)")
     stat, generated = f"/proc/{gateway_pid(server_pid)}/stat", args.requests * args.tokens

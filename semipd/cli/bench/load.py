@@ -92,7 +92,7 @@ async def run_load(args, phases: list[workloads.Phase], rng: np.random.Generator
 
 def open_backend(args):
     if args.backend == "openai":
-        from semipd.cli.bench.openai_backend import OpenAIBackend  # httpx2: only when it is used
+        from semipd.cli.bench.openai_backend import OpenAIBackend  # aiohttp: only when it is used
         return OpenAIBackend(args.base_url, args.model, args.api_key)
     return SemipdBackend(args.address, args.timeout)
 

@@ -1,14 +1,16 @@
 """`--backend openai`: a bench run against any OpenAI-compatible server, through its streamed
 /v1/completions.
 
-It reads the server-sent events with httpx2 (which transformers' huggingface_hub already brings)
-rather than the openai package, which is no runtime dependency and builds a model object for
-every chunk: client time that would show up in ITL as if the server had spent it."""
+The client is part of the measurement: a first token that comes with a decode step's burst of
+chunks waits behind the others' in it. So it is aiohttp (C HTTP parser, as vLLM's benchmark
+uses) with a plain SSE split and orjson: a third of the CPU per chunk that httpx2 with its SSE
+parser took (docs/benchmarks.md, "What the HTTP gateway adds"). Not the openai package either,
+which builds a model object for every chunk."""
 
-import json
 import time
 
-import httpx2
+import aiohttp
+import orjson
 
 from semipd.cli.bench.backends import Answer, Refused
 from semipd.shared.client import ClientError
@@ -26,25 +28,30 @@ class OpenAIBackend:
     async def __aenter__(self):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         # No connection limit: every request in flight has its own stream, as through the SDK.
-        self.http = httpx2.AsyncClient(base_url=self.base_url + "/", headers=headers, timeout=TIMEOUT_S,
-                                       limits=httpx2.Limits(max_connections=None, max_keepalive_connections=None))
+        self.http = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0),
+                                          timeout=aiohttp.ClientTimeout(sock_connect=TIMEOUT_S, sock_read=TIMEOUT_S))
         return self
 
     async def __aexit__(self, *exc):
-        await self.http.aclose()
+        await self.http.close()
 
     async def max_model_len(self) -> int | None:
         """The served model's context length where /v1/models tells it (vLLM's and semipd's
         cards do; None: lengths are planned without that bound). Picks the model if not given."""
         try:
-            response = await self.http.get("models")
-        except httpx2.HTTPError as e:
+            async with self.http.get(self.base_url + "/models") as response:
+                status, text = response.status, await response.text()
+        except aiohttp.ClientError as e:
             raise ClientError(f"no answer from {self.base_url}: {e}") from None
-        if response.status_code != 200:
-            message = _message(response.text)
-            _stop_on(response.status_code, message)
-            raise UserError(f"{self.base_url}/models answered {response.status_code}: {message}")
-        cards = [c for c in response.json().get("data") or [] if isinstance(c, dict)]
+        if status != 200:
+            message = _message(text)
+            _stop_on(status, message)
+            raise UserError(f"{self.base_url}/models answered {status}: {message}")
+        try:
+            listing = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise UserError(f"{self.base_url}/models answered with no JSON: {text[:200]!r}") from None
+        cards = [c for c in listing.get("data") or [] if isinstance(c, dict)]
         if self.model is None:
             if not cards:
                 raise UserError(f"{self.base_url}/models lists no model: give --model")
@@ -58,22 +65,20 @@ class OpenAIBackend:
                 "stream_options": {"include_usage": True}}
         chunks, ended, finish, usage = [], None, None, None
         try:
-            async with self.http.stream("POST", "completions", json=body) as response:
-                if response.status_code != 200:
-                    message = _message((await response.aread()).decode(errors="replace"))
-                    _stop_on(response.status_code, message)
-                    raise Refused(f"{response.status_code}: {message}")
-                async for event in httpx2.EventSource(response):
-                    now = time.perf_counter()
-                    if event.data == "[DONE]":
+            async with self.http.post(self.base_url + "/completions", json=body) as response:
+                if response.status != 200:
+                    message = _message(await response.text(errors="replace"))
+                    _stop_on(response.status, message)
+                    raise Refused(f"{response.status}: {message}")
+                async for now, data in _events(response):
+                    if data == b"[DONE]":
                         break
                     try:
-                        obj = json.loads(event.data)
-                    except ValueError:
-                        raise ClientError(f"{self.base_url} sent an event that is not JSON: "
-                                          f"{event.data[:200]!r}") from None
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise ClientError(f"{self.base_url} sent an event that is not JSON: {data[:200]!r}") from None
                     if "error" in obj:  # a failure after the headers went out
-                        raise Refused(_message(event.data))
+                        raise Refused(_message(data))
                     usage = obj.get("usage") or usage
                     for choice in obj.get("choices") or []:
                         # A chunk is a token, one without text too (a partial character, a special
@@ -82,8 +87,8 @@ class OpenAIBackend:
                         chunks.append([now, 1 if text or not reason else 0])
                         if reason:
                             ended, finish = now, reason
-        except httpx2.HTTPError as e:
-            raise ClientError(f"lost the server at {self.base_url}: {e}") from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ClientError(f"lost the server at {self.base_url}: {e or type(e).__name__}") from None
         if finish is None:
             raise Refused("the stream ended without a finish reason")
         if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
@@ -104,12 +109,25 @@ def _stop_on(status: int, message: str) -> None:
         raise ClientError(f"the server is unavailable (503: {message})")
 
 
-def _message(text: str) -> str:
+async def _events(response: aiohttp.ClientResponse):
+    """(arrival, data) of each server-sent event as it comes: its data lines joined; comments,
+    other fields and events without data left out."""
+    pending = b""
+    async for block in response.content.iter_any():
+        now = time.perf_counter()
+        *events, pending = (pending + block).replace(b"\r\n", b"\n").split(b"\n\n")
+        for lines in events:
+            data = [line[5:].removeprefix(b" ") for line in lines.split(b"\n") if line.startswith(b"data:")]
+            if data:
+                yield now, b"\n".join(data)
+
+
+def _message(text: str | bytes) -> str:
     """An OpenAI-shaped error's message, else the start of the text itself."""
     try:
-        error = json.loads(text).get("error")
-    except (ValueError, AttributeError):
+        error = orjson.loads(text).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
         error = None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return error["message"]
-    return text.strip()[:200]
+    return (text.decode(errors="replace") if isinstance(text, bytes) else text).strip()[:200]
