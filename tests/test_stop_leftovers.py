@@ -19,6 +19,16 @@ from tests.stop_tools import (RawStreams, address_in, alive, leftovers, new_fold
                               wait_exit, wait_ready)
 from tests.stop_tools import no_server_left  # noqa: F401 (autouse: kills what a failed test left)
 
+# Stands in for NVIDIA's nvidia-cuda-mps-control on a machine without it: a "daemon" is a file in
+# its pipe folder, and every call is logged.
+FAKE_MPS_CONTROL = """#!/bin/sh
+daemon="$CUDA_MPS_PIPE_DIRECTORY/daemon"
+if [ "$1" = -d ]; then touch "$daemon"; echo "start $CUDA_MPS_PIPE_DIRECTORY" >> "$FAKE_MPS_LOG"; exit 0; fi
+read -r command
+echo "$command $CUDA_MPS_PIPE_DIRECTORY" >> "$FAKE_MPS_LOG"
+[ -e "$daemon" ] || exit 1
+[ "$command" != quit ] || rm "$daemon"
+"""
 GONE_WITHIN_S = 5  # the kernel kills them at once (PR_SET_PDEATHSIG); the rest is this machine's load
 
 
@@ -85,3 +95,31 @@ def test_a_draft_of_a_dead_claim_is_removed(monkeypatch):
     release(claim(address_in(folder)))
     assert sorted(os.listdir(runtime_dir())) == [os.path.basename(drafts[os.getppid()])]
     os.remove(drafts[os.getppid()])
+
+
+def test_the_next_server_stops_the_mps_daemon_a_killed_one_left(tmp_path, monkeypatch):
+    """A --start-mps server killed with SIGKILL leaves its MPS daemon running; the next server,
+    with or without --start-mps, quits it and removes its folder."""
+    control = tmp_path / "nvidia-cuda-mps-control"
+    control.write_text(FAKE_MPS_CONTROL)
+    control.chmod(0o755)
+    log = tmp_path / "mps.log"
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_MPS_LOG", str(log))
+    folder = new_folder()
+    first = start(folder, "--start-mps")
+    wait_ready(first, folder)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    daemon_folder = os.path.join(folder, "semipd", f"mps-{first.pid}")  # in runtime_dir()
+    pipes = os.path.join(daemon_folder, "pipe")
+    assert f"start {pipes}" in log.read_text().splitlines() and os.path.exists(os.path.join(pipes, "daemon"))
+
+    second = start(folder)
+    wait_ready(second, folder)
+    second.send_signal(signal.SIGTERM)
+    wait_exit(second)
+    assert f"quit {pipes}" in log.read_text().splitlines() and not os.path.exists(daemon_folder)
+    stderr = second.stderr.read()
+    assert f"semipd: stopped the MPS daemon that a killed server (pid {first.pid}) left running" in stderr
+    assert second.returncode == 0, stderr

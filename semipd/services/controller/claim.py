@@ -5,7 +5,9 @@ A server killed with SIGKILL (or by honcho's SIGKILL to its process group, with 
 tracker that would have unlinked its segments) runs no cleanup: its ipc:// socket files, its
 page allocator's lock file and its /dev/shm segments stay. All of them but the client socket are
 named after its pid (runtime.owned_name), so the state file needs only the pid, and its start
-time: a pid the kernel has since given to another process is not the server's.
+time: a pid the kernel has since given to another process is not the server's. A server started
+with --start-mps also leaves its MPS daemon running (mps-PID in the runtime folder): any next
+server stops it, whatever its address, since a second daemon would contend for the same GPU.
 """
 
 import glob
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 
+from semipd.services.controller.mps import stop_left_daemon
 from semipd.shared.errors import UserError
 from semipd.shared.runtime import ipc_listening, owned_name, owned_paths, remove_paths, runtime_dir
 
@@ -55,6 +58,7 @@ def claim(address: str) -> str:
     path = state_path(address)
     mine = {"pid": os.getpid(), "start_time": start_time(os.getpid()), "address": address}
     _remove_dead_drafts()
+    _stop_dead_daemons()
     draft = os.path.join(runtime_dir(), owned_name("claim"))
     with open(draft, "w") as f:
         json.dump(mine, f)
@@ -95,6 +99,16 @@ def _remove_dead_drafts() -> None:
         pid = int(os.path.basename(path).split("-")[1])
         if not _alive(pid):
             remove_paths([path])
+
+
+def _stop_dead_daemons() -> None:
+    """The MPS daemons (and their folders) of --start-mps servers that are gone: killed, or
+    stopped (a daemon quits once its last client has, after the server, and leaves its folder)."""
+    for folder in glob.glob(os.path.join(runtime_dir(), "mps-*")):
+        pid = os.path.basename(folder).removeprefix("mps-")
+        if pid.isdigit() and not _alive(int(pid)) and stop_left_daemon(folder):
+            print(f"semipd: stopped the MPS daemon that a killed server (pid {pid}) left running",
+                  file=sys.stderr, flush=True)
 
 
 def _read(path: str) -> dict | None:

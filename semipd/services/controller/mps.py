@@ -16,8 +16,14 @@ from semipd.shared.errors import UserError
 CONTROL = "nvidia-cuda-mps-control"
 
 
-def _control(command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CONTROL], input=command + "\n", capture_output=True, text=True, timeout=10)
+def _control(command: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CONTROL], input=command + "\n", capture_output=True, text=True, timeout=10, env=env)
+
+
+def _locations(folder: str) -> dict[str, str]:
+    """The variables that point MPS clients and the control tool at a daemon in `folder`."""
+    return {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(folder, "pipe"),
+            "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log")}
 
 
 def daemon_running() -> bool:
@@ -36,9 +42,9 @@ class MpsDaemon:
     def __init__(self, folder: str):
         if shutil.which(CONTROL) is None:
             raise UserError(f"--start-mps: {CONTROL} is not on the PATH")
-        for var, sub in (("CUDA_MPS_PIPE_DIRECTORY", "pipe"), ("CUDA_MPS_LOG_DIRECTORY", "log")):
-            os.environ[var] = os.path.join(folder, sub)
-            os.makedirs(os.environ[var], mode=0o700, exist_ok=True)
+        for var, path in _locations(folder).items():
+            os.environ[var] = path
+            os.makedirs(path, mode=0o700, exist_ok=True)
         result = subprocess.run([CONTROL, "-d"], capture_output=True, text=True, timeout=30)
         deadline = time.monotonic() + 10
         while not daemon_running():
@@ -57,3 +63,16 @@ class MpsDaemon:
             control.stdin.close()
         except OSError:
             pass
+
+
+def stop_left_daemon(folder: str) -> bool:
+    """Quit the daemon with its pipes in `folder`, which a server killed before it could stop it
+    left running, and remove the folder. Whether a daemon was there to quit."""
+    stopped = False
+    if shutil.which(CONTROL) is not None:
+        try:
+            stopped = _control("quit", os.environ | _locations(folder)).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+    return stopped
