@@ -1,7 +1,8 @@
 """A process frozen inside one of the page allocator's critical sections (stopped, here) must not
 wedge the controller: a waiter with stuck_after_s hands the holder's pid to on_stuck, whose kill
 drops the lock, and only that one's: a healthy worker taking the lock over and over beside it,
-which had queued behind the frozen one, is not named. Workers wait as long as it takes."""
+which had queued behind the frozen one, is not named. Workers wait as long as it takes. A holder
+frozen before it could write its pid into the segment is named too."""
 
 import os
 import signal
@@ -11,20 +12,27 @@ import textwrap
 import threading
 import time
 
-from semipd.shared.page_allocator import PageAllocator
+from semipd.shared.page_allocator import PageAllocator, _lock_path
 from tests.serving import ROOT
 
 HOLD = """
     import sys
-    from semipd.shared.page_allocator import PageAllocator
+    from semipd.shared.page_allocator import PageAllocator, _lock_path
     pool = PageAllocator.attach(sys.argv[1])
     with pool._locked():  # inside a critical section, as a worker mid-alloc
         print("holding", flush=True)
         sys.stdin.read()  # until killed
     """
+HOLD_UNNAMED = """
+    import fcntl, sys
+    with open(sys.argv[1]) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the lock taken, the holder's pid not yet written
+        print("holding", flush=True)
+        sys.stdin.read()  # until killed
+    """
 BUSY = """
     import sys, time
-    from semipd.shared.page_allocator import PageAllocator
+    from semipd.shared.page_allocator import PageAllocator, _lock_path
     pool = PageAllocator.attach(sys.argv[1])
     print("started", flush=True)
     end = time.monotonic() + 3
@@ -65,3 +73,27 @@ def test_a_frozen_holder_is_handed_to_on_stuck_and_the_wait_ends():
                 if proc is not None:
                     proc.kill()
                     proc.wait()
+
+
+def test_a_holder_frozen_before_naming_itself_is_found_by_its_lock():
+    with PageAllocator.create(8) as pool:
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD_UNNAMED), _lock_path(pool.name)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline() == "holding\n"
+            os.kill(child.pid, signal.SIGSTOP)
+            stuck = []
+
+            def kill(pid: int) -> None:
+                stuck.append(pid)
+                os.kill(pid, signal.SIGKILL)
+            pool.stuck_after_s, pool.on_stuck = 1.0, kill
+            free = []
+            waiter = threading.Thread(target=lambda: free.append(pool.num_free()), daemon=True)
+            waiter.start()
+            waiter.join(10)  # without a name for the holder it would wait for good
+            assert free == [8] and stuck == [child.pid]
+            assert child.wait(10) == -signal.SIGKILL and pool.audit() == []
+        finally:
+            child.kill()
+            child.wait()

@@ -10,7 +10,8 @@ The lock is flock() on a file beside the segment: the kernel drops it when its h
 SIGKILL, so a crashed worker cannot wedge the pool. A frozen one could (stopped, or descheduled
 for good inside a critical section): the controller, whose loop must never block, waits while
 one critical section (the same holder, the same count of sections begun) lasts `stuck_after_s`,
-then hands its holder's pid (H_HOLDER) to `on_stuck`, which kills it.
+then hands its holder's pid (H_HOLDER) to `on_stuck`, which kills it. A holder frozen between
+taking the lock and writing its pid there is named by the kernel's table of locks instead.
 
 Pages carry their owner so that the controller can reclaim a dead worker's requests with
 free_owner(), and with free_owner(releasing(pid)) the pages it was still holding back for a step
@@ -39,6 +40,21 @@ __all__ = ["CACHED", "FREE", "PageAllocator", "releaser", "releasing"]
 
 def _lock_path(name: str) -> str:
     return os.path.join(runtime_dir(), f"{name}.lock")
+
+
+def _flock_holder(fd: int) -> int:
+    """The pid that holds a flock() on fd's file, from /proc/locks (0 if none is listed there)."""
+    st = os.fstat(fd)
+    file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            # "1: FLOCK  ADVISORY  WRITE PID MAJOR:MINOR:INODE 0 EOF"; a waiter's has "->" after "1:"
+            for fields in map(str.split, f):
+                if fields[1:2] == ["FLOCK"] and fields[5:6] == [file]:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class PageAllocator:
@@ -214,9 +230,11 @@ class PageAllocator:
                 now, section = time.monotonic(), (int(self._holder[0]), int(self._holder[1]))
                 if section != seen:  # another critical section: its own time starts now
                     seen, since = section, now
-                elif section[0] and now - since > self.stuck_after_s:
-                    self.on_stuck(section[0])  # its death drops the lock
-                    since = math.inf           # told once per section
+                elif now - since > self.stuck_after_s:
+                    holder = section[0] or _flock_holder(self._lock_fd)
+                    if holder:
+                        self.on_stuck(holder)  # its death drops the lock
+                        since = math.inf       # told once per section
                 time.sleep(0.001)
 
     def _check_pages(self, pages: list[int]) -> np.ndarray:
