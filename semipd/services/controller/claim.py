@@ -7,7 +7,8 @@ page allocator's lock file and its /dev/shm segments stay. All of them but the c
 named after its pid (runtime.owned_name), so the state file needs only the pid, and its start
 time: a pid the kernel has since given to another process is not the server's. A server started
 with --start-mps also leaves its MPS daemon running (mps-PID in the runtime folder): any next
-server stops it, whatever its address, since a second daemon would contend for the same GPU.
+server asks it to quit, whatever its address, since a second daemon would contend for the same
+GPU, and a later one removes its folder once it has.
 """
 
 import glob
@@ -107,7 +108,7 @@ def _stop_dead_daemons() -> None:
     for folder in glob.glob(os.path.join(runtime_dir(), "mps-*")):
         pid = os.path.basename(folder).removeprefix("mps-")
         if pid.isdigit() and not _alive(int(pid)) and stop_left_daemon(folder):
-            print(f"semipd: stopped the MPS daemon that a killed server (pid {pid}) left running",
+            print(f"semipd: asked the MPS daemon of a server that is gone (pid {pid}) to quit",
                   file=sys.stderr, flush=True)
 
 

@@ -26,14 +26,26 @@ def _locations(folder: str) -> dict[str, str]:
             "CUDA_MPS_LOG_DIRECTORY": os.path.join(folder, "log")}
 
 
-def daemon_running() -> bool:
-    """True if an MPS control daemon answers at this environment's pipe directory."""
+def daemon_running(env: dict | None = None) -> bool:
+    """True if an MPS control daemon answers at the pipe directory of env (default: this
+    process's environment)."""
     if shutil.which(CONTROL) is None:
         return False
     try:
-        return _control("get_server_list").returncode == 0
+        return _control("get_server_list", env).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def _send_quit(env: dict | None = None) -> None:
+    """Ask a daemon to quit, without waiting: it quits once its last client is gone."""
+    try:
+        control = subprocess.Popen([CONTROL], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
+        control.stdin.write("quit\n")
+        control.stdin.close()
+    except OSError:
+        pass
 
 
 class MpsDaemon:
@@ -54,25 +66,18 @@ class MpsDaemon:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        """Ask the daemon to quit, without waiting: it quits once its last client is gone, and the
-        controller itself is one until it exits, so waiting here would only run out the stop's bound."""
-        try:
-            control = subprocess.Popen([CONTROL], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-            control.stdin.write("quit\n")
-            control.stdin.close()
-        except OSError:
-            pass
+        """Ask the daemon to quit: the controller itself is its client until it exits, so waiting
+        here would only run out the stop's bound."""
+        _send_quit()
 
 
 def stop_left_daemon(folder: str) -> bool:
-    """Quit the daemon with its pipes in `folder`, which a server killed before it could stop it
-    left running, and remove the folder. Whether a daemon was there to quit."""
-    stopped = False
-    if shutil.which(CONTROL) is not None:
-        try:
-            stopped = _control("quit", os.environ | _locations(folder)).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    """Ask the daemon with its pipes in `folder`, left by a server that is gone, to quit; once
+    none answers there (at a later call, if one is quitting now), remove the folder, so that a
+    daemon is never cut off from its pipes. Whether one was asked."""
+    env = os.environ | _locations(folder)
+    if daemon_running(env):
+        _send_quit(env)
+        return True
     shutil.rmtree(folder, ignore_errors=True)
-    return stopped
+    return False
