@@ -231,11 +231,17 @@ class PageAllocator:
                 if section != seen:  # another critical section: its own time starts now
                     seen, since = section, now
                 elif now - since > self.stuck_after_s:
-                    holder = section[0] or _flock_holder(self._lock_fd)
+                    holder = section[0] or self._unnamed_holder(section)
                     if holder:
                         self.on_stuck(holder)  # its death drops the lock
-                        since = math.inf       # told once per section
+                    since = math.inf if holder else now  # told once per section; else look again later
                 time.sleep(0.001)
+
+    def _unnamed_holder(self, section: tuple[int, int]) -> int:
+        """The lock's holder by the kernel's lock table, if the section is still the one that
+        has lasted: a slow holder may have ended it since, and a healthy one taken the lock."""
+        holder = _flock_holder(self._lock_fd)
+        return holder if (int(self._holder[0]), int(self._holder[1])) == section else 0
 
     def _check_pages(self, pages: list[int]) -> np.ndarray:
         pages = np.asarray(pages, dtype=np.int64).reshape(-1)
