@@ -40,7 +40,7 @@ class OpenAIBackend:
         cards do; None: lengths are planned without that bound). Picks the model if not given."""
         try:
             async with self.http.get(self.base_url + "/models") as response:
-                status, text = response.status, await response.text()
+                status, text = response.status, await response.text(errors="replace")
         except aiohttp.ClientError as e:
             raise ClientError(f"no answer from {self.base_url}: {e}") from None
         if status != 200:
@@ -72,11 +72,14 @@ class OpenAIBackend:
                     raise Refused(f"{response.status}: {message}")
                 async for now, data in _events(response):
                     if data == b"[DONE]":
-                        break
+                        continue  # read on to the body's end, so that the connection is kept
                     try:
                         obj = orjson.loads(data)
                     except orjson.JSONDecodeError:
-                        raise ClientError(f"{self.base_url} sent an event that is not JSON: {data[:200]!r}") from None
+                        obj = None
+                    if not isinstance(obj, dict):
+                        raise ClientError(f"{self.base_url} sent an event that is not a JSON object: "
+                                          f"{data[:200]!r}")
                     if "error" in obj:  # a failure after the headers went out
                         raise Refused(_message(data))
                     usage = obj.get("usage") or usage
@@ -88,7 +91,7 @@ class OpenAIBackend:
                         if reason:
                             ended, finish = now, reason
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise ClientError(f"lost the server at {self.base_url}: {e or type(e).__name__}") from None
+            raise ClientError(f"lost the server at {self.base_url}: {str(e) or type(e).__name__}") from None
         if finish is None:
             raise Refused("the stream ended without a finish reason")
         if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int):
