@@ -2,10 +2,12 @@
 through the SDK and over HTTP completes the same requests with the same token counts, and
 reports them in the same shape; a sweep works over HTTP too."""
 
+import asyncio
 import json
 
 import pytest
 
+from semipd.cli.bench.openai_backend import OpenAIBackend
 from semipd.cli.main import main
 from tests.gateway import running_gateway
 from tests.serving import Server
@@ -69,3 +71,42 @@ def test_a_sweep_over_http_and_its_refusals(server, gateway, tmp_path, capsys):
                          (http_flags(gateway) + ["--model", "other"], "404")]:
         assert main(["bench", *flags, *RUN, "--rate", "8"]) == 2
         assert error in capsys.readouterr().err
+
+
+# A server of another kind than ours, in raw HTTP/1.1: a chunked event stream that opens with an
+# empty chunk that is no token, writes CRLF line ends, splits an event across two writes and
+# sends a comment. The usage says 3 tokens.
+OTHER_SERVER_EVENTS = [
+    b'data: {"choices": [{"index": 0, "text": "", "finish_reason": null}]}\r\n\r\n',
+    b'data: {"choices": [{"index": 0, "text": "a", "finish_reason": null}]}\n\n: keep-alive\n\n',
+    b'data: {"choices": [{"index": 0, "te', b'xt": "b", "finish_reason": null}]}\n\n',
+    b'data: {"choices": [{"index": 0, "text": "c", "finish_reason": "length"}]}\n\n',
+    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+async def _serve_other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    await reader.readexactly(length)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for part in OTHER_SERVER_EVENTS:
+        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def test_a_leading_chunk_that_is_no_token_counts_none():
+    async def run():
+        server = await asyncio.start_server(_serve_other, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, OpenAIBackend(f"http://127.0.0.1:{port}/v1", "other", None) as backend:
+            return await backend.send([1, 2, 3], {"max_tokens": 3, "ignore_eos": True})
+    answer = asyncio.run(run())
+    assert [k for _, k in answer.chunks] == [0, 1, 1, 1] and answer.output_tokens == 3
+    assert answer.finish_reason == "length" and answer.chunks[1][0] < answer.chunks[2][0] <= answer.ended

@@ -15,8 +15,9 @@ vLLM, SGLang) over HTTP, with the same workloads and report: streamed completion
 token ids, with max_tokens and ignore_eos (an extension that vLLM, SGLang and semipd accept; a server
 without it may end answers early) and stream_options.include_usage. TTFT and ITL come from the
 arrival of the chunks (each counts as one token, one without text too, but not a last one that only
-ends the stream; the last also counts those the usage has beyond), output token counts from the
-usage; the server's own clock (server_ttft_s) is not reported:
+ends the stream; the last also counts those the usage has beyond, and where the chunks outnumber
+the usage the first without text count none), output token counts from the usage; the server's
+own clock (server_ttft_s) is not reported:
   semipd bench --backend openai --base-url http://127.0.0.1:8000/v1 --rate 8 --num-requests 200
 """
 

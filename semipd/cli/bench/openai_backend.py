@@ -87,7 +87,7 @@ class OpenAIBackend:
                         # A chunk is a token, one without text too (a partial character, a special
                         # token), unless it only carries the finish reason.
                         text, reason = choice.get("text"), choice.get("finish_reason")
-                        chunks.append([now, 1 if text or not reason else 0])
+                        chunks.append([now, 1 if text or not reason else 0, bool(text)])
                         if reason:
                             ended, finish = now, reason
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -98,8 +98,12 @@ class OpenAIBackend:
             raise UserError(f"{self.base_url} streams no usage (stream_options.include_usage), which the "
                             "output token counts come from")
         tokens = usage["completion_tokens"]
-        chunks[-1][1] += max(0, tokens - sum(k for _, k in chunks))  # tokens no chunk showed
-        return Answer([tuple(c) for c in chunks], ended, tokens, finish)
+        excess = sum(k for _, k, _ in chunks) - tokens
+        for chunk in chunks:  # more chunks than tokens: the first without text carried none
+            if excess > 0 and chunk[1] and not chunk[2]:   # (a leading empty one, as some servers send)
+                chunk[1], excess = 0, excess - 1
+        chunks[-1][1] += max(0, -excess)  # tokens no chunk showed
+        return Answer([(t, k) for t, k, _ in chunks], ended, tokens, finish)
 
 
 def _stop_on(status: int, message: str) -> None:
