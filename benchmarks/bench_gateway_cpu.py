@@ -9,8 +9,10 @@ first message through the ZeroMQ SDK and to the first server-sent event through 
 the median. Load: `--requests` streamed completions of `--tokens` tokens (ignore_eos), at most
 `--streams` at a time, sent through `semipd bench`'s two backends in turn: over HTTP, with the
 gateway process's CPU time (user + system, from /proc) and this client's over them; then through
-the SDK, with this client's. A first token that comes with a decode step's burst waits behind
-the others' in each process it passes, so both figures weigh on TTFT under load.
+the SDK, with this client's; and each path's P50 TTFT under load (with the server's own, which
+the SDK's Final tells). A first token that comes with a decode step's burst waits behind the
+others' in each process it passes, so both CPU figures weigh on TTFT under load; on a machine
+of few cores the gateway's CPU is also taken from the server's.
 """
 
 import argparse
@@ -60,13 +62,19 @@ async def first_message_ms(address: str, http: aiohttp.ClientSession, base_url: 
     return 1e3 * statistics.median(sdk[10:]), 1e3 * statistics.median(api[10:])
 
 
-async def stream_load(send, requests: int, tokens: int, streams: int) -> None:
+async def stream_load(send, requests: int, tokens: int, streams: int) -> str:
+    """The median time to the first message (and the server's own TTFT where the backend tells
+    it): each request starts while the others stream, so its first token meets their bursts."""
     gate = asyncio.Semaphore(streams)
 
-    async def one():
+    async def one() -> tuple[float, float]:
         async with gate:
-            await send(PROMPT, {"max_tokens": tokens, "ignore_eos": True})
-    await asyncio.gather(*(one() for _ in range(requests)))
+            began = time.perf_counter()
+            answer = await send(PROMPT, {"max_tokens": tokens, "ignore_eos": True})
+            return answer.chunks[0][0] - began, answer.server_ttft_s
+    firsts, servers = zip(*await asyncio.gather(*(one() for _ in range(requests))))
+    server = f" (the server's {1e3 * statistics.median(servers):.2f})" if None not in servers else ""
+    return f"P50 TTFT {1e3 * statistics.median(firsts):.2f} ms{server}"
 
 
 async def measure(address: str, port: int, server_pid: int, args) -> None:
@@ -92,11 +100,11 @@ async def measure(address: str, port: int, server_pid: int, args) -> None:
         for name, backend in (("HTTP", api), ("SDK", sdk)):
             await stream_load(backend.send, args.streams, 16, args.streams)  # warm-up
             gateway, client, wall = cpu_seconds(stat), time.process_time(), time.monotonic()
-            await stream_load(backend.send, args.requests, args.tokens, args.streams)
+            ttft = await stream_load(backend.send, args.requests, args.tokens, args.streams)
             gateway, client = cpu_seconds(stat) - gateway, time.process_time() - client
             through = f", gateway {gateway / generated * 1e6:.1f} us/token" if name == "HTTP" else ""
             print(f"load through {name}: {generated} tokens in {time.monotonic() - wall:.1f} s, "
-                  f"bench client {client / generated * 1e6:.1f} us/token{through}")
+                  f"bench client {client / generated * 1e6:.1f} us/token{through}; {ttft}")
 
 
 def main() -> None:
