@@ -14,6 +14,11 @@ from semipd.shared.runtime import default_server_address
 MAX_BATCH = 256  # messages read before the streams get to run
 
 
+class Inbox(asyncio.Queue):
+    """One request's messages as the reader routed them; `heard` once its first has come."""
+    heard = False
+
+
 class AsyncStream(StreamState):
     def __init__(self, client: "AsyncClient", request_id: str):
         super().__init__(request_id)
@@ -63,8 +68,8 @@ class AsyncClient:
         except BaseException:
             self._ctx.term()
             raise
-        self._inbox: dict[str, asyncio.Queue] = {}
-        self._waiting: dict[asyncio.Queue, float] = {}  # a stream's inbox -> since when it waits in it
+        self._inbox: dict[str, Inbox] = {}
+        self._waiting: dict[Inbox, float] = {}  # a stream's inbox -> since when it waits in it
         self._reader: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._failure: ClientError | None = None  # why the reader stopped, for later requests
@@ -135,7 +140,7 @@ class AsyncClient:
         if self._reader is None:
             loop = asyncio.get_running_loop()
             self._reader, self._watchdog = loop.create_task(self._read_loop()), loop.create_task(self._watch())
-        self._inbox[request_id] = asyncio.Queue()
+        self._inbox[request_id] = Inbox()
         try:
             await self._sock.send(frame)
         except BaseException:
@@ -186,11 +191,22 @@ class AsyncClient:
                 while len(batch) < MAX_BATCH and self._sock.get(zmq.EVENTS) & zmq.POLLIN:
                     batch.append(zmq.Socket.recv(self._sock, zmq.NOBLOCK))
                 self._last_heard = time.monotonic()
+                # A request's first message goes first: a first token that came with a decode step's
+                # burst would wait for every stream of the burst to run; the others' tokens wait the
+                # same either way. A request's own messages keep their order.
+                later = []
                 for data in batch:
                     msg = incoming(data)
                     inbox = self._inbox.get(msg.request_id)
-                    if inbox is not None:  # else an aborted or abandoned request: drop it
+                    if inbox is None:  # an aborted or abandoned request: drop it
+                        continue
+                    if inbox.heard:
+                        later.append((inbox, msg))
+                    else:
+                        inbox.heard = True
                         inbox.put_nowait(msg)
+                for inbox, msg in later:
+                    inbox.put_nowait(msg)
                 # recv() of a waiting message completes without yielding: yield here, or a busy
                 # socket starves the streams (and their timestamps) until it runs dry.
                 await asyncio.sleep(0)
