@@ -49,7 +49,7 @@ class Run:
                     stream = await client.generate(prompt=job.prompt, **sampling)
                 else:
                     stream = await client.generate(prompt_ids=job.prompt, **sampling)
-                run._add(stream)
+                run.choices.append(Choice(stream))
         except (ValueError, OverflowError) as e:  # what msgpack or the protocol refuses to send
             await run.close()
             raise bad_request(f"cannot send this request: {e}") from None
@@ -61,25 +61,29 @@ class Run:
             raise
         return run
 
-    def _add(self, stream: AsyncStream) -> None:
-        index = len(self.choices)
-        self.choices.append(Choice(stream))
-        self._pumps.append(asyncio.get_running_loop().create_task(self._pump(index, stream)))
+    async def _items(self):
+        """(choice index, Delta, Final or ClientError) as they come. One choice is read directly:
+        a task and a queue between it and the answer cost a task switch per token; several are
+        merged through a queue, a task each."""
+        if len(self.choices) == 1:
+            async for item in _read(self.choices[0].stream):
+                yield 0, item
+            return
+        loop = asyncio.get_running_loop()
+        self._pumps = [loop.create_task(self._pump(i, c.stream)) for i, c in enumerate(self.choices)]
+        while True:
+            yield await self._events.get()
 
     async def _pump(self, index: int, stream: AsyncStream) -> None:
-        try:
-            async for delta in stream:
-                self._events.put_nowait((index, delta))
-            self._events.put_nowait((index, stream.final))
-        except ClientError as e:
-            self._events.put_nowait((index, e))
+        async for item in _read(stream):
+            self._events.put_nowait((index, item))
 
     async def events(self):
         """(choice index, new text, its Final or None) as they come, until every choice has its
         Final; an APIError if one fails (a refusal comes before any text: a 400)."""
-        left = len(self.choices)
+        left, items = len(self.choices), self._items()
         while left:
-            index, item = await self._events.get()
+            index, item = await anext(items)
             choice = self.choices[index]
             now = time.monotonic()
             if isinstance(item, Delta):
@@ -120,3 +124,13 @@ class Run:
                     choice.aborted = True
                     self.metrics.aborted()
                     await choice.stream.aclose()
+
+
+async def _read(stream: AsyncStream):
+    """A stream's Deltas, then its Final, or the ClientError that ended it."""
+    try:
+        async for delta in stream:
+            yield delta
+        yield stream.final
+    except ClientError as e:
+        yield e
