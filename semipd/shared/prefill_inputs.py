@@ -2,6 +2,9 @@
 
 Layout for `tokens` token rows and `rows` sequences (chunks):
     ids, positions, slots [tokens] | feed_rows, kv_lens [rows] | cu_seqlens [rows + 1]
+each part starting on 16 bytes (an even entry): Triton compiles a kernel once per pattern of its
+pointers' 16-byte alignment, so parts that moved with the step's token count made a step of a
+new parity compile the rope and attention kernels again, seconds on the GPU, mid-serving.
 Entries past the step's own are padding that reads and writes nothing: slot -1 (no K/V stored),
 feed row -1 (id known on the host), kv_len 0, and cu_seqlens held at the step's token count, so
 padding sequences have no tokens. A CUDA graph captured for a bucket reads the same layout from
@@ -26,15 +29,21 @@ class PrefillInputs:
     cu_seqlens: torch.Tensor  # [rows + 1] where each sequence's tokens start in the step
 
 
+def _even(n: int) -> int:
+    return n + n % 2
+
+
 class InputLayout:
     def __init__(self, tokens: int, rows: int):
         self.tokens, self.rows = tokens, rows
-        self.size = 3 * tokens + 3 * rows + 1
+        t, r = _even(tokens), _even(rows)
+        # where ids, positions, slots, feed_rows, kv_lens and cu_seqlens start
+        self.starts = (0, t, 2 * t, 3 * t, 3 * t + r, 3 * t + 2 * r)
+        self.size = 3 * t + 2 * r + rows + 1
 
     def views(self, buf: torch.Tensor) -> PrefillInputs:
-        t, r = self.tokens, self.rows
-        return PrefillInputs(buf[:t], buf[t:2 * t], buf[2 * t:3 * t], buf[3 * t:3 * t + r],
-                             buf[3 * t + r:3 * t + 2 * r], buf[3 * t + 2 * r:])
+        lengths = (self.tokens,) * 3 + (self.rows,) * 2 + (self.rows + 1,)
+        return PrefillInputs(*(buf[start:start + n] for start, n in zip(self.starts, lengths)))
 
     def pack(self, chunks: list[tuple[Sequence, int]], page_size: int, feed_rows: list[int],
              pin: bool) -> torch.Tensor:
@@ -50,19 +59,17 @@ class InputLayout:
             cu.append(cu[-1] + n)
         host = torch.empty(self.size, dtype=torch.int64, pin_memory=pin)
         out = host.numpy()
-        t, r, n = self.tokens, self.rows, len(ids)
-        out[:t] = 0
-        out[:n] = ids
-        out[t:2 * t] = 0
-        out[t:t + n] = positions
-        out[2 * t:3 * t] = -1
-        out[2 * t:2 * t + n] = slots
-        out[3 * t:3 * t + r] = -1
-        out[3 * t:3 * t + len(feed_rows)] = feed_rows
-        out[3 * t + r:3 * t + 2 * r] = 0
-        out[3 * t + r:3 * t + r + len(kv_lens)] = kv_lens
-        out[3 * t + 2 * r:] = n
-        out[3 * t + 2 * r:3 * t + 2 * r + len(cu)] = cu
+        n, (at_ids, at_positions, at_slots, at_feed, at_kv, at_cu) = len(ids), self.starts
+        out[:] = 0
+        out[at_ids:at_ids + n] = ids
+        out[at_positions:at_positions + n] = positions
+        out[at_slots:at_slots + self.tokens] = -1
+        out[at_slots:at_slots + n] = slots
+        out[at_feed:at_feed + self.rows] = -1
+        out[at_feed:at_feed + len(feed_rows)] = feed_rows
+        out[at_kv:at_kv + len(kv_lens)] = kv_lens
+        out[at_cu:] = n
+        out[at_cu:at_cu + len(cu)] = cu
         return host
 
 
