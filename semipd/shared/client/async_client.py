@@ -182,6 +182,27 @@ class AsyncClient:
                     inbox.put_nowait(ServerTimeout(
                         f"no answer from the server at {self.address} for {self.timeout_s:g} s (is it running?)"))
 
+    def _route(self, batch: list[bytes]) -> None:
+        """Each message to its request's inbox, a request's first message before the rest: a first
+        token that came with a decode step's burst would wait for every stream of the burst to run;
+        the others' tokens wait the same either way. A request's own messages keep their order, and
+        those read before an unreadable one still go in ahead of the failure."""
+        later = []
+        try:
+            for data in batch:
+                msg = incoming(data)
+                inbox = self._inbox.get(msg.request_id)
+                if inbox is None:  # an aborted or abandoned request: drop it
+                    continue
+                if inbox.heard:
+                    later.append((inbox, msg))
+                else:
+                    inbox.heard = True
+                    inbox.put_nowait(msg)
+        finally:
+            for inbox, msg in later:
+                inbox.put_nowait(msg)
+
     async def _read_loop(self) -> None:
         try:
             while True:
@@ -191,22 +212,7 @@ class AsyncClient:
                 while len(batch) < MAX_BATCH and self._sock.get(zmq.EVENTS) & zmq.POLLIN:
                     batch.append(zmq.Socket.recv(self._sock, zmq.NOBLOCK))
                 self._last_heard = time.monotonic()
-                # A request's first message goes first: a first token that came with a decode step's
-                # burst would wait for every stream of the burst to run; the others' tokens wait the
-                # same either way. A request's own messages keep their order.
-                later = []
-                for data in batch:
-                    msg = incoming(data)
-                    inbox = self._inbox.get(msg.request_id)
-                    if inbox is None:  # an aborted or abandoned request: drop it
-                        continue
-                    if inbox.heard:
-                        later.append((inbox, msg))
-                    else:
-                        inbox.heard = True
-                        inbox.put_nowait(msg)
-                for inbox, msg in later:
-                    inbox.put_nowait(msg)
+                self._route(batch)
                 # recv() of a waiting message completes without yielding: yield here, or a busy
                 # socket starves the streams (and their timestamps) until it runs dry.
                 await asyncio.sleep(0)
