@@ -142,6 +142,7 @@ class Gateway:
         except APIError as e:  # the headers are out: the error goes as an event, as OpenAI's do
             yield event(e.body())
         finally:
+            await events.aclose()
             await run.close()
         yield DONE
 

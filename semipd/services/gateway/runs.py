@@ -3,6 +3,7 @@ events, each request timed for the metrics, and what is still running aborted on
 
 import asyncio
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import anyio
@@ -66,8 +67,9 @@ class Run:
         a task and a queue between it and the answer cost a task switch per token; several are
         merged through a queue, a task each."""
         if len(self.choices) == 1:
-            async for item in _read(self.choices[0].stream):
-                yield 0, item
+            async with aclosing(_read(self.choices[0].stream)) as items:
+                async for item in items:
+                    yield 0, item
             return
         loop = asyncio.get_running_loop()
         self._pumps = [loop.create_task(self._pump(i, c.stream)) for i, c in enumerate(self.choices)]
@@ -81,23 +83,24 @@ class Run:
     async def events(self):
         """(choice index, new text, its Final or None) as they come, until every choice has its
         Final; an APIError if one fails (a refusal comes before any text: a 400)."""
-        left, items = len(self.choices), self._items()
-        while left:
-            index, item = await anext(items)
-            choice = self.choices[index]
-            now = time.monotonic()
-            if isinstance(item, Delta):
-                choice.first_token_at = choice.first_token_at or now
-                choice.texts.append(item.text)
-                yield index, item.text, None
-                continue
-            if isinstance(item, ClientError):
-                if isinstance(item, ServerError) and item.final is not None:
-                    self._finished(choice, item.final, now)
-                raise await self._failure(item)
-            self._finished(choice, item, now)
-            left -= 1
-            yield index, "", item
+        left = len(self.choices)
+        async with aclosing(self._items()) as items:  # closed here, not left to the loop's finalizer
+            while left:
+                index, item = await anext(items)
+                choice = self.choices[index]
+                now = time.monotonic()
+                if isinstance(item, Delta):
+                    choice.first_token_at = choice.first_token_at or now
+                    choice.texts.append(item.text)
+                    yield index, item.text, None
+                    continue
+                if isinstance(item, ClientError):
+                    if isinstance(item, ServerError) and item.final is not None:
+                        self._finished(choice, item.final, now)
+                    raise await self._failure(item)
+                self._finished(choice, item, now)
+                left -= 1
+                yield index, "", item
 
     def _finished(self, choice: Choice, final: Final, now: float) -> None:
         choice.final = final
