@@ -57,19 +57,18 @@ class InputLayout:
             slots += _slots(seq.block_table, start, stop, page_size)
             kv_lens.append(stop)
             cu.append(cu[-1] + n)
-        host = torch.empty(self.size, dtype=torch.int64, pin_memory=pin)
-        out = host.numpy()
-        n, (at_ids, at_positions, at_slots, at_feed, at_kv, at_cu) = len(ids), self.starts
-        out[:] = 0
-        out[at_ids:at_ids + n] = ids
-        out[at_positions:at_positions + n] = positions
-        out[at_slots:at_slots + self.tokens] = -1
-        out[at_slots:at_slots + n] = slots
-        out[at_feed:at_feed + self.rows] = -1
-        out[at_feed:at_feed + len(feed_rows)] = feed_rows
-        out[at_kv:at_kv + len(kv_lens)] = kv_lens
-        out[at_cu:] = n
-        out[at_cu:at_cu + len(cu)] = cu
+        host = torch.zeros(self.size, dtype=torch.int64, pin_memory=pin)
+        part = {name: view.numpy() for name, view in vars(self.views(host)).items()}
+        n = len(ids)
+        part["ids"][:n] = ids
+        part["positions"][:n] = positions
+        part["slots"][:] = -1
+        part["slots"][:n] = slots
+        part["feed_rows"][:] = -1
+        part["feed_rows"][:len(feed_rows)] = feed_rows
+        part["kv_lens"][:len(kv_lens)] = kv_lens
+        part["cu_seqlens"][:] = n
+        part["cu_seqlens"][:len(cu)] = cu
         return host
 
 
