@@ -59,6 +59,7 @@ def test_switch_mid_stream_keeps_outputs_and_pages(model):  # noqa: F811
         assert [r.token_ids for r in results] == [r.token_ids for r in unswitched]
         assert all(r.finish_reason == "length" for r in results)
 
+        server.wait_idle()  # an ended sequence's pages go free when the step in flight is read: after its Final
         stats = wait_for(lambda s: not s["partition"]["switching"], server)
         assert stats["kv_pages_free"] == stats["kv_pages_total"] and stats["running"] == stats["waiting"] == 0
         assert all(stats["workers"][role]["pid"] != pid for role, pid in old_pids.items())

@@ -51,6 +51,7 @@ def test_switch_under_mps_keeps_outputs_and_pages(model):  # noqa: F811
         next(streams[0])
         client.partition(40, 60)
         assert [s.result().token_ids for s in streams] == [r.token_ids for r in unswitched]
+        server.wait_idle()  # an ended sequence's pages go free when the step in flight is read: after its Final
         stats = wait_for(lambda s: not s["partition"]["switching"], server)
         assert stats["partition"]["mps"] and (stats["partition"]["prefill_sm"], stats["partition"]["decode_sm"]) == (40, 60)
         assert stats["kv_pages_free"] == stats["kv_pages_total"]
